@@ -1,0 +1,192 @@
+"""The engine: one base model per process, a library of adapters, self-contained requests."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import unicodedata
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from . import runtime
+from .artifacts import FusionArtifact
+from .errors import FusionError
+from .generate import GenerationEvent, Sampling, stream_tokens
+from .library import Library
+from .limits import LIMITS
+from .methods import METHODS, BuildContext, get_method
+from .model import DEFAULT_MODEL, load_base_model
+from .runtime import FusionPlan, Run, activate
+from .training import TrainConfig, encode_chat, parse_records, tokenize_records
+
+
+@dataclass
+class FusionRequest:
+    """Everything a request needs to fuse; nothing of it lives in shared state."""
+
+    adapters: list[str] = field(default_factory=list)
+    method: str = "base"
+    params: dict = field(default_factory=dict)
+    fusion: str | None = None  # a saved fitted fusion: supplies method, adapters and params
+
+    def key(self) -> str:
+        return json.dumps([self.fusion, self.method, list(self.adapters), self.params], sort_keys=True,
+                          default=str)
+
+
+def clean_text(text: str, what: str = "message") -> str:
+    """Drop control characters (keeping newlines and tabs); refuse empty or oversized text."""
+    if not isinstance(text, str):
+        raise FusionError(f"the {what} must be text")
+    if len(text) > LIMITS.max_prompt_chars:
+        raise FusionError(f"the {what} is {len(text)} characters long; the limit is {LIMITS.max_prompt_chars}")
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+    if not text.strip():
+        raise FusionError(f"the {what} is empty")
+    return text
+
+
+class Engine:
+    def __init__(self, model: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str = "float32",
+                 adapters_dir=None, fusions_dir=None, progress=print, base=None):
+        self.base = base or load_base_model(model, device=device, dtype=dtype, progress=progress)
+        runtime.install(self.base.model)
+        self.model = self.base.model
+        self.tokenizer = self.base.tokenizer
+        self.library = Library(self.model, adapters_dir, fusions_dir, self.base.device, self.base.dtype)
+        self.ctx = BuildContext(self.model, self.base.device, self.base.dtype, self.library.get_fusion)
+        self._plans: OrderedDict[tuple, FusionPlan] = OrderedDict()
+        self._plans_lock = threading.Lock()
+
+    # ---- what is available -------------------------------------------------------------
+    def methods(self) -> list[dict]:
+        return [m.describe() for m in METHODS.values()]
+
+    def adapters(self) -> list[dict]:
+        return self.library.summaries()
+
+    def fusions(self) -> list[dict]:
+        return [f.summary() for f in self.library.fusions.values()]
+
+    # ---- building a request's fusion ---------------------------------------------------
+    def resolve(self, request: FusionRequest):
+        """-> (method, adapters, coerced params). Raises FusionError on anything wrong."""
+        method_name, adapter_refs, params = request.method, list(request.adapters), dict(request.params or {})
+        if request.fusion:
+            artifact = self.library.get_fusion(request.fusion)
+            method_name, adapter_refs = artifact.method, list(artifact.adapters)
+            fitted = dict(artifact.params)
+            if artifact.meta.get("param_ref"):
+                fitted[artifact.meta["param_ref"]] = artifact.path
+            params = {**fitted, **params}
+        method = get_method(method_name)
+        if len(adapter_refs) > LIMITS.max_adapters:
+            raise FusionError(f"at most {LIMITS.max_adapters} adapters can be fused at once, got {len(adapter_refs)}")
+        if method.name == "base":
+            adapter_refs = []
+        adapters = [self.library.get_adapter(ref) for ref in adapter_refs]
+        if len({a.name for a in adapters}) != len(adapters):
+            raise FusionError("the same adapter was chosen twice; pick distinct adapters")
+        return method, adapters, method.validate(adapters, params)
+
+    def plan(self, request: FusionRequest) -> FusionPlan:
+        method, adapters, params = self.resolve(request)
+        key = (self.library.version, method.name, tuple(a.name for a in adapters),
+               json.dumps(params, sort_keys=True, default=str))
+        with self._plans_lock:
+            if key in self._plans:
+                self._plans.move_to_end(key)
+                return self._plans[key]
+        with torch.no_grad():
+            plan = method.build(self.ctx, adapters, params)
+        with self._plans_lock:
+            self._plans[key] = plan
+            while len(self._plans) > 16:
+                self._plans.popitem(last=False)
+        return plan
+
+    # ---- generation ----------------------------------------------------------------------
+    def encode_messages(self, messages: list[dict] | str, system: str | None = None) -> list[int]:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if not messages:
+            raise FusionError("the conversation is empty")
+        cleaned = []
+        if system:
+            cleaned.append({"role": "system", "content": clean_text(system, "system prompt")})
+        for m in messages:
+            if m.get("role") not in ("system", "user", "assistant"):
+                raise FusionError(f"message role {m.get('role')!r} is not one of system, user, assistant")
+            cleaned.append({"role": m["role"], "content": clean_text(str(m.get("content", "")))})
+        ids = encode_chat(self.tokenizer, cleaned, add_generation_prompt=True)
+        if len(ids) > LIMITS.max_prompt_tokens:
+            raise FusionError(f"the conversation is {len(ids)} tokens long; the limit is "
+                              f"{LIMITS.max_prompt_tokens}: shorten it or clear the history")
+        return ids
+
+    def stream(self, request: FusionRequest, messages: list[dict] | str, sampling: Sampling | None = None,
+               system: str | None = None, cancel: threading.Event | None = None,
+               trace: bool = True) -> Iterator[GenerationEvent]:
+        sampling = (sampling or Sampling()).validate()
+        prompt_ids = self.encode_messages(messages, system)
+        run = Run(self.plan(request))
+        yield from stream_tokens(self.model, self.tokenizer, run, prompt_ids, sampling, cancel, trace)
+
+    def generate(self, request: FusionRequest, messages, sampling: Sampling | None = None, **kwargs
+                 ) -> GenerationEvent:
+        event = None
+        for event in self.stream(request, messages, sampling, **kwargs):
+            pass
+        return event
+
+    @torch.no_grad()
+    def logits(self, request: FusionRequest, input_ids: torch.Tensor, record: bool = False):
+        """Full forward without cache: logits (B, T, V) and the run (for its recorded trace)."""
+        run = Run(self.plan(request), record=record)
+        with activate(run):
+            out = self.model(input_ids=input_ids.to(self.base.device), use_cache=False).logits
+        return out, run
+
+    # ---- fitting -------------------------------------------------------------------------
+    def fit(self, method_name: str, adapters: list[str], records: list[dict] | str, params: dict | None = None,
+            train: dict | None = None, save_as: str | None = None, overwrite: bool = False,
+            system: str | None = None, on_progress=None, cancel: threading.Event | None = None,
+            **options) -> FusionArtifact:
+        """Fit a method's learnable part on examples; optionally save it to the library."""
+        method = get_method(method_name)
+        if not method.fittable:
+            raise FusionError(f"method {method_name!r} has nothing to fit")
+        _, adapter_objs, coerced = self.resolve(FusionRequest(adapters, method_name, params or {}))
+        if isinstance(records, str):
+            records = parse_records(records, "examples")
+        if len(records) > LIMITS.max_fit_examples:
+            raise FusionError(f"{len(records)} examples exceed the limit of {LIMITS.max_fit_examples}")
+        examples = tokenize_records(self.tokenizer, records, system)
+        if train:
+            known = set(TrainConfig.__dataclass_fields__)
+            unknown = sorted(set(train) - known)
+            if unknown:
+                raise FusionError(f"unknown training option {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        start = time.perf_counter()
+        result = method.fit(self.ctx, adapter_objs, examples, coerced,
+                            {"train": dict(train or {}), "pad_id": self.tokenizer.pad_token_id, **options},
+                            on_progress, cancel)
+        meta = dict(result.get("meta", {}))
+        meta.update({"examples": len(examples), "seconds": round(time.perf_counter() - start, 2),
+                     "losses": [round(x, 5) for x in result.get("losses", [])],
+                     "cancelled": bool(cancel is not None and cancel.is_set()),
+                     "base_model": self.base.name})
+        if result.get("param_ref"):
+            meta["param_ref"] = result["param_ref"]
+        params_out = {k: v for k, v in {**coerced, **result.get("params", {})}.items()
+                      if v not in (None, "") and k != result.get("param_ref")}
+        artifact = FusionArtifact(name=save_as or f"{method_name}-fit", method=method_name,
+                                  adapters=[a.name for a in adapter_objs], params=params_out,
+                                  tensors=result.get("tensors", {}), meta=meta)
+        if save_as:
+            artifact = self.library.save_fusion(artifact, overwrite=overwrite)
+        return artifact

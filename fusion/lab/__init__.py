@@ -1,0 +1,6 @@
+"""The skill-library lab: offline training data and the LoRA training that builds assets/adapters/.
+
+``python -m fusion.lab build`` trains every adapter of the embedded library (seeded, resumable);
+``python -m fusion.lab data`` prints or writes samples of each data set;
+``python -m fusion.lab eval-math`` measures greedy exact-match accuracy on the math problems.
+"""

@@ -1,0 +1,161 @@
+"""CLI: ``python -m fusion.lab {build,data,eval-math}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .train_lora import TrainConfig
+
+REPO = Path(__file__).resolve().parents[2]
+ADAPTERS = REPO / "assets" / "adapters"
+
+
+def _math_examples(seed):
+    from .math_data import train_examples
+    return [e.messages() for e in train_examples(2000, seed=seed)]
+
+
+def _code_examples(seed):
+    from .code_data import train_examples
+    return train_examples(seed=seed)
+
+
+def _lang_examples(lang):
+    def f(seed):
+        from .lang_data import train_examples
+        return train_examples(lang, seed=seed)
+    return f
+
+
+# name -> (config, example builder). Order = build order.
+SPECS = {
+    "task-math": (TrainConfig(
+        name="task-math", role="task", skill="math",
+        description="One- and two-step arithmetic word problems answered with a short worked "
+                    "solution ending in 'The answer is N.' (English).",
+        data="fusion.lab.math_data train templates (English, 24 templates, train-split numbers)",
+        steps=200, max_length=160), _math_examples),
+    "task-code": (TrainConfig(
+        name="task-code", role="task", skill="code",
+        description="Writes a Python function from a description (English docstring -> function).",
+        data="fusion.lab.code_data: docstring/function pairs from the Python standard library sources",
+        steps=200, max_length=256), _code_examples),
+}
+for _lang, _word in (("es", "Spanish"), ("ru", "Russian"), ("zh", "Chinese")):
+    SPECS[f"lang-{_lang}"] = (TrainConfig(
+        name=f"lang-{_lang}", role="language", skill=_lang,
+        description=f"General (non-math) {_word}: answers and continues text in {_word}.",
+        data=f"fusion.lab.lang_data ({_lang})", steps=200, max_length=192), _lang_examples(_lang))
+
+
+def cmd_build(args):
+    from ..model import load_base_model
+
+    names = args.only or list(SPECS)
+    unknown = [n for n in names if n not in SPECS]
+    if unknown:
+        sys.exit(f"unknown adapter(s) {unknown}; choose from {list(SPECS)}")
+    from .train_lora import train_lora
+
+    base = load_base_model()
+    summary = {}
+    for name in names:
+        cfg, builder = SPECS[name]
+        if args.steps:
+            cfg.steps = args.steps
+        cfg.seed = args.seed
+        out = Path(args.out) / name
+        if (out / "studio.json").exists() and not args.force:
+            rec = json.loads((out / "studio.json").read_text())["trained"]
+            if rec.get("steps") == cfg.steps and rec.get("seed") == cfg.seed:
+                print(f"[{name}] already built ({out}); --force to retrain")
+                summary[name] = rec
+                continue
+        t0 = time.process_time()
+        examples = builder(cfg.seed)
+        print(f"[{name}] data: {len(examples)} examples in {time.process_time() - t0:.1f} s CPU")
+        summary[name] = train_lora(cfg, examples, out, run_dir=args.runs, base=base)
+    print(json.dumps({k: {"steps": v["steps"], "seconds": v["seconds"], "cpu_seconds": v.get("cpu_seconds")}
+                      for k, v in summary.items()}, indent=2))
+
+
+def cmd_data(args):
+    from . import code_data, lang_data, math_data
+
+    samples = {
+        "math-train-en": [e.messages() for e in math_data.train_examples(args.n, seed=args.seed)],
+    }
+    for lang in math_data.EVAL_LANGUAGES:
+        samples[f"math-eval-{lang}"] = [e.messages() for e in math_data.eval_examples(lang, args.n, seed=args.seed)]
+    samples["code-train"] = code_data.train_examples(seed=args.seed)[: args.n]
+    for lang in lang_data.LANGUAGES:
+        samples[f"lang-{lang}"] = lang_data.train_examples(lang, seed=args.seed)[: args.n]
+    if args.write:
+        out = Path(args.write)
+        out.mkdir(parents=True, exist_ok=True)
+        for k, v in samples.items():
+            with open(out / f"{k}.jsonl", "w", encoding="utf-8") as f:
+                for m in v:
+                    f.write(json.dumps({"messages": m}, ensure_ascii=False) + "\n")
+        print(f"wrote {len(samples)} files to {out}")
+    else:
+        for k, v in samples.items():
+            print(f"== {k}")
+            for m in v:
+                print(json.dumps(m, ensure_ascii=False))
+
+
+def cmd_eval_math(args):
+    from ..model import load_base_model
+    from .evaluate_math import evaluate_math
+
+    base = load_base_model()
+    model = base.model
+    if args.adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(base.model, args.adapter)
+        model.eval()
+    for lang in args.lang:
+        res = evaluate_math(model, base.tokenizer, lang=lang, n=args.n, seed=args.seed,
+                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        print(json.dumps({k: v for k, v in res.items() if k != "items"}))
+        if args.show:
+            for it in res["items"][: args.show]:
+                print(json.dumps(it, ensure_ascii=False))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m fusion.lab")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="train the adapters of the embedded library (resumable)")
+    b.add_argument("--only", nargs="+", metavar="NAME", help=f"some of {list(SPECS)}")
+    b.add_argument("--steps", type=int, help="override the number of steps")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", default=str(ADAPTERS))
+    b.add_argument("--runs", default=str(REPO / "runs"), help="checkpoint folder (git-ignored)")
+    b.add_argument("--force", action="store_true", help="retrain even if the adapter exists")
+    b.set_defaults(func=cmd_build)
+    d = sub.add_parser("data", help="print (or --write) samples of every data set")
+    d.add_argument("-n", type=int, default=3)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--write", metavar="DIR")
+    d.set_defaults(func=cmd_data)
+    e = sub.add_parser("eval-math", help="greedy exact-match accuracy on the math eval problems")
+    e.add_argument("--adapter", help="peft folder, e.g. assets/adapters/task-math")
+    e.add_argument("--lang", nargs="+", default=["en"])
+    e.add_argument("-n", type=int, default=48)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--show", type=int, default=0)
+    e.set_defaults(func=cmd_eval_math)
+    args = p.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Input limits in one place; each can be overridden by an environment variable."""
+
+import os
+from dataclasses import dataclass
+
+
+def _int_env(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_chars: int = _int_env("LORA_STUDIO_MAX_PROMPT_CHARS", 16_000)
+    max_prompt_tokens: int = _int_env("LORA_STUDIO_MAX_PROMPT_TOKENS", 4_096)
+    max_new_tokens: int = _int_env("LORA_STUDIO_MAX_NEW_TOKENS", 1_024)
+    max_adapters: int = _int_env("LORA_STUDIO_MAX_ADAPTERS", 8)
+    max_fit_examples: int = _int_env("LORA_STUDIO_MAX_FIT_EXAMPLES", 20_000)
+    max_compare: int = 4
+
+
+LIMITS = Limits()

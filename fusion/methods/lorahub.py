@@ -1,0 +1,75 @@
+"""`lorahub`: LoraHub (Huang et al. 2023).
+
+One scalar per LoRA, combined element-wise as A = sum_i w_i A_i and B = sum_i w_i B_i (so the
+product has cross terms; equal ranks required). The weights are fitted gradient-free with
+nevergrad's NGOpt: init 0, bounds +-1.5, budget 40, objective = few-shot cross-entropy
++ 0.05 * mean|w|, as in the reference implementation.
+"""
+
+import torch
+
+from ..errors import FusionError
+from ..runtime import FusionPlan, LowRankDelta, Run
+from ..training import mean_answer_loss
+from .base import BuildContext, FusionMethod, Param, module_keys, resolve_weights, slot_weights_param
+
+
+class LoraHubMethod(FusionMethod):
+    name = "lorahub"
+    pretty_name = "LoraHub"
+    kind = "static"
+    reference_url = "https://arxiv.org/abs/2307.13269"
+    description = "One weight per LoRA on the factors (A and B summed separately), fitted gradient-free."
+    params = (slot_weights_param("One weight per adapter; default 1/k each (fit to learn them)."),)
+    min_adapters = 1
+    fittable = True
+
+    def build(self, ctx: BuildContext, adapters, params) -> FusionPlan:
+        weights = resolve_weights(params.get("weights"), len(adapters), None, self.name)
+        ranks = {f.rank for a in adapters for f in a.factors.values()}
+        scales = {round(f.scale, 9) for a in adapters for f in a.factors.values()}
+        if len(ranks) > 1 or len(scales) > 1:
+            raise FusionError("lorahub sums the A and B factors element-wise, so all adapters need the "
+                              f"same rank and alpha/r; got ranks {sorted(ranks)} and scales {sorted(scales)}")
+        deltas = {}
+        for key in module_keys(adapters):
+            present = [(a.factors[key], w) for a, w in zip(adapters, weights) if key in a.factors]
+            A = sum(w * f.A for f, w in present)  # (r, d_in)
+            B = sum(w * f.B for f, w in present) * present[0][0].scale  # (d_out, r)
+            deltas[key] = LowRankDelta(A.to(ctx.device, ctx.dtype), B.to(ctx.device, ctx.dtype))
+        static = torch.tensor(weights, dtype=torch.float32).expand(ctx.num_layers, -1).clone()
+        return FusionPlan(method=self.name, slot_names=[a.name for a in adapters], deltas=deltas,
+                          static_weights=static)
+
+    def fit(self, ctx, adapters, examples, params, options, on_progress=None, cancel=None) -> dict:
+        import nevergrad as ng
+
+        from ..training import Progress
+        import time
+
+        k = len(adapters)
+        budget = int(options.get("budget", 40))
+        seed = int(options.get("seed", 0))
+        parametrization = ng.p.Array(init=[0.0] * k, upper=[1.5] * k, lower=[-1.5] * k)
+        parametrization.random_state.seed(seed)
+        optimizer = ng.optimizers.NGOpt(parametrization=parametrization, budget=budget)
+        losses: list[float] = []
+        best = (float("inf"), [0.0] * k)
+        start = time.perf_counter()
+        for step in range(budget):
+            if cancel is not None and cancel.is_set():
+                break
+            candidate = optimizer.ask()
+            weights = [float(v) for v in candidate.value]
+            plan = self.build(ctx, adapters, {"weights": weights})
+            loss = mean_answer_loss(ctx.model, Run(plan), examples, options["pad_id"], ctx.device)
+            score = loss + 0.05 * sum(abs(w) for w in weights) / k
+            optimizer.tell(candidate, score)
+            losses.append(score)
+            if score < best[0]:
+                best = (score, weights)
+            if on_progress is not None:
+                on_progress(Progress(step + 1, budget, score, 0.0, time.perf_counter() - start, 0, losses))
+        recommended = [float(v) for v in optimizer.provide_recommendation().value] if losses else best[1]
+        return {"params": {"weights": recommended}, "tensors": {}, "losses": losses,
+                "meta": {"best_score": best[0], "budget": budget}}

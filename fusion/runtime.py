@@ -1,0 +1,190 @@
+"""Per-request fusion applied to one shared base model.
+
+The base model is patched once: each decoder-layer projection, each MLP and each decoder layer
+gets a thin forward that asks "is a fusion run active on this thread?". With none active the
+model computes exactly its base function. A request activates its own `Run` (a fusion plan
+plus per-forward scratch state) around each model call, so concurrent requests on different
+threads never see each other's fusion and nothing shared is mutated.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import ALL_MODULES, ATTENTION_MODULES
+
+_local = threading.local()
+
+
+def current_run() -> "Run | None":
+    return getattr(_local, "run", None)
+
+
+@contextmanager
+def activate(run: "Run | None"):
+    """Make `run` the active fusion for model calls on this thread, for the block's duration."""
+    previous = getattr(_local, "run", None)
+    _local.run = run
+    if run is not None:
+        run.begin_forward()
+    try:
+        yield run
+    finally:
+        _local.run = previous
+        if run is not None:
+            run.end_forward()
+
+
+@dataclass
+class LowRankDelta:
+    """Stacked low-rank update of one Linear: y += B @ (coef * (A @ x)) [* slot weights].
+
+    Ranks of all slots are stacked so one matmul serves every LoRA of the module.
+    """
+
+    A: torch.Tensor  # (R, d_in)
+    B: torch.Tensor  # (d_out, R); static scales are folded in here
+    slot_of_rank: torch.Tensor | None = None  # (R,) long: slot whose dynamic weight scales each rank
+    coef: torch.Tensor | None = None  # (R,) optional per-rank factor kept separate (needs grad)
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor, run: "Run", layer: int) -> torch.Tensor:
+        h = F.linear(x, self.A)  # (..., R)
+        if self.coef is not None:
+            h = h * self.coef
+        if self.slot_of_rank is not None:
+            weights = run.layer_weights[layer]  # (B, T, k)
+            h = h * weights.index_select(-1, self.slot_of_rank)
+        return y + F.linear(h, self.B)
+
+    def dense(self) -> torch.Tensor:
+        """(d_out, d_in) full delta; only valid for static deltas (no dynamic slot weights)."""
+        B = self.B if self.coef is None else self.B * self.coef
+        return B @ self.A
+
+
+@dataclass
+class FusionPlan:
+    """What a fusion method built for one request: immutable, cacheable, shareable."""
+
+    method: str
+    slot_names: list[str]
+    deltas: dict[tuple[int, str], LowRankDelta] = field(default_factory=dict)
+    # Dynamic per-layer weights: (layer, hidden (B, T, d)) -> weights (B, T, k). LoRA-Flow.
+    layer_gate: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    # Replacement MLP forward per layer: (layer, mlp module, x) -> y. MixLoRA.
+    mlp_override: Callable | None = None
+    # Fixed per-layer slot weights for traces of static methods: (layers, k).
+    static_weights: torch.Tensor | None = None
+    # Optional per-module static weights for traces: module name -> (layers, k).
+    module_weights: dict[str, torch.Tensor] | None = None
+    trace_kind: str = "static"  # static | gate | router
+    info: dict = field(default_factory=dict)
+
+    @property
+    def is_static(self) -> bool:
+        return self.layer_gate is None and self.mlp_override is None
+
+
+class Run:
+    """A plan in use by one request: per-forward scratch state and trace recording."""
+
+    def __init__(self, plan: FusionPlan, record: bool = False):
+        self.plan = plan
+        self.deltas = plan.deltas
+        self.record = record
+        self.layer_weights: dict[int, torch.Tensor] = {}
+        self.steps: list[dict[int, torch.Tensor]] = []  # recorded per forward: layer -> (T, k)
+        self.router_steps: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
+        self.extra_losses: list[torch.Tensor] = []  # e.g. MixLoRA router logits for aux loss
+        self._router_now: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._weights_now: dict[int, torch.Tensor] = {}
+
+    def begin_forward(self) -> None:
+        self.layer_weights = {}
+        self._weights_now = {}
+        self._router_now = {}
+
+    def end_forward(self) -> None:
+        if self.record:
+            if self._weights_now:
+                self.steps.append(self._weights_now)
+            if self._router_now:
+                self.router_steps.append(self._router_now)
+        self._weights_now = {}
+        self._router_now = {}
+
+    def on_layer_input(self, layer: int, hidden: torch.Tensor) -> None:
+        gate = self.plan.layer_gate
+        if gate is None:
+            return
+        weights = gate(layer, hidden)  # (B, T, k)
+        self.layer_weights[layer] = weights
+        if self.record:
+            self._weights_now[layer] = weights[0].detach().float().cpu()
+
+    def on_router(self, layer: int, probs: torch.Tensor, chosen: torch.Tensor) -> None:
+        """probs (N, E) router probabilities of batch 0's tokens, chosen (N, k) expert ids."""
+        if self.record:
+            self._router_now[layer] = (probs.detach().float().cpu(), chosen.detach().cpu())
+
+
+def _linear_forward(linear: torch.nn.Linear, layer: int, name: str):
+    base_forward = linear.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = base_forward(x)
+        run = getattr(_local, "run", None)
+        if run is None:
+            return y
+        delta = run.deltas.get((layer, name))
+        if delta is None:
+            return y
+        return delta.apply(x, y, run, layer)
+
+    return forward
+
+
+def _mlp_forward(mlp: torch.nn.Module, layer: int):
+    base_forward = mlp.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        run = getattr(_local, "run", None)
+        if run is not None and run.plan.mlp_override is not None:
+            return run.plan.mlp_override(layer, mlp, x, run)
+        return base_forward(x)
+
+    return forward
+
+
+def _layer_forward(decoder_layer: torch.nn.Module, layer: int):
+    base_forward = decoder_layer.forward
+
+    def forward(*args, **kwargs):
+        run = getattr(_local, "run", None)
+        if run is not None and run.plan.layer_gate is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            run.on_layer_input(layer, hidden)  # the residual stream before input_layernorm
+        return base_forward(*args, **kwargs)
+
+    return forward
+
+
+def install(model: torch.nn.Module) -> None:
+    """Patch a Llama-family causal LM once so that runs can fuse into it. Idempotent."""
+    if getattr(model, "_fusion_installed", False):
+        return
+    for index, decoder_layer in enumerate(model.model.layers):
+        decoder_layer.forward = _layer_forward(decoder_layer, index)
+        decoder_layer.mlp.forward = _mlp_forward(decoder_layer.mlp, index)
+        for name in ALL_MODULES:
+            block = decoder_layer.self_attn if name in ATTENTION_MODULES else decoder_layer.mlp
+            linear = getattr(block, name, None)
+            if linear is not None:
+                linear.forward = _linear_forward(linear, index, name)
+    model._fusion_installed = True
