@@ -8,19 +8,21 @@ import time
 import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from . import runtime
-from .artifacts import FusionArtifact
+from .artifacts import FusionArtifact, save_artifact
 from .errors import FusionError
 from .generate import GenerationEvent, Sampling, stream_tokens
-from .library import Library
+from .library import Library, check_name
 from .limits import LIMITS
 from .methods import METHODS, BuildContext, get_method
 from .model import DEFAULT_MODEL, load_base_model
 from .runtime import FusionPlan, Run, activate
+from .safe_io import atomic_folder
 from .training import TrainConfig, encode_chat, parse_records, tokenize_records
 
 
@@ -153,24 +155,34 @@ class Engine:
 
     # ---- fitting -------------------------------------------------------------------------
     def fit(self, method_name: str, adapters: list[str], records: list[dict] | str, params: dict | None = None,
-            train: dict | None = None, save_as: str | None = None, overwrite: bool = False,
-            system: str | None = None, on_progress=None, cancel: threading.Event | None = None,
-            **options) -> FusionArtifact:
-        """Fit a method's learnable part on examples; optionally save it to the library."""
+            train: dict | None = None, save_as: str | None = None, out: str | None = None,
+            overwrite: bool = False, system: str | None = None, on_progress=None,
+            cancel: threading.Event | None = None, **options) -> FusionArtifact:
+        """Fit a method's learnable part on examples.
+
+        Fusion methods (lora_flow, cat, lorahub) learn weights over the chosen adapters and
+        give a fitted fusion; `save_as` stores it in the library, `out` in any folder.
+        Methods that fit from scratch (mixlora) train a new adapter, stored the same way in
+        the adapter library; the returned artifact then names that adapter.
+        """
         method = get_method(method_name)
         if not method.fittable:
             raise FusionError(f"method {method_name!r} has nothing to fit")
-        _, adapter_objs, coerced = self.resolve(FusionRequest(adapters, method_name, params or {}))
+        if save_as:
+            check_name(save_as)
+        if method.fit_from_scratch:
+            adapter_objs, coerced = [], method.coerce_params(params)
+        else:
+            _, adapter_objs, coerced = self.resolve(FusionRequest(adapters, method_name, params or {}))
         if isinstance(records, str):
             records = parse_records(records, "examples")
         if len(records) > LIMITS.max_fit_examples:
             raise FusionError(f"{len(records)} examples exceed the limit of {LIMITS.max_fit_examples}")
         examples = tokenize_records(self.tokenizer, records, system)
-        if train:
-            known = set(TrainConfig.__dataclass_fields__)
-            unknown = sorted(set(train) - known)
-            if unknown:
-                raise FusionError(f"unknown training option {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        unknown = sorted(set(train or {}) - set(TrainConfig.__dataclass_fields__))
+        if unknown:
+            raise FusionError(f"unknown training option {unknown[0]!r}; known: "
+                              f"{', '.join(sorted(TrainConfig.__dataclass_fields__))}")
         start = time.perf_counter()
         result = method.fit(self.ctx, adapter_objs, examples, coerced,
                             {"train": dict(train or {}), "pad_id": self.tokenizer.pad_token_id, **options},
@@ -182,11 +194,27 @@ class Engine:
                      "base_model": self.base.name})
         if result.get("param_ref"):
             meta["param_ref"] = result["param_ref"]
+        if method.fit_from_scratch:
+            return self._save_trained_adapter(method_name, result, coerced, meta, save_as, out, overwrite)
         params_out = {k: v for k, v in {**coerced, **result.get("params", {})}.items()
                       if v not in (None, "") and k != result.get("param_ref")}
-        artifact = FusionArtifact(name=save_as or f"{method_name}-fit", method=method_name,
-                                  adapters=[a.name for a in adapter_objs], params=params_out,
-                                  tensors=result.get("tensors", {}), meta=meta)
+        artifact = FusionArtifact(name=save_as or (Path(out).name if out else f"{method_name}-fit"),
+                                  method=method_name, adapters=[a.name for a in adapter_objs],
+                                  params=params_out, tensors=result.get("tensors", {}), meta=meta)
         if save_as:
             artifact = self.library.save_fusion(artifact, overwrite=overwrite)
+        elif out:
+            save_artifact(artifact, out, overwrite=overwrite)
+        return artifact
+
+    def _save_trained_adapter(self, method_name, result, params, meta, save_as, out, overwrite):
+        name = save_as or (Path(out).name if out else f"{method_name}-trained")
+        artifact = FusionArtifact(name=name, method=method_name, adapters=[name], params={}, meta=meta)
+        if save_as:
+            self.library.save_adapter(save_as, result["save_adapter"], overwrite=overwrite)
+            artifact.path = str(self.library.adapters_dir / save_as)
+        elif out:
+            with atomic_folder(out, overwrite=overwrite) as tmp:
+                result["save_adapter"](tmp)
+            artifact.path = str(out)
         return artifact

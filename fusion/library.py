@@ -128,6 +128,19 @@ class Library:
             self.version += 1
             return self.fusions[artifact.name]
 
+    def save_adapter(self, name: str, write: Callable[[Path], None], overwrite: bool = False):
+        """Write a new adapter with `write(folder)` into the library, atomically, then load it."""
+        check_name(name)
+        with self._lock:
+            with atomic_folder(self.adapters_dir / name, overwrite=overwrite) as tmp:
+                write(tmp)
+                load_adapter_folder(tmp, name, self.model)  # refuse to publish what cannot load
+            adapter = self._place(load_adapter_folder(self.adapters_dir / name, name, self.model))
+            self.adapters[name] = adapter
+            self.errors.pop(name, None)
+            self.version += 1
+            return adapter
+
     def import_adapter(self, source: str | Path, name: str | None = None, role: str | None = None,
                        overwrite: bool = False):
         """Validate a peft adapter folder or zip against the base model, then copy it in."""

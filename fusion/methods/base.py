@@ -97,6 +97,7 @@ class FusionMethod:
     min_adapters: int = 1
     max_adapters: int | None = None
     fittable: bool = False
+    fit_from_scratch: bool = False  # fit trains a new adapter instead of weighting chosen ones
     adapter_kind: str = "lora"  # lora | mixlora
 
     def describe(self) -> dict:
@@ -104,6 +105,7 @@ class FusionMethod:
                 "reference_url": self.reference_url, "description": self.description,
                 "params": [p.to_dict() for p in self.params], "min_adapters": self.min_adapters,
                 "max_adapters": self.max_adapters, "fittable": self.fittable,
+                "fit_from_scratch": self.fit_from_scratch,
                 "adapter_kind": self.adapter_kind}
 
     def validate(self, adapters: list, params: dict | None) -> dict:
@@ -119,6 +121,10 @@ class FusionMethod:
         if adapters and kinds != {self.adapter_kind}:
             raise FusionError(f"method {self.name!r} needs {self.adapter_kind} adapters, got "
                               f"{', '.join(f'{a.name} ({a.kind})' for a in adapters)}")
+        return self.coerce_params(params)
+
+    def coerce_params(self, params: dict | None) -> dict:
+        params = dict(params or {})
         known = {p.name: p for p in self.params}
         unknown = sorted(set(params) - set(known))
         if unknown:
