@@ -54,7 +54,14 @@ def clean_text(text: str, what: str = "message") -> str:
 
 class Engine:
     def __init__(self, model: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str = "float32",
-                 adapters_dir=None, fusions_dir=None, progress=print, base=None):
+                 adapters_dir=None, fusions_dir=None, progress=print, base=None, merge_static: str = "auto"):
+        """merge_static: "auto" merges a static fusion into the weights for the duration of a
+        request when no other request is using the model (exact restore afterwards); "never"
+        always applies it per request as low-rank factors."""
+        if merge_static not in ("auto", "never"):
+            raise FusionError(f"merge_static must be 'auto' or 'never', got {merge_static!r}")
+        self.merge_static = merge_static
+        self._model_lock = runtime.ModelLock()
         self.base = base or load_base_model(model, device=device, dtype=dtype, progress=progress)
         runtime.install(self.base.model)
         self.model = self.base.model
@@ -105,6 +112,7 @@ class Engine:
                 return self._plans[key]
         with torch.no_grad():
             plan = method.build(self.ctx, adapters, params)
+            plan.deltas = runtime.group_shared_inputs(plan.deltas)
         with self._plans_lock:
             self._plans[key] = plan
             while len(self._plans) > 16:
@@ -135,8 +143,21 @@ class Engine:
                trace: bool = True) -> Iterator[GenerationEvent]:
         sampling = (sampling or Sampling()).validate()
         prompt_ids = self.encode_messages(messages, system)
-        run = Run(self.plan(request))
-        yield from stream_tokens(self.model, self.tokenizer, run, prompt_ids, sampling, cancel, trace)
+        yield from self.stream_ids(request, prompt_ids, sampling, cancel, trace)
+
+    def stream_ids(self, request: FusionRequest, prompt_ids: list[int], sampling: Sampling,
+                   cancel: threading.Event | None = None, trace: bool = True) -> Iterator[GenerationEvent]:
+        plan = self.plan(request)
+        if plan.is_static and plan.deltas and self.merge_static == "auto" and self._model_lock.try_exclusive():
+            try:
+                with runtime.merged_into(self.model, plan) as merged:
+                    yield from stream_tokens(self.model, self.tokenizer, Run(merged), prompt_ids, sampling,
+                                             cancel, trace)
+            finally:
+                self._model_lock.release_exclusive()
+            return
+        with self._model_lock.shared():
+            yield from stream_tokens(self.model, self.tokenizer, Run(plan), prompt_ids, sampling, cancel, trace)
 
     def generate(self, request: FusionRequest, messages, sampling: Sampling | None = None, **kwargs
                  ) -> GenerationEvent:
@@ -149,7 +170,7 @@ class Engine:
     def logits(self, request: FusionRequest, input_ids: torch.Tensor, record: bool = False):
         """Full forward without cache: logits (B, T, V) and the run (for its recorded trace)."""
         run = Run(self.plan(request), record=record)
-        with activate(run):
+        with self._model_lock.shared(), activate(run):
             out = self.model(input_ids=input_ids.to(self.base.device), use_cache=False).logits
         return out, run
 
@@ -184,9 +205,8 @@ class Engine:
             raise FusionError(f"unknown training option {unknown[0]!r}; known: "
                               f"{', '.join(sorted(TrainConfig.__dataclass_fields__))}")
         start = time.perf_counter()
-        result = method.fit(self.ctx, adapter_objs, examples, coerced,
-                            {"train": dict(train or {}), "pad_id": self.tokenizer.pad_token_id, **options},
-                            on_progress, cancel)
+        with self._model_lock.shared():
+            result = self._fit_locked(method, adapter_objs, examples, coerced, train, options, on_progress, cancel)
         meta = dict(result.get("meta", {}))
         meta.update({"examples": len(examples), "seconds": round(time.perf_counter() - start, 2),
                      "losses": [round(x, 5) for x in result.get("losses", [])],
@@ -206,6 +226,12 @@ class Engine:
         elif out:
             save_artifact(artifact, out, overwrite=overwrite)
         return artifact
+
+    def _fit_locked(self, method, adapters, examples, params, train, options, on_progress, cancel) -> dict:
+        """Training runs forwards on the shared model, so it must never see merged weights."""
+        return method.fit(self.ctx, adapters, examples, params,
+                          {"train": dict(train or {}), "pad_id": self.tokenizer.pad_token_id, **options},
+                          on_progress, cancel)
 
     def _save_trained_adapter(self, method_name, result, params, meta, save_as, out, overwrite):
         name = save_as or (Path(out).name if out else f"{method_name}-trained")

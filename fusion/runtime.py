@@ -69,6 +69,65 @@ class LowRankDelta:
 
 
 @dataclass
+class SharedInputGroup:
+    """Projections of one layer that read the same input (q/k/v; gate/up): their A factors
+    are stacked so one matmul serves them all; each member then applies its own B."""
+
+    A: torch.Tensor  # (R_total, d_in)
+    slot_of_rank: torch.Tensor | None  # (R_total,) for dynamic plans
+    key: tuple[int, str]
+
+
+@dataclass
+class GroupMember:
+    group: SharedInputGroup
+    start: int
+    end: int
+    B: torch.Tensor  # (d_out, end - start), static scales folded in
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor, run: "Run", layer: int) -> torch.Tensor:
+        cached = run.group_inputs.get(self.group.key)
+        if cached is None or cached[0] is not x:
+            h = F.linear(x, self.group.A)  # (..., R_total)
+            if self.group.slot_of_rank is not None:
+                h = h * run.layer_weights[layer].index_select(-1, self.group.slot_of_rank)
+            cached = (x, h)
+            run.group_inputs[self.group.key] = cached
+        return y + F.linear(cached[1][..., self.start:self.end], self.B)
+
+
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def group_shared_inputs(deltas: dict) -> dict:
+    """Rewrite plain deltas of projections sharing an input into grouped ones (same values).
+
+    Deltas that carry trainable tensors are left alone (training builds plans every step).
+    """
+    out = dict(deltas)
+    layers = {layer for layer, _ in deltas}
+    for layer in layers:
+        for names in SHARED_INPUTS:
+            members = [(n, deltas.get((layer, n))) for n in names]
+            members = [(n, d) for n, d in members if isinstance(d, LowRankDelta)]
+            if len(members) < 2 or any(d.coef is not None or d.A.requires_grad or d.B.requires_grad
+                                       for _, d in members):
+                continue
+            dynamic = [d.slot_of_rank is not None for _, d in members]
+            if any(dynamic) and not all(dynamic):
+                continue
+            A = torch.cat([d.A for _, d in members], 0)
+            slots = torch.cat([d.slot_of_rank for _, d in members]) if all(dynamic) else None
+            group = SharedInputGroup(A, slots, (layer, names[0]))
+            start = 0
+            for name, d in members:
+                end = start + d.A.shape[0]
+                out[(layer, name)] = GroupMember(group, start, end, d.B)
+                start = end
+    return out
+
+
+@dataclass
 class FusionPlan:
     """What a fusion method built for one request: immutable, cacheable, shareable."""
 
@@ -104,9 +163,11 @@ class Run:
         self.extra_losses: list[torch.Tensor] = []  # e.g. MixLoRA router logits for aux loss
         self._router_now: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._weights_now: dict[int, torch.Tensor] = {}
+        self.group_inputs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def begin_forward(self) -> None:
         self.layer_weights = {}
+        self.group_inputs = {}
         self._weights_now = {}
         self._router_now = {}
 
@@ -118,6 +179,7 @@ class Run:
                 self.router_steps.append(self._router_now)
         self._weights_now = {}
         self._router_now = {}
+        self.group_inputs = {}
 
     def on_layer_input(self, layer: int, hidden: torch.Tensor) -> None:
         gate = self.plan.layer_gate
@@ -188,3 +250,77 @@ def install(model: torch.nn.Module) -> None:
             if linear is not None:
                 linear.forward = _linear_forward(linear, index, name)
     model._fusion_installed = True
+
+
+def linear_of(model: torch.nn.Module, layer: int, name: str) -> torch.nn.Linear:
+    block = model.model.layers[layer]
+    return getattr(block.self_attn if name in ATTENTION_MODULES else block.mlp, name)
+
+
+@contextmanager
+def merged_into(model: torch.nn.Module, plan: FusionPlan):
+    """Fast path for a static plan on a model the caller holds exclusively.
+
+    Each touched Linear gets a new weight tensor W + delta; the original tensor is kept aside
+    (not copied, not modified) and put back afterwards, so the restore is bit-exact.
+    Yields the plan to run with: the same plan without deltas.
+    """
+    if not plan.is_static:
+        raise ValueError("only static plans can be merged")
+    originals = {}
+    try:
+        with torch.no_grad():
+            for (layer, name), delta in plan.deltas.items():
+                linear = linear_of(model, layer, name)
+                originals[(layer, name)] = linear.weight
+                dense = dense_delta(delta).to(linear.weight.dtype)
+                linear.weight = torch.nn.Parameter(linear.weight + dense, requires_grad=False)
+        yield FusionPlan(method=plan.method, slot_names=plan.slot_names, static_weights=plan.static_weights,
+                         module_weights=plan.module_weights, trace_kind=plan.trace_kind,
+                         info={**plan.info, "merged": True})
+    finally:
+        for (layer, name), weight in originals.items():
+            linear_of(model, layer, name).weight = weight
+
+
+def dense_delta(delta) -> torch.Tensor:
+    """(d_out, d_in) full update of a static delta, plain or grouped."""
+    if isinstance(delta, GroupMember):
+        return delta.B @ delta.group.A[delta.start:delta.end]
+    return delta.dense()
+
+
+class ModelLock:
+    """Readers (requests that fuse per request) share the model; a writer (a request that
+    merges its static fusion into the weights) holds it alone. Writers never wait: they
+    merge only when the model is idle, otherwise they run unmerged as readers."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def shared(self):
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    def try_exclusive(self) -> bool:
+        with self._cond:
+            if self._writer or self._readers:
+                return False
+            self._writer = True
+            return True
+
+    def release_exclusive(self) -> None:
+        with self._cond:
+            self._writer = False
+            self._cond.notify_all()

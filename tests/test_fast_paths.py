@@ -1,0 +1,125 @@
+"""Each speed-up equals the straightforward computation it replaces."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from fusion.engine import Engine, FusionRequest
+from fusion.generate import Sampling
+from fusion.methods import get_method
+from fusion.methods.base import module_keys
+from fusion.model import BaseModel
+from fusion.runtime import GroupMember, Run, activate, group_shared_inputs, merged_into
+from helpers import tiny_model, write_lora
+
+
+@pytest.fixture()
+def engine(tmp_path):
+    model = tiny_model(seed=7, layers=2)
+    for i, name in enumerate(("lang-a", "task-b", "task-c")):
+        write_lora(tmp_path / "adapters" / name, model, rank=4 + 2 * i, alpha=8.0, seed=30 + i)
+    return Engine(base=BaseModel(model, None, "tiny", torch.device("cpu"), torch.float32),
+                  adapters_dir=tmp_path / "adapters", fusions_dir=tmp_path / "fusions")
+
+
+def _logits(engine, plan, ids):
+    with torch.no_grad(), activate(Run(plan)):
+        return engine.model(input_ids=ids, use_cache=False).logits
+
+
+CASES = [("linear", ["lang-a", "task-b", "task-c"], {"weights": [0.2, 0.5, 0.3]}),
+         ("cat", ["lang-a", "task-b"], {}),
+         ("single", ["task-c"], {}),
+         ("lora_flow", ["lang-a", "task-b", "task-c"], {})]
+
+
+@pytest.mark.parametrize("method,adapters,params", CASES)
+def test_grouped_shared_inputs_equal_separate_matmuls(engine, method, adapters, params):
+    objs = [engine.library.get_adapter(a) for a in adapters]
+    m = get_method(method)
+    plain = m.build(engine.ctx, objs, m.validate(objs, params))
+    grouped = engine.plan(FusionRequest(adapters, method, params))
+    assert sum(isinstance(d, GroupMember) for d in grouped.deltas.values()) == 2 * 5  # q,k,v + gate,up per layer
+    ids = torch.randint(3, 90, (2, 8))
+    torch.testing.assert_close(_logits(engine, grouped, ids), _logits(engine, plain, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_grouping_leaves_trainable_deltas_alone(engine):
+    objs = [engine.library.get_adapter(a) for a in ("lang-a", "task-b")]
+    keys = module_keys(objs)
+    logits = torch.zeros(len(keys), 2, requires_grad=True)
+    plan = get_method("cat").plan_from_logits(engine.ctx, objs, keys, logits, keep_coef=True)
+    assert group_shared_inputs(plan.deltas) == plan.deltas
+
+
+@pytest.mark.parametrize("method,adapters,params", CASES[:3])
+def test_merged_equals_unmerged_and_restore_is_bit_exact(engine, method, adapters, params):
+    before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    plan = engine.plan(FusionRequest(adapters, method, params))
+    ids = torch.randint(3, 90, (1, 10))
+    unmerged = _logits(engine, plan, ids)
+    with merged_into(engine.model, plan) as merged_plan:
+        assert not merged_plan.deltas
+        merged = _logits(engine, merged_plan, ids)
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+    for name, p in engine.model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_dynamic_plans_refuse_to_merge(engine):
+    plan = engine.plan(FusionRequest(["lang-a", "task-b"], "lora_flow"))
+    with pytest.raises(ValueError):
+        with merged_into(engine.model, plan):
+            pass
+
+
+class _Tok:
+    """Just enough tokenizer for stream_ids on the tiny model."""
+
+    eos_token_id = 2
+    unk_token_id = 0
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(65 + i % 26) for i in ids)
+
+    def convert_tokens_to_ids(self, token):
+        return 0
+
+
+def test_requests_wait_while_another_request_holds_merged_weights(engine):
+    engine.tokenizer = _Tok()
+    request = FusionRequest(["lang-a", "task-b"], "linear")
+    ids = torch.randint(3, 90, (1, 6))
+    base_alone, _ = engine.logits(FusionRequest(), ids)
+    stream = engine.stream_ids(request, [5, 6, 7], Sampling(max_new_tokens=4), trace=False)
+    next(stream, None)  # the merged request is now mid-generation and owns the model
+    assert engine.model.model.layers[0].self_attn.q_proj.weight is not None
+    result = {}
+
+    def other():
+        result["logits"], _ = engine.logits(FusionRequest(), ids)
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    worker.join(timeout=0.5)
+    assert worker.is_alive()  # blocked: it must not compute on merged weights
+    stream.close()  # finishing (or abandoning) the merged request restores and releases
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    torch.testing.assert_close(result["logits"], base_alone, atol=0, rtol=0)
+
+
+def test_concurrent_unmerged_requests_do_not_wait(engine):
+    engine.tokenizer = _Tok()
+    ids = torch.randint(3, 90, (1, 6))
+    flow = FusionRequest(["lang-a", "task-b"], "lora_flow")
+    expected, _ = engine.logits(flow, ids)
+    stream = engine.stream_ids(flow, [5, 6, 7], Sampling(max_new_tokens=4), trace=False)
+    next(stream, None)  # a dynamic request in progress shares the model
+    got, _ = engine.logits(flow, ids)  # same thread, would deadlock if it had to wait
+    stream.close()
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
