@@ -7,6 +7,7 @@ from .cat import CatMethod
 from .linear import LinearMethod
 from .lora_flow import LoraFlowMethod
 from .lorahub import LoraHubMethod
+from .mixlora import MixLoraMethod
 from .single import SingleMethod
 from .task_arithmetic import VARIANTS as TASK_ARITHMETIC_VARIANTS
 
@@ -18,6 +19,7 @@ _METHODS: list[FusionMethod] = [
     LoraHubMethod(),
     CatMethod(),
     LoraFlowMethod(),
+    MixLoraMethod(),
 ]
 METHODS: dict[str, FusionMethod] = {m.name: m for m in _METHODS}
 
