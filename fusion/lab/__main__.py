@@ -68,6 +68,7 @@ def cmd_build(args):
         if args.steps:
             cfg.steps = args.steps
         cfg.seed = args.seed
+        cfg.threads = args.threads
         out = Path(args.out) / name
         if (out / "studio.json").exists() and not args.force:
             rec = json.loads((out / "studio.json").read_text())["trained"]
@@ -110,9 +111,12 @@ def cmd_data(args):
 
 
 def cmd_eval_math(args):
+    import torch
+
     from ..model import load_base_model
     from .evaluate_math import evaluate_math
 
+    torch.set_num_threads(args.threads)
     base = load_base_model()
     model = base.model
     if args.adapter:
@@ -122,7 +126,11 @@ def cmd_eval_math(args):
     for lang in args.lang:
         res = evaluate_math(model, base.tokenizer, lang=lang, n=args.n, seed=args.seed,
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-        print(json.dumps({k: v for k, v in res.items() if k != "items"}))
+        print(json.dumps({"adapter": args.adapter or "base", **{k: v for k, v in res.items() if k != "items"}}))
+        if args.save:
+            Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.save, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"adapter": args.adapter or "base", **res}, ensure_ascii=False) + "\n")
         if args.show:
             for it in res["items"][: args.show]:
                 print(json.dumps(it, ensure_ascii=False))
@@ -138,6 +146,8 @@ def main(argv=None):
     b.add_argument("--out", default=str(ADAPTERS))
     b.add_argument("--runs", default=str(REPO / "runs"), help="checkpoint folder (git-ignored)")
     b.add_argument("--force", action="store_true", help="retrain even if the adapter exists")
+    b.add_argument("--threads", type=int, default=2,
+                   help="torch threads (1 is faster when other processes share the cores)")
     b.set_defaults(func=cmd_build)
     d = sub.add_parser("data", help="print (or --write) samples of every data set")
     d.add_argument("-n", type=int, default=3)
@@ -152,6 +162,8 @@ def main(argv=None):
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--show", type=int, default=0)
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--save", metavar="JSONL", help="append the full result (every reply) to this file")
     e.set_defaults(func=cmd_eval_math)
     args = p.parse_args(argv)
     args.func(args)

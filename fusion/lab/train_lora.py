@@ -107,7 +107,7 @@ def _lr_lambda(cfg: TrainConfig):
 
 def _atomic_torch_save(obj, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".pt", dir=path.parent)
     os.close(fd)
     try:
         torch.save(obj, tmp)
@@ -187,7 +187,10 @@ def train_lora(cfg: TrainConfig, examples: list[list[dict]], out_dir: str | Path
     start_step, wall_before, cpu_before, losses = 0, 0.0, 0.0, []
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False)
-        if ck["config"] != asdict(cfg):
+        # the thread count changes speed, not results' definition: a run may resume with another
+        same = {k: v for k, v in ck["config"].items() if k != "threads"} == \
+            {k: v for k, v in asdict(cfg).items() if k != "threads"}
+        if not same:
             log(f"[{cfg.name}] checkpoint {ckpt_path} has a different configuration; starting over")
         else:
             named = dict(model.named_parameters())
