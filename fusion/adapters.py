@@ -94,11 +94,17 @@ def find_weights_file(folder: Path) -> Path:
     raise FusionError(f"{folder}: no adapter_model.safetensors or adapter_model.bin found")
 
 
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig's default when a config omits lora_alpha
+
+
 def _scale(config: dict, module_key: str, rank: int, path: Path) -> float:
-    alpha = config.get("lora_alpha", rank)
+    """alpha/r (or alpha/sqrt(r) with rslora); alpha_pattern keys match the module's full name
+    the way peft does: the first key that matches `(.*\.)?(key)$` wins."""
+    alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.search(pattern, module_key):
+        if re.match(rf"(.*\.)?({pattern})$", module_key):
             alpha = value
+            break
     try:
         alpha = float(alpha)
     except (TypeError, ValueError):
@@ -133,6 +139,7 @@ def parse_lora_state(state: dict[str, torch.Tensor], config: dict, path: Path
     factors = {}
     for (layer, module), pair in sorted(halves.items()):
         where = f"layers.{layer}.{module}"
+        full_name = f"model.layers.{layer}.{'self_attn' if module in ATTENTION_MODULES else 'mlp'}.{module}"
         if "A" not in pair or "B" not in pair:
             missing = "lora_B" if "A" in pair else "lora_A"
             raise FusionError(f"{path}: {where} has no {missing} tensor")
@@ -144,7 +151,7 @@ def parse_lora_state(state: dict[str, torch.Tensor], config: dict, path: Path
             raise FusionError(f"{path}: {where} rank {A.shape[0]} is outside 1..{_MAX_RANK}")
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise FusionError(f"{path}: {where} contains NaN or Inf values")
-        factors[(layer, module)] = LoraFactors(A.float(), B.float(), _scale(config, where, A.shape[0], path))
+        factors[(layer, module)] = LoraFactors(A.float(), B.float(), _scale(config, full_name, A.shape[0], path))
     return factors
 
 
@@ -189,7 +196,7 @@ def load_lora(path: str | Path, name: str | None = None, model=None) -> LoraAdap
     ranks = {f.rank for f in factors.values()}
     return LoraAdapter(
         name=name, factors=factors, role=infer_role(name, studio.get("role")),
-        rank=max(ranks), alpha=float(config.get("lora_alpha", max(ranks))),
+        rank=max(ranks), alpha=float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
         targets=tuple(m for m in ALL_MODULES if any(k[1] == m for k in factors)),
         base_model=str(config.get("base_model_name_or_path") or ""), path=str(folder),
         description=str(studio.get("description", "")), size_bytes=weights.stat().st_size,

@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="comma-separated subset")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--references", default="all", help="'all', 'none' or a subset of peft,xlora,mixlora")
     p.add_argument("--json", action="store_true")

@@ -104,7 +104,7 @@ class Engine:
 
     def plan(self, request: FusionRequest) -> FusionPlan:
         method, adapters, params = self.resolve(request)
-        key = (self.library.version, method.name, tuple(a.name for a in adapters),
+        key = (self.library.version, method.name, tuple((a.name, a.path) for a in adapters),
                json.dumps(params, sort_keys=True, default=str))
         with self._plans_lock:
             if key in self._plans:

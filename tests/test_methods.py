@@ -149,9 +149,6 @@ def test_ties_frequency_sign_matches_peft(studio):
     assert not torch.allclose(ours, total, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "peft's add_weighted_adapter falls back to combination 'linear' when given one adapter "
-    "(_check_add_weighted_adapter); fusion/methods/task_arithmetic.py still trims/drops it"))
 @pytest.mark.parametrize("name", ["ties", "magnitude_prune"])
 def test_one_adapter_matches_peft(studio, name):
     case = Case(("task-b",), {"weights": [0.7], "density": 0.5})

@@ -55,8 +55,10 @@ class TaskArithmeticMethod(FusionMethod):
         weights = resolve_weights(params.get("weights"), len(adapters), 1.0, self.name)
         density = params.get("density", 1.0)
         sign = params.get("majority_sign_method", "total")
-        combine = _COMBINE[self.combination]
-        if not self.svd and len({f.rank for a in adapters for f in a.factors.values()}) > 1:
+        combine, svd = _COMBINE[self.combination], self.svd
+        if len(adapters) == 1:  # peft's add_weighted_adapter turns any combination of one adapter into linear
+            combine, svd = _COMBINE["linear"], False
+        if not svd and len({f.rank for a in adapters for f in a.factors.values()}) > 1:
             raise FusionError(f"method {self.name!r} combines A and B factors entry by entry, so all "
                               "adapters must have the same rank; use an *_svd variant or `linear`")
         deltas = {}
@@ -64,7 +66,7 @@ class TaskArithmeticMethod(FusionMethod):
             torch.manual_seed(params.get("seed", 0))
             for key in module_keys(adapters):
                 present = [(a.factors[key], w) for a, w in zip(adapters, weights) if key in a.factors]
-                if self.svd:
+                if svd:
                     deltas[key] = self._svd(ctx, present, combine, density, sign, params, adapters)
                 else:
                     deltas[key] = self._factors(ctx, present, combine, density, sign)

@@ -1,0 +1,287 @@
+"""`python -m fusion bench`: decode speed of every method as a ratio to the base model.
+
+One process, one base model, methods interleaved round-robin so machine drift cancels. Each
+measurement is a greedy decode of N tokens after a short chat prompt (batch 1, KV cache, no
+early stop, no detokenisation or trace recording: the model's own speed). Random rank-8 LoRAs
+on all seven projections (and a random 8-expert top-2 MixLoRA) of the base model's shape are
+written to a temporary folder, so results do not depend on the library's contents. The
+reference implementations (peft unmerged, peft X-LoRA, the `mixlora` package) run the same
+loop on separate copies of the base model in the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .engine import Engine, FusionRequest
+from .runtime import Run, activate, merged_into
+
+PROMPT = "Write a short story about a dragon who learns to count."
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _linear_shapes(model) -> dict[str, tuple[int, int]]:
+    layer = model.model.layers[0]
+    shapes = {}
+    for name in TARGETS:
+        block = layer.self_attn if name in TARGETS[:4] else layer.mlp
+        lin = getattr(block, name)
+        shapes[name] = (lin.in_features, lin.out_features)
+    return shapes
+
+
+def write_random_lora(folder: Path, model, rank: int = 8, alpha: int = 16, seed: int = 0, std: float = 0.02):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for layer in range(model.config.num_hidden_layers):
+        for name, (d_in, d_out) in _linear_shapes(model).items():
+            block = "self_attn" if name in TARGETS[:4] else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{name}"
+            state[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * std
+            state[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * std
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+         "target_modules": list(TARGETS), "bias": "none", "base_model_name_or_path": ""}))
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def write_random_mixlora(folder: Path, model, base_folder: str, experts: int = 8, top_k: int = 2, rank: int = 8,
+                         alpha: int = 16, seed: int = 0, std: float = 0.02):
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for layer in range(model.config.num_hidden_layers):
+        state[f"mixlora.layers.{layer}.mlp.moe_gate.weight"] = torch.randn(
+            experts, model.config.hidden_size, generator=g) * 0.02
+        for name, (d_in, d_out) in _linear_shapes(model).items():
+            prefixes = ([f"mixlora.layers.{layer}.self_attn.{name}"] if name in TARGETS[:4] else
+                        [f"mixlora.layers.{layer}.mlp.{name}.experts.{e}" for e in range(experts)])
+            for prefix in prefixes:
+                state[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * std
+                state[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * std
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "MIXLORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_folder, "r": rank,
+         "lora_alpha": alpha, "lora_dropout": 0.05, "target_modules": list(TARGETS), "routing_strategy": "mixlora",
+         "num_experts": experts, "top_k": top_k, "act_fn": "silu", "bias": "none"}))
+    torch.save(state, str(folder / "adapter_model.bin"))
+    return folder
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [""])[0][:160]
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def decode_speed(model, input_ids: torch.Tensor, tokens: int, run: Run | None = None) -> dict:
+    """Greedy decode `tokens` tokens after a prefill; returns tokens/s, prefill and first-token time."""
+    from transformers import DynamicCache
+
+    device = input_ids.device
+    cache = DynamicCache(config=model.config)
+    _sync(device)
+    start = time.perf_counter()
+    with activate(run):
+        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[:, -1]
+    token = logits.argmax(-1, keepdim=True)  # (B, 1)
+    _sync(device)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(tokens):
+        with activate(run):
+            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+        token = logits.argmax(-1, keepdim=True)
+    _sync(device)
+    decode = time.perf_counter() - start
+    return {"tokens_per_s": tokens * input_ids.shape[0] / decode, "first_token_s": first}
+
+
+class Case:
+    def __init__(self, name: str, engine: Engine | None = None, request: FusionRequest | None = None,
+                 merge: bool = False, model=None, group: str = "ours"):
+        self.name, self.engine, self.request, self.merge, self.model, self.group = name, engine, request, merge, model, group
+        self.speeds: list[float] = []
+        self.first: list[float] = []
+        self.extra: dict = {}
+
+    def measure(self, ids: torch.Tensor, tokens: int) -> dict:
+        if self.model is not None:  # a reference implementation on its own model copy
+            return decode_speed(self.model, ids, tokens)
+        plan = self.engine.plan(self.request)
+        if self.merge:
+            with merged_into(self.engine.model, plan) as merged:
+                return decode_speed(self.engine.model, ids, tokens, Run(merged))
+        return decode_speed(self.engine.model, ids, tokens, Run(plan))
+
+
+def _reference_models(engine: Engine, base_folder: str, loras: list[Path], mixlora_folder: Path, wanted: set,
+                      log) -> list[Case]:
+    from transformers import AutoModelForCausalLM
+
+    cases = []
+
+    def fresh():
+        return AutoModelForCausalLM.from_pretrained(base_folder, dtype=engine.base.dtype).to(engine.base.device).eval()
+
+    if "peft" in wanted:
+        from peft import PeftModel
+        one = PeftModel.from_pretrained(fresh(), str(loras[1]), adapter_name="t").eval()
+        cases.append(Case("peft single (unmerged)", model=one, group="reference"))
+        two = PeftModel.from_pretrained(fresh(), str(loras[0]), adapter_name="l")
+        two.load_adapter(str(loras[1]), adapter_name="t")
+        two.base_model.set_adapter(["l", "t"])
+        cases.append(Case("peft 2 LoRAs (unmerged)", model=two.eval(), group="reference"))
+    if "xlora" in wanted:
+        try:
+            from peft import XLoraConfig, get_peft_model
+            config = XLoraConfig(task_type="CAUSAL_LM", hidden_size=engine.model.config.hidden_size,
+                                 xlora_depth=1, adapters={"0": str(loras[0]), "1": str(loras[1])})
+            base = fresh()
+            base.config.use_cache = False
+            xlora = get_peft_model(base, config).eval()
+            cases.append(Case("peft X-LoRA k=2", model=xlora, group="reference"))
+        except Exception as exc:  # report, don't abort the whole benchmark
+            log(f"X-LoRA reference unavailable: {type(exc).__name__}: {_first_line(exc)}")
+    if "mixlora" in wanted:
+        try:
+            from mixlora import MixLoraModelForCausalLM
+            model, _ = MixLoraModelForCausalLM.from_pretrained(str(mixlora_folder))
+            model = model.to(engine.base.device).eval()
+            for layer in model.model.layers:  # its expert LoRAs sit outside the module tree
+                for moe in getattr(layer.mlp, "mixlora_moes", {}).values():
+                    for lora in moe.experts_.values():
+                        lora.eval()
+            cases.append(Case("mixlora package 8x top-2", model=model, group="reference"))
+        except Exception as exc:
+            log(f"mixlora reference unavailable: {type(exc).__name__}: {_first_line(exc)}")
+    return cases
+
+
+def run_bench(model: str = "default", device: str = "cpu", dtype: str = "float32", methods: list[str] | None = None,
+              tokens: int = 64, repeats: int = 3, prefill: int = 512, references: str = "all", batch: int = 1,
+              log=print) -> dict:
+    scratch = Path(tempfile.mkdtemp(prefix="fusion-bench-"))
+    engine = Engine(model=model, device=device, dtype=dtype, adapters_dir=scratch / "adapters",
+                    fusions_dir=scratch / "fusions", progress=log)
+    base_folder = engine.base.info["source"]
+    loras = [write_random_lora(scratch / "adapters" / n, engine.model, seed=i)
+             for i, n in enumerate(("lang", "task", "task2", "task3"))]
+    mix_folder = write_random_mixlora(scratch / "adapters" / "mix", engine.model, base_folder)
+    engine.library.rescan()
+    pair, four = ["lang", "task"], ["lang", "task", "task2", "task3"]
+    catalogue = [
+        ("base", FusionRequest(), False),
+        ("single (merged)", FusionRequest(["task"], "single"), True),
+        ("linear k=2 (merged)", FusionRequest(pair, "linear"), True),
+        ("linear k=2 (unmerged)", FusionRequest(pair, "linear"), False),
+        ("ties k=2 (merged)", FusionRequest(pair, "ties"), True),
+        ("lorahub k=2 (merged)", FusionRequest(pair, "lorahub", {"weights": [0.5, 0.5]}), True),
+        ("cat k=2 (merged)", FusionRequest(pair, "cat"), True),
+        ("lora_flow k=2", FusionRequest(pair, "lora_flow"), False),
+        ("lora_flow k=4", FusionRequest(four, "lora_flow"), False),
+        ("mixlora 8x top-2", FusionRequest(["mix"], "mixlora"), False),
+    ]
+    if methods:
+        catalogue = [c for c in catalogue if c[0] == "base" or c[1].method in methods or c[0] in methods]
+    cases = [Case(name, engine, req, merge) for name, req, merge in catalogue]
+    wanted = {"peft", "xlora", "mixlora"} if references == "all" else set() if references == "none" else set(
+        references.split(","))
+    if wanted and engine.base.info["source"]:
+        cases += _reference_models(engine, base_folder, loras, mix_folder, wanted, log)
+
+    chat = engine.encode_messages(PROMPT)
+    ids = torch.tensor([chat] * batch, device=engine.base.device)
+    long_ids = torch.randint(100, 1000, (1, prefill), generator=torch.Generator().manual_seed(0)).to(engine.base.device)
+    for case in cases:  # warm-up, and the one-off costs measured once each
+        if case.engine is not None:
+            engine._plans.clear()
+            start = time.perf_counter()
+            plan = engine.plan(case.request)
+            case.extra["build_s"] = time.perf_counter() - start
+            if case.merge:
+                start = time.perf_counter()
+                with merged_into(engine.model, plan):
+                    pass
+                case.extra["merge_restore_s"] = time.perf_counter() - start
+            case.extra["switch_s"] = case.extra["build_s"] + case.extra.get("merge_restore_s", 0.0)
+        case.measure(ids, 4)
+    for r in range(repeats):
+        log(f"round {r + 1}/{repeats}")
+        for case in cases:
+            result = case.measure(ids, tokens)
+            case.speeds.append(result["tokens_per_s"])
+            case.first.append(result["first_token_s"])
+        for case in cases:  # prefill of a long prompt, interleaved too
+            case.extra.setdefault("prefill", []).append(case.measure(long_ids, 0)["first_token_s"])
+    base = cases[0]
+    base_speed = statistics.median(base.speeds)
+    base_prefill = statistics.median(base.extra["prefill"])
+    rows = []
+    for case in cases:
+        speed = statistics.median(case.speeds)
+        prefill_s = statistics.median(case.extra["prefill"])
+        rows.append({"name": case.name, "group": case.group, "tokens_per_s": round(speed, 2),
+                     "ratio_to_base": round(speed / base_speed, 3),
+                     "first_token_s": round(statistics.median(case.first), 4),
+                     "prefill_s": round(prefill_s, 4), "prefill_overhead": round(prefill_s / base_prefill - 1, 3),
+                     "switch_s": round(case.extra["switch_s"], 4) if "switch_s" in case.extra else None,
+                     "runs": [round(s, 2) for s in case.speeds]})
+    by_name = {row["name"]: row for row in rows}
+    speedups = {}
+    for ours, ref in (("lora_flow k=2", "peft 2 LoRAs (unmerged)"), ("lora_flow k=2", "peft X-LoRA k=2"),
+                      ("linear k=2 (merged)", "peft 2 LoRAs (unmerged)"), ("single (merged)", "peft single (unmerged)"),
+                      ("mixlora 8x top-2", "mixlora package 8x top-2")):
+        if ours in by_name and ref in by_name:
+            speedups[f"{ours} vs {ref}"] = round(by_name[ours]["tokens_per_s"] / by_name[ref]["tokens_per_s"], 2)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    machine = {"device": str(engine.base.device), "dtype": str(engine.base.dtype), "model": engine.base.name,
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
+               platform.machine(), "batch": batch, "tokens": tokens, "repeats": repeats, "prefill_tokens": prefill}
+    if engine.base.device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(engine.base.device)
+        machine["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(engine.base.device) / 2**20, 1)
+    return {"machine": machine, "rows": rows, "speedups": speedups, "peak_rss_mb": round(peak, 1)}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'method':<28} {'tok/s':>8} {'x base':>7} {'TTFT s':>8} {'prefill s':>10} {'+prefill':>9} {'switch s':>9}"]
+    for row in result["rows"]:
+        switch = "" if row["switch_s"] is None else f"{row['switch_s']:.3f}"
+        lines.append(f"{row['name']:<28} {row['tokens_per_s']:>8.2f} {row['ratio_to_base']:>7.3f} "
+                     f"{row['first_token_s']:>8.3f} {row['prefill_s']:>10.3f} {row['prefill_overhead']:>+9.1%} "
+                     f"{switch:>9}")
+    for name, value in result["speedups"].items():
+        lines.append(f"speed-up {name}: {value:.2f}x")
+    m = result["machine"]
+    lines.append(f"[{m['model']} on {m['device']} {m['dtype']}, batch {m['batch']}, {m['tokens']} tokens x "
+                 f"{m['repeats']} interleaved rounds, torch {m['torch']}, {m['threads']} threads; "
+                 f"peak RSS {result['peak_rss_mb']:.0f} MB]")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    import sys
+
+    log = (lambda *a, **k: print(*a, file=sys.stderr))
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    result = run_bench(args.model, args.device, args.dtype, methods, args.tokens, args.repeats, args.prefill,
+                       args.references, getattr(args, "batch", 1), log)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
