@@ -98,8 +98,8 @@ PEFT_DEFAULT_ALPHA = 8  # LoraConfig's default when a config omits lora_alpha
 
 
 def _scale(config: dict, module_key: str, rank: int, path: Path) -> float:
-    """alpha/r (or alpha/sqrt(r) with rslora); alpha_pattern keys match the module's full name
-    the way peft does: the first key that matches `(.*\.)?(key)$` wins."""
+    """alpha/r (or alpha/sqrt(r) with rslora). alpha_pattern keys match the module's full name
+    the way peft does: the first key that matches `(.*[.])?(key)$` wins."""
     alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     for pattern, value in (config.get("alpha_pattern") or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", module_key):

@@ -281,7 +281,7 @@ def main(args) -> int:
 
     log = (lambda *a, **k: print(*a, file=sys.stderr))
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    result = run_bench(args.model, args.device, args.dtype, methods, args.tokens, args.repeats, args.prefill,
+    result = run_bench(args.model or "default", args.device, args.dtype, methods, args.tokens, args.repeats, args.prefill,
                        args.references, getattr(args, "batch", 1), log)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0

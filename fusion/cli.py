@@ -14,8 +14,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default",
-                        help="'default' (embedded SmolLM2-135M-Instruct), a local folder, or a hub id")
+    parser.add_argument("--model", default=None,
+                        help="'default' (embedded SmolLM2-135M-Instruct), a local folder, or a hub id "
+                             "(default: the preset's model, else 'default')")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--adapters-dir", default=None, help="adapter library folder (default assets/adapters)")
@@ -27,7 +28,9 @@ def _request_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, help="one adapter folder (e.g. a MixLoRA checkpoint)")
     parser.add_argument("--method", default=None, help="fusion method (see `methods`)")
     parser.add_argument("--fusion", default=None, help="a saved fitted fusion (sets method, adapters, params)")
-    parser.add_argument("--gates", default=None, help="LoRA-Flow gates: fusion name, folder or released .pt")
+    parser.add_argument("--gates", default=None, help="LoRA-Flow gates: fusion name, folder, released .pt or hf:repo/path")
+    parser.add_argument("--preset", default=None,
+                        help="a paper's released setup, e.g. lora-flow:es-math or mixlora:alpaca-7b (GPU host, network)")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="method parameter, repeatable (e.g. --param weights=0.3,0.7)")
 
@@ -46,13 +49,22 @@ def _engine(args, quiet: bool):
     from .engine import Engine
 
     progress = (lambda *a, **k: print(*a, file=sys.stderr)) if not quiet else (lambda *a, **k: None)
-    return Engine(model=args.model, device=args.device, dtype=args.dtype, adapters_dir=args.adapters_dir,
+    model = args.model
+    if model is None and getattr(args, "preset", None):
+        from .presets import get_preset
+        model = get_preset(args.preset).model
+    return Engine(model=model or "default", device=args.device, dtype=args.dtype, adapters_dir=args.adapters_dir,
                   fusions_dir=args.fusions_dir, progress=progress)
 
 
 def _request(args):
     from .engine import FusionRequest
 
+    if getattr(args, "preset", None):
+        from .presets import get_preset
+        request = get_preset(args.preset).request
+        request.params.update(_params(args.param))
+        return request
     adapters = [a.strip() for a in args.adapters.split(",") if a.strip()]
     if args.adapter:
         adapters.append(args.adapter)

@@ -17,6 +17,7 @@ from typing import Callable
 from .adapters import LoraAdapter, load_lora
 from .artifacts import FusionArtifact, load_artifact, save_artifact
 from .errors import FusionError
+from .hub import is_hub_ref, resolve_ref
 from .safe_io import atomic_folder, read_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -91,10 +92,14 @@ class Library:
             self.version += 1
 
     def get_adapter(self, ref: str):
-        """An adapter by library name, or by folder path (loaded and validated on first use)."""
+        """An adapter by library name, folder path or hub reference (hf:owner/repo/sub),
+        loaded and validated on first use."""
         with self._lock:
             if ref in self.adapters:
                 return self.adapters[ref]
+        if is_hub_ref(ref):
+            ref = resolve_ref(ref)
+        with self._lock:
             path = Path(ref).expanduser()
             if path.is_dir():
                 key = str(path.resolve())

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FusionError
+from ..hub import resolve_ref
 from ..runtime import FusionPlan
 from ..safe_io import load_tensor_file
 from ..training import TrainConfig, train
@@ -88,7 +89,7 @@ class LoraFlowMethod(FusionMethod):
 
     def load_gates(self, ctx: BuildContext, ref: str, k: int):
         """Returns (W (L, k, d), b (L, 1, k), temperature or None)."""
-        path = Path(ref).expanduser()
+        path = Path(resolve_ref(ref)).expanduser()
         if path.is_file():
             W, b = load_released_gates(path, ctx.num_layers, ctx.hidden_size, k)
             return W, b, None
