@@ -176,6 +176,18 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_merged, export_peft
+
+    engine = _engine(args, quiet=False)
+    request = _request(args)
+    write = export_merged if args.merged else export_peft
+    out = write(engine, request, args.out, overwrite=args.overwrite)
+    print(json.dumps({"out": str(out), "kind": "merged model" if args.merged else "peft LoRA",
+                      "method": request.method, "adapters": request.adapters}))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import main as bench_main
 
@@ -222,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("export", help="write a static fusion as a peft LoRA folder or a merged model")
+    _model_args(p)
+    _request_args(p)
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--merged", action="store_true", help="write the full model with the fusion merged in")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="decode speed of every method relative to the base model")
     _model_args(p)
