@@ -123,3 +123,23 @@ def test_concurrent_unmerged_requests_do_not_wait(engine):
     got, _ = engine.logits(flow, ids)  # same thread, would deadlock if it had to wait
     stream.close()
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_mixlora_one_token_path_equals_the_expert_loop():
+    from fusion.methods.mixlora import routed_ffn
+
+    model = tiny_model(seed=9, layers=1)
+    mlp = model.model.layers[0].mlp
+    g = torch.Generator().manual_seed(1)
+    E, r, d, f = 6, 3, 32, mlp.gate_proj.out_features
+    experts = {"gate_proj": (torch.randn(E, r, d, generator=g), torch.randn(E, f, r, generator=g)),
+               "up_proj": (torch.randn(E, r, d, generator=g), torch.randn(E, f, r, generator=g)),
+               "down_proj": (torch.randn(E, r, f, generator=g), torch.randn(E, d, r, generator=g))}
+    router = torch.randn(E, d, generator=g)
+    x = torch.randn(1, 1, d, generator=g)
+    fast, _, _, chosen = routed_ffn(x, mlp, router, experts, 2, mlp.act_fn)
+    # The same token inside a batch of three takes the general (per-expert loop) path.
+    batch = torch.cat([x, torch.randn(1, 2, d, generator=g)], dim=1)
+    loop, _, _, _ = routed_ffn(batch, mlp, router, experts, 2, mlp.act_fn)
+    torch.testing.assert_close(fast[0, 0], loop[0, 0], atol=1e-5, rtol=1e-5)
+    assert chosen.shape == (1, 2)
