@@ -144,6 +144,9 @@ def save_adapter(model, cfg: TrainConfig, out_dir: Path, trained: dict, base_nam
                   "base_model": base_name, "rank": cfg.r, "alpha": cfg.alpha,
                   "target_modules": cfg.target_modules, "trained": trained}
         (tmp / "studio.json").write_text(json.dumps(studio, indent=2, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an adapter folder is an ordinary asset
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
