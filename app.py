@@ -1,0 +1,119 @@
+"""LoRA composition studio: the web app over the `fusion` engine.
+
+    python app.py [--model ID] [--device D] [--dtype T] [--adapters DIR] [--fusions DIR]
+                  [--host H] [--port P] [--auth USER:PASS] [--share]
+
+Tabs: Chat (fuse LoRAs per message, see why it answered so), Compare (fusions side by side),
+Fit (learn a fusion from examples), Adapters (the library, imports). Named API endpoints for
+gradio_client: /methods, /adapters, /generate, /compare, /fit (see docs/app.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from fusion.engine import Engine  # noqa: E402
+from fusion.errors import FusionError  # noqa: E402
+from ui.adapters import build_adapters_tab, fusion_rows, library_rows, errors_text  # noqa: E402
+from ui.api import register_api  # noqa: E402
+from ui.chat import build_chat_tab  # noqa: E402
+from ui.common import CSS, Studio, theme  # noqa: E402
+from ui.compare import build_compare_tab  # noqa: E402
+from ui.constants import APP  # noqa: E402
+from ui.fit import build_fit_tab  # noqa: E402
+
+TITLE = "LoRA composition studio"
+
+
+def build_app(engine: Engine) -> gr.Blocks:
+    """The whole app around one loaded engine; the queue is configured, not launched."""
+    studio = Studio(engine)
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(f"## {TITLE}\nCompose LoRA adapters per request — static merges, fitted fusions and "
+                    "LoRA-Flow's per-token gates — and see which LoRA each layer leaned on.")
+        register_api(engine)  # first, so the public endpoint names are never taken by UI events
+        with gr.Tabs():
+            build_chat_tab(studio)
+            build_compare_tab(studio)
+            fit = build_fit_tab(studio)
+            library = build_adapters_tab(studio)
+
+        # After a fit or an import, every picker and the library tables show the new entries.
+        pickers = studio.pickers.components()
+        tables = [library["table"], library["fusions"], library["errors"]]
+
+        def refresh_all():
+            return (*studio.pickers.updates(engine), library_rows(engine), fusion_rows(engine), errors_text(engine))
+
+        for event in [fit["event"], *library["events"]]:
+            event.then(refresh_all, None, pickers + tables, api_visibility="private", queue=False)
+        # A page opened later must see fusions and adapters added since start-up.
+        demo.load(refresh_all, None, pickers + tables, api_visibility="private", queue=False)
+    demo.queue(default_concurrency_limit=APP.concurrency, max_size=APP.queue_size)
+    return demo
+
+
+def security_warnings(host: str, share: bool, auth: str | None) -> list[str]:
+    """Exposing the app lets anyone generate, fit (CPU/GPU time) and write adapters to disk."""
+    warnings = []
+    if auth:
+        return warnings
+    if host in ("0.0.0.0", "::"):
+        warnings.append(f"binding {host} makes the studio reachable from other machines without a password; "
+                        "add --auth USER:PASS")
+    if share:
+        warnings.append("--share publishes the studio on a public link without a password; add --auth USER:PASS")
+    return warnings
+
+
+def parse_auth(value: str | None):
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise SystemExit("--auth must look like USER:PASS")
+    return (user, password)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=TITLE)
+    parser.add_argument("--model", default="default",
+                        help="base model: 'default' (embedded SmolLM2-135M-Instruct), a folder or a hub id")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--adapters", default=None, help="adapter library folder (default: assets/adapters)")
+    parser.add_argument("--fusions", default=None, help="saved fusions folder (default: assets/fusions)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--auth", default=None, help="USER:PASS required to open the app")
+    parser.add_argument("--share", action="store_true", help="also publish on a temporary public link")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    auth = parse_auth(args.auth)
+    for line in security_warnings(args.host, args.share, args.auth):
+        print(f"WARNING: {line}", file=sys.stderr)
+    try:
+        engine = Engine(model=args.model, device=args.device, dtype=args.dtype, adapters_dir=args.adapters,
+                        fusions_dir=args.fusions)
+    except FusionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for name, message in engine.library.errors.items():
+        print(f"note: adapter {name} was not loaded: {message}", file=sys.stderr)
+    demo = build_app(engine)
+    demo.launch(server_name=args.host, server_port=args.port, auth=auth, share=args.share, theme=theme(),
+                css=CSS, show_error=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The web app's named API endpoints through gradio_client, plus the figures and controls behind
+the UI (no browser). The app runs on the real embedded base model with random LoRAs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from app_fixtures import LAYERS, MIXLORA, app_engine, app_url  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*(no_silent_downcasting|copy keyword)")
+
+EXAMPLES = "\n".join(json.dumps({"prompt": f"¿Cuánto es {a} + {b}?", "response": f"{a} + {b} = {a + b}."})
+                     for a, b in [(3, 4), (10, 5)])
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False)
+
+
+def api_error(client, *args, api_name):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        client.predict(*args, api_name=api_name)
+    message = str(info.value)
+    assert "Traceback" not in message and "\n" not in message.strip()
+    return message
+
+
+# ---- endpoints --------------------------------------------------------------------------------------
+def test_endpoints_are_named(client):
+    named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/methods", "/adapters", "/generate", "/compare", "/fit"} <= set(named)
+
+
+def test_methods_lists_declared_params(client):
+    methods = {m["name"]: m for m in client.predict(api_name="/methods")}
+    assert {"base", "linear", "ties", "cat", "lorahub", "lora_flow"} <= set(methods)
+    assert methods["lora_flow"]["fittable"] and methods["lora_flow"]["kind"] == "dynamic"
+    assert {p["name"] for p in methods["lora_flow"]["params"]} == {"gates", "temperature"}
+
+
+def test_adapters_lists_library_with_roles(client):
+    library = client.predict(api_name="/adapters")
+    roles = {a["name"]: a["role"] for a in library["adapters"] if a["kind"] == "lora"}
+    assert roles == {"lang-es": "language", "lang-ru": "language", "task-math": "task", "task-code": "task"}
+    assert library["errors"] == {}
+
+
+def test_generate_lora_flow_returns_text_and_trace_summary(client):
+    out = client.predict(["lang-es", "task-math"], "lora_flow", '{"temperature": 1.0}', "What is 2 + 3?", 4, 0.0,
+                         api_name="/generate")
+    assert isinstance(out["text"], str) and out["text"]
+    assert out["method"] == "lora_flow" and out["adapters"] == ["lang-es", "task-math"]
+    trace = out["trace"]
+    assert trace["kind"] == "gate" and trace["slot_names"] == ["lang-es", "task-math"]
+    tokens, layers, slots = trace["shape"]
+    assert (layers, slots) == (LAYERS, 2)
+    assert tokens == out["prompt_tokens"] + out["new_tokens"]
+
+
+def test_generate_takes_a_comma_separated_adapter_string(client):
+    out = client.predict("lang-ru, task-code", "linear", "", "Hi", 2, 0.0, api_name="/generate")
+    assert out["adapters"] == ["lang-ru", "task-code"]
+    assert out["trace"]["kind"] == "static" and out["trace"]["shape"][1:] == [LAYERS, 2]
+
+
+def test_generate_mixlora_traces_the_router(client):
+    names = {m["name"] for m in client.predict(api_name="/methods")}
+    if "mixlora" not in names:
+        pytest.skip("the engine has no mixlora method")
+    out = client.predict(MIXLORA, "mixlora", "{}", "Hi", 2, 0.0, api_name="/generate")
+    assert out["trace"]["kind"] == "router" and out["trace"]["shape"][1:] == [LAYERS, 4]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("lang-es", "no_such_method", "{}", "Hi", 2, 0.0), "unknown fusion method"),
+    (("lang-es", "lora_flow", "{}", "Hi", 2, 0.0), "at least 2"),
+    (("lang-es,task-math", "lora_flow", "{not json", "Hi", 2, 0.0), "JSON object"),
+    (("lang-es,task-math", "lora_flow", '{"temperature": 99}', "Hi", 2, 0.0), "temperature"),
+    (("lang-es,nope", "linear", "{}", "Hi", 2, 0.0), "nope"),
+    (("lang-es,task-math", "linear", "{}", "   ", 2, 0.0), "empty"),
+])
+def test_generate_reports_user_errors_in_one_line(client, args, expected):
+    assert expected in api_error(client, *args, api_name="/generate")
+
+
+def test_compare_runs_columns_together_and_isolates_a_bad_column(client):
+    columns = [{"method": "lora_flow", "adapters": ["lang-es", "task-math"]},
+               {"method": "linear", "adapters": "lang-es,task-math", "params": {"weights": [0.5, 0.5]}},
+               {"method": "lora_flow", "adapters": ["lang-es"]}]
+    results = client.predict("What is 2 + 2?", json.dumps(columns), 3, 0.0, api_name="/compare")
+    assert len(results) == 3
+    for result, kind in zip(results[:2], ("gate", "static")):
+        assert result["error"] is None and result["text"]
+        assert result["seconds_to_first_token"] is not None
+        assert result["trace"]["kind"] == kind and result["trace"]["shape"][1] == LAYERS
+    assert "at least 2" in results[2]["error"] and results[2]["trace"] is None
+    assert "JSON list" in api_error(client, "Hi", "{}", 3, 0.0, api_name="/compare")
+
+
+def test_fit_saves_a_fusion_that_generate_can_use(client):
+    saved = client.predict("lora_flow", ["lang-es", "task-math"], EXAMPLES, "api-gates", "{}", 1, 0.0, 2, 1, False,
+                           api_name="/fit")
+    assert saved["name"] == "api-gates" and saved["method"] == "lora_flow" and len(saved["losses"]) == 1
+    assert "api-gates" in {f["name"] for f in client.predict(api_name="/adapters")["fusions"]}
+    out = client.predict("", "base", "{}", "Hi", 2, 0.0, "api-gates", api_name="/generate")
+    assert out["method"] == "lora_flow" and out["trace"]["slot_names"] == ["lang-es", "task-math"]
+    assert "already" in api_error(client, "lora_flow", "lang-es,task-math", EXAMPLES, "api-gates", "{}", 1, 0.0, 2,
+                                  1, False, api_name="/fit")
+    assert "save_as" in api_error(client, "lora_flow", "lang-es,task-math", EXAMPLES, "", api_name="/fit")
+    assert "line 1" in api_error(client, "lora_flow", "lang-es,task-math", "not json", "x", api_name="/fit")
+
+
+# ---- figures (fusion/plots.py) ---------------------------------------------------------------------
+def make_trace(kind="gate", slots=("lang-es", "task-math"), tokens=7, prompt=4, layers=3, **extra):
+    from fusion.trace import Trace
+
+    torch.manual_seed(0)
+    weights = torch.rand(tokens, layers, len(slots))
+    return Trace(weights, [f"t{i}" for i in range(tokens)], list(slots), kind, "m", prompt, **extra)
+
+
+def test_gate_heatmap_has_one_row_per_layer_and_exact_hover():
+    from fusion import plots
+
+    trace = make_trace()
+    figure = plots.heatmap(trace, plots.VIEW_ALL)
+    data = figure.data[0]
+    assert len(data.z) == 3 and len(data.z[0]) == 7
+    expected = float(trace.weights[5, 2, 1] - trace.weights[5, 2, 0])
+    assert data.z[2][5] == pytest.approx(expected)
+    assert f"{float(trace.weights[5, 2, 0]):.4f}" in data.text[2][5] and "layer 2" in data.text[2][5]
+    assert data.zmid == 0  # diverging around "equal weight"
+    assert len(plots.heatmap(trace, plots.VIEW_REPLY).data[0].z[0]) == 3
+    assert len(plots.heatmap(trace, plots.VIEW_TAIL, prompt_tail=2).data[0].z[0]) == 5
+    one_slot = plots.heatmap(trace, plots.VIEW_ALL, slot="lang-es").data[0]
+    assert one_slot.z[1][0] == pytest.approx(float(trace.weights[0, 1, 0]))
+
+
+def test_three_slots_pick_a_slot_and_router_colours_the_top_expert():
+    from fusion import plots
+
+    gate = make_trace(slots=("a", "b", "c"))
+    assert plots.slot_options(gate) == ["a", "b", "c"] and plots.default_slot(gate) == "c"
+    router = make_trace("router", slots=("e0", "e1", "e2", "e3"), chosen=torch.zeros(7, 3, 2, dtype=torch.long))
+    data = plots.heatmap(router, plots.VIEW_ALL).data[0]
+    assert data.z[0][0] == float(router.weights[0, 0].argmax())
+    assert "top-k: e0, e0" in data.text[0][0] and list(data.colorbar.ticktext) == ["e0", "e1", "e2", "e3"]
+
+
+def test_static_heatmap_shows_layers_by_adapter_and_modules():
+    from fusion import plots
+
+    static = make_trace("static", module_weights={"q_proj": torch.ones(3, 2)})
+    figure = plots.heatmap(static, module="q_proj")
+    assert len(figure.data[0].z) == 3 and list(figure.data[0].x) == ["lang-es", "task-math"]
+    assert figure.data[0].z[0][0] == 1.0
+    assert plots.module_options(static) == [plots.MEAN_MODULE, "q_proj"]
+    assert plots.heatmap(make_trace("static", slots=())).data == ()
+
+
+def test_token_scores_cover_the_reply_within_minus_one_to_one():
+    from fusion import plots
+
+    trace = make_trace()
+    trace.weights[:, :, 1] += 5.0
+    scores = plots.token_scores(trace, layer=None)
+    assert [token for token, _ in scores] == ["t4", "t5", "t6"]
+    assert all(-1.0 <= score <= 1.0 for _, score in scores) and scores[0][1] == 1.0
+    short = make_trace()
+    short.weights = short.weights[:-1]  # a stopped reply may lack its last token's row
+    assert len(plots.heatmap(short, plots.VIEW_ALL).data[0].z[0]) == 6
+
+
+# ---- controls and start-up --------------------------------------------------------------------------
+def test_param_panel_builds_controls_from_declarations(app_engine):
+    from ui.common import ParamPanel, control_kind
+
+    declared = {m["name"]: {p["name"]: p for p in m["params"]} for m in app_engine.methods()}
+    assert control_kind(declared["ties"]["density"]) == "slider"
+    assert control_kind(declared["ties"]["majority_sign_method"]) == "dropdown"
+    assert control_kind(declared["linear"]["weights"]) == "textbox"
+    assert control_kind(declared["lora_flow"]["temperature"]) == "textbox"  # empty = the gates' own
+    panel = ParamPanel(app_engine, "t")
+    assert panel.size >= max(len(m) for m in declared.values())
+    values = [None] * (panel.size * 5)
+    values[0 * 5 + 4], values[1 * 5 + 1], values[2 * 5 + 3] = "0.3, 0.7", 0.25, "frequency"
+    assert panel.collect("ties", values) == {"weights": "0.3, 0.7", "density": 0.25,
+                                             "majority_sign_method": "frequency"}
+
+
+def test_exposed_binding_without_auth_warns():
+    from app import parse_auth, security_warnings
+
+    assert security_warnings("127.0.0.1", False, None) == []
+    assert any("--auth" in w for w in security_warnings("0.0.0.0", False, None))
+    assert any("public link" in w for w in security_warnings("127.0.0.1", True, None))
+    assert security_warnings("0.0.0.0", True, "me:secret") == []
+    assert parse_auth("me:secret") == ("me", "secret")
+    with pytest.raises(SystemExit):
+        parse_auth("no-colon")

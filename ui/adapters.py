@@ -1,0 +1,88 @@
+"""Adapters tab: the library at a glance, its load errors, and importing a peft adapter."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from .common import Studio, error_line
+
+HEADERS = ["name", "kind", "role", "rank", "alpha", "targets", "base model", "size (MB)", "description"]
+ROLES = [("guess from the name (lang-…, task-…)", ""), ("language", "language"), ("task", "task"),
+         ("other", "other")]
+
+
+def library_rows(engine) -> list[list]:
+    rows = []
+    for a in engine.adapters():
+        rows.append([a["name"], a.get("kind", "lora"), a.get("role", ""), a.get("rank"), a.get("alpha"),
+                     ", ".join(a.get("targets") or []), a.get("base_model") or "",
+                     round((a.get("size_bytes") or 0) / 1e6, 2), a.get("description") or ""])
+    return rows
+
+
+def fusion_rows(engine) -> list[list]:
+    return [[f["name"], f["method"], ", ".join(f["adapters"]), f["meta"].get("examples"),
+             f["meta"].get("seconds")] for f in engine.fusions()]
+
+
+def errors_text(engine) -> str:
+    errors = engine.library.errors
+    if not errors:
+        return "No load errors."
+    return "**Could not load:**\n" + "\n".join(f"- `{name}`: {message}" for name, message in errors.items())
+
+
+def build_adapters_tab(studio: Studio) -> dict:
+    engine = studio.engine
+    with gr.Tab("Adapters", id="adapters"):
+        gr.Markdown(f"Library folder: `{engine.library.adapters_dir}` · fitted fusions: "
+                    f"`{engine.library.fusions_dir}`", elem_classes=["param-note"])
+        table = gr.Dataframe(library_rows(engine), headers=HEADERS, interactive=False, wrap=True,
+                             label="LoRA library", elem_id="adapters-table")
+        fusions = gr.Dataframe(fusion_rows(engine), headers=["name", "method", "adapters", "examples", "seconds"],
+                               interactive=False, label="Saved fitted fusions", elem_id="fusions-table")
+        errors = gr.Markdown(errors_text(engine), elem_id="adapters-errors")
+        refresh = gr.Button("Rescan the library folder", size="sm", elem_id="refresh-btn")
+        with gr.Accordion("Import a peft LoRA adapter", open=True):
+            gr.Markdown("A folder with `adapter_config.json` and `adapter_model.safetensors` (or `.bin`), given as a "
+                        "path on the server or uploaded as a zip. It is checked against the base model before it "
+                        "is copied in.", elem_classes=["param-note"])
+            with gr.Row():
+                path = gr.Textbox(label="Folder or zip path on the server", scale=3, elem_id="import-path")
+                upload = gr.File(label="…or upload a zip", file_types=[".zip"], type="filepath", height=120, scale=2,
+                                 elem_id="import-zip")
+            with gr.Row():
+                name = gr.Textbox(label="Name in the library", placeholder="empty = folder or zip name",
+                                  elem_id="import-name")
+                role = gr.Dropdown(ROLES, value="", label="Role", elem_id="import-role")
+                overwrite = gr.Checkbox(value=False, label="Replace an adapter of that name",
+                                        elem_id="import-overwrite")
+            go = gr.Button("Import", variant="primary", elem_id="import-btn")
+            status = gr.Markdown(elem_id="import-status", elem_classes=["status-line"])
+
+    def refreshed(message: str = ""):
+        return library_rows(engine), fusion_rows(engine), errors_text(engine), message
+
+    def rescan():
+        engine.library.rescan()
+        return refreshed(f"Rescanned: {len(engine.adapters())} adapters, {len(engine.fusions())} fusions.")
+
+    def import_adapter(folder, archive, new_name, new_role, replace):
+        source = archive or (folder or "").strip()
+        if not source:
+            gr.Warning("Give a folder path or upload a zip.")
+            return refreshed("⚠ Give a folder path or upload a zip.")
+        try:
+            adapter = engine.library.import_adapter(source, name=(new_name or "").strip() or None,
+                                                    role=new_role or None, overwrite=bool(replace))
+        except Exception as exc:
+            line = error_line(exc)
+            gr.Warning(line)
+            return refreshed(f"⚠ {line}")
+        return refreshed(f"✔ Imported **{adapter.name}** (role {adapter.role}, rank {adapter.rank}).")
+
+    outputs = [table, fusions, errors, status]
+    refresh_event = refresh.click(rescan, None, outputs, api_visibility="private")
+    import_event = go.click(import_adapter, [path, upload, name, role, overwrite], outputs, api_visibility="private",
+                            concurrency_id="library")
+    return {"events": [refresh_event, import_event], "table": table, "fusions": fusions, "errors": errors}

@@ -1,0 +1,265 @@
+"""Compare tab: one prompt, 2–4 fusions side by side, streaming together; optional math scoring."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import gradio as gr
+
+from fusion import plots
+from fusion.engine import Engine, FusionRequest
+from fusion.errors import FusionError
+from fusion.generate import Sampling
+
+from .common import (ParamPanel, Studio, adapter_choices, default_selection, error_line, fusion_choices,
+                     make_request, method_choices, parse_adapters)
+from .constants import APP, NONE
+
+COLUMN_METHODS = ["lora_flow", "linear", "cat", "base"]  # first choices, left to right
+
+
+@dataclass
+class ColumnResult:
+    label: str
+    text: str = ""
+    stats: str = "waiting…"
+    trace: object = None
+    error: str | None = None
+    done: bool = False
+    seconds_to_first_token: float | None = None
+    tokens_per_second: float | None = None
+    finish_reason: str | None = None
+
+    def summary(self) -> dict:
+        return {"label": self.label, "text": self.text, "error": self.error,
+                "seconds_to_first_token": self.seconds_to_first_token,
+                "tokens_per_second": self.tokens_per_second, "finish_reason": self.finish_reason,
+                "trace": plots.trace_summary(self.trace)}
+
+
+def column_label(engine: Engine, request: FusionRequest | Exception) -> str:
+    if isinstance(request, Exception):
+        return "invalid choice"
+    try:
+        method, adapters, _ = engine.resolve(request)
+    except FusionError:
+        return request.fusion or request.method
+    head = f"{request.fusion} ({method.name})" if request.fusion else method.name
+    return f"{head} · {' + '.join(a.name for a in adapters)}" if adapters else head
+
+
+def run_side_by_side(engine: Engine, requests: list, prompt: str, sampling: Sampling, system: str | None,
+                     cancel: threading.Event):
+    """Advance every column's stream in turn (one generator, as an arena does); yields the results
+    after each step. A column whose request fails shows its error and the others go on."""
+    results = [ColumnResult(column_label(engine, r)) for r in requests]
+    streams = {}
+    for i, request in enumerate(requests):
+        if isinstance(request, Exception):
+            results[i].error, results[i].done = error_line(request), True
+        else:
+            streams[i] = engine.stream(request, prompt, sampling, system=system, cancel=cancel)
+    yield results
+    while streams:
+        for i in list(streams):
+            result = results[i]
+            try:
+                event = next(streams[i])
+            except StopIteration:
+                del streams[i]
+                continue
+            except Exception as exc:
+                result.error, result.done = error_line(exc), True
+                del streams[i]
+                yield results
+                continue
+            result.text = event.text
+            result.seconds_to_first_token = event.seconds_to_first_token
+            if event.done:
+                result.done, result.trace = True, event.trace
+                result.tokens_per_second, result.finish_reason = event.tokens_per_second, event.finish_reason
+            yield results
+
+
+def stats_text(result: ColumnResult) -> str:
+    if result.error:
+        return f"⚠ {result.error}"
+    parts = [f"**{result.label}**"]
+    if result.seconds_to_first_token is not None:
+        parts.append(f"first token {result.seconds_to_first_token:.2f} s")
+    if result.tokens_per_second:
+        parts.append(f"{result.tokens_per_second:.1f} tok/s")
+    if result.done:
+        parts.append({"cancelled": "stopped", "length": "token limit", "eos": "finished"}.get(
+            result.finish_reason, result.finish_reason or "done"))
+    elif result.seconds_to_first_token is None:
+        parts.append("waiting…")
+    return " · ".join(parts)
+
+
+def build_compare_tab(studio: Studio) -> dict:
+    engine = studio.engine
+    chosen = default_selection(engine)
+    known = {m["name"] for m in engine.methods()}
+    columns = []
+    with gr.Tab("Compare", id="compare"):
+        gr.Markdown("One prompt, several fusions at once. Each column streams its own reply with time to "
+                    "first token and tokens per second (columns share the CPU, so rates are per column while "
+                    "all run).", elem_classes=["param-note"])
+        prompt = gr.Textbox(label="Prompt", lines=2, max_length=APP.max_prompt_chars,
+                            placeholder="e.g. ¿Cuánto es 12 + 7?", elem_id="compare-input")
+        with gr.Row(equal_height=True):
+            count = gr.Radio([str(n) for n in range(2, APP.max_compare + 1)], value="2", label="Columns",
+                             scale=1, elem_id="compare-n")
+            max_tokens = gr.Slider(1, APP.max_new_tokens, value=min(64, APP.default_new_tokens), step=1,
+                                   label="Max new tokens", scale=2, elem_id="compare-max-tokens")
+            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", scale=2,
+                                    elem_id="compare-temperature")
+            with gr.Column(scale=1, min_width=160):
+                run = gr.Button("Compare", variant="primary", elem_id="compare-btn")
+                stop = gr.Button("Stop", variant="stop", elem_id="compare-stop-btn")
+        with gr.Row(equal_height=False):
+            for i in range(APP.max_compare):
+                wanted = COLUMN_METHODS[i % len(COLUMN_METHODS)]
+                if wanted not in known or (wanted != "base" and len(chosen["adapters"]) < 2):
+                    wanted = chosen["method"]  # two-LoRA methods need two LoRAs in the library
+                with gr.Column(visible=i < 2, min_width=260) as column:
+                    method = gr.Dropdown(method_choices(engine), value=wanted, label=f"Method {i + 1}",
+                                         elem_id=f"compare-method-{i}")
+                    adapters = gr.Dropdown(adapter_choices(engine), value=chosen["adapters"], multiselect=True,
+                                           label="Adapters (in slot order)", elem_id=f"compare-adapters-{i}")
+                    fusion = gr.Dropdown(fusion_choices(engine), value=NONE, label="…or a saved fusion",
+                                         elem_id=f"compare-fusion-{i}")
+                    with gr.Accordion("Parameters", open=False):
+                        panel = ParamPanel(engine, f"compare-{i}").build(wanted)
+                    stats = gr.Markdown(elem_id=f"compare-stats-{i}", elem_classes=["stats-line"])
+                    reply = gr.Markdown(elem_id=f"compare-out-{i}", elem_classes=["compare-out"], container=True)
+                    heatmap = gr.Plot(None, show_label=False,
+                                      elem_id=f"compare-heatmap-{i}")
+                columns.append({"column": column, "method": method, "adapters": adapters, "fusion": fusion,
+                                "panel": panel, "stats": stats, "reply": reply, "heatmap": heatmap})
+                method.change(panel.updates, method, [panel.note] + panel.components, api_visibility="private",
+                              queue=False)
+                studio.pickers.adapters.append(adapters)
+                studio.pickers.fusions.append(fusion)
+        score = build_scoring(studio, columns, count)
+
+    def shown(n):
+        return [gr.update(visible=i < int(n)) for i in range(APP.max_compare)]
+
+    count.change(shown, count, [c["column"] for c in columns], api_visibility="private", queue=False)
+
+    def compare(request: gr.Request, text, n, limit, temp, *values):
+        n = int(n)
+        requests = column_requests(engine, columns, values, n)
+        outputs = [c[key] for c in columns[:n] for key in ("stats", "reply", "heatmap")]
+        blank = [gr.skip()] * (3 * (APP.max_compare - n))
+        flag = studio.flags.start(request, "compare")
+        try:
+            sampling = Sampling(max_new_tokens=int(limit), temperature=float(temp)).validate()
+            if not (text or "").strip():
+                raise FusionError("type a prompt to compare")
+            drawn = set()
+            for results in run_side_by_side(engine, requests, text, sampling, None, flag):
+                out = []
+                for i, result in enumerate(results):
+                    figure = gr.skip()
+                    if result.done and result.trace is not None and i not in drawn:
+                        drawn.add(i)
+                        figure = plots.heatmap(result.trace, plots.VIEW_TAIL, APP.prompt_tail, compact=True)
+                    out += [stats_text(result), result.text, figure]
+                yield *out, *blank
+        except Exception as exc:
+            gr.Warning(error_line(exc))
+            yield *[gr.skip()] * len(outputs), *blank
+        finally:
+            studio.flags.finish(request, "compare", flag)
+
+    inputs = [prompt, count, max_tokens, temperature] + column_inputs(columns)
+    outputs = [c[key] for c in columns for key in ("stats", "reply", "heatmap")]
+    run.click(compare, inputs, outputs, api_visibility="private", show_progress="hidden",
+              concurrency_id="generate")
+    prompt.submit(compare, inputs, outputs, api_visibility="private", show_progress="hidden",
+                  concurrency_id="generate")
+    def stop_all(request: gr.Request):
+        studio.flags.cancel(request, "compare")
+
+    stop.click(stop_all, None, None, api_visibility="private", queue=False)
+    return {"prompt": prompt, "columns": columns, "score": score}
+
+
+def column_inputs(columns: list[dict]) -> list:
+    return [comp for c in columns for comp in [c["method"], c["adapters"], c["fusion"], *c["panel"].components]]
+
+
+def column_requests(engine: Engine, columns: list[dict], values: tuple, n: int) -> list:
+    """FusionRequests (or the FusionError to show) of the first n columns from their controls' values."""
+    requests, position = [], 0
+    for c in columns:
+        width = 3 + len(c["panel"].components)
+        method, adapters, fusion, *pool = values[position:position + width]
+        position += width
+        if len(requests) < n:
+            try:
+                requests.append(make_request(engine, method, parse_adapters(adapters), c["panel"].collect(method, pool),
+                                             fusion))
+            except FusionError as exc:
+                requests.append(exc)
+    return requests
+
+
+def build_scoring(studio: Studio, columns: list[dict], count: gr.Radio) -> dict | None:
+    """Score the shown columns on a few templated math problems (exact final number)."""
+    try:
+        from fusion.lab.evaluate_math import is_correct
+        from fusion.lab.math_data import EVAL_LANGUAGES, eval_examples
+    except ImportError:  # the evaluation set is optional
+        return None
+    engine = studio.engine
+    with gr.Accordion("Score these columns on math problems", open=False, elem_id="score-panel"):
+        with gr.Row():
+            language = gr.Dropdown(list(EVAL_LANGUAGES), value="es" if "es" in EVAL_LANGUAGES else EVAL_LANGUAGES[0],
+                                   label="Problem language", elem_id="score-lang")
+            size = gr.Slider(1, APP.max_score_problems, value=8, step=1, label="Problems", elem_id="score-n")
+            limit = gr.Slider(8, 256, value=64, step=8, label="Max new tokens per answer", elem_id="score-max-tokens")
+            go = gr.Button("Score", elem_id="score-btn")
+        table = gr.Dataframe(headers=["column", "correct", "problems", "accuracy"], interactive=False,
+                             elem_id="score-table")
+
+    def score(request: gr.Request, progress=gr.Progress(), *values):
+        lang, n, tokens, shown_count, *rest = values
+        requests = column_requests(engine, columns, tuple(rest), int(shown_count))
+        problems = eval_examples(lang, int(n))
+        flag = studio.flags.start(request, "compare")
+        rows = []
+        total = len(problems) * len(requests)
+        done = 0
+        try:
+            for request_ in requests:
+                label = column_label(engine, request_)
+                if isinstance(request_, Exception):
+                    rows.append([label, None, len(problems), error_line(request_)])
+                    continue
+                correct = 0
+                try:
+                    for number, problem in enumerate(problems, 1):
+                        progress(done / total, desc=f"{label}: problem {number}/{len(problems)}")
+                        event = engine.generate(request_, problem.question, Sampling(max_new_tokens=int(tokens)),
+                                                cancel=flag, trace=False)
+                        correct += is_correct(event.text, problem.value)
+                        done += 1
+                        if flag.is_set():
+                            break
+                    rows.append([label, correct, len(problems), f"{correct / len(problems):.0%}"])
+                except Exception as exc:
+                    rows.append([label, None, len(problems), error_line(exc)])
+                if flag.is_set():
+                    break
+        finally:
+            studio.flags.finish(request, "compare", flag)
+        return rows
+
+    go.click(score, [language, size, limit, count] + column_inputs(columns), table, api_visibility="private",
+             concurrency_id="generate")
+    return {"button": go, "table": table}
