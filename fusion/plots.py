@@ -36,7 +36,7 @@ def display_token(token: str) -> str:
 
 
 def _rows(trace: Trace) -> int:
-    # A cancelled run may record one token fewer than it decoded; show only rows with weights.
+    # Draw only tokens that have weights, should a trace (e.g. one loaded from a file) hold fewer rows.
     return min(len(trace.tokens), int(trace.weights.shape[0]))
 
 

@@ -175,7 +175,7 @@ def test_token_scores_cover_the_reply_within_minus_one_to_one():
     assert [token for token, _ in scores] == ["t4", "t5", "t6"]
     assert all(-1.0 <= score <= 1.0 for _, score in scores) and scores[0][1] == 1.0
     short = make_trace()
-    short.weights = short.weights[:-1]  # a stopped reply may lack its last token's row
+    short.weights = short.weights[:-1]  # fewer weight rows than tokens still draws
     assert len(plots.heatmap(short, plots.VIEW_ALL).data[0].z[0]) == 6
 
 
