@@ -3,9 +3,11 @@ request building and error lines. Nothing here holds a per-user choice."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -288,6 +290,9 @@ class Studio:
     flags: CancelFlags = field(default_factory=CancelFlags)
     pickers: Pickers = field(default_factory=Pickers)
     files: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lora-studio-")))
+
+    def __post_init__(self):
+        atexit.register(shutil.rmtree, self.files, True)  # downloadable trace files live until exit
 
     def write_trace_files(self, trace, stem: str) -> tuple[str, str]:
         json_path, csv_path = self.files / f"{stem}.json", self.files / f"{stem}.csv"
