@@ -161,6 +161,23 @@ def cmd_eval_code(args):
             f.write(json.dumps({"adapter": args.adapter or "base", **res}, ensure_ascii=False) + "\n")
 
 
+def cmd_report(args):
+    """Markdown table of the built adapters (from their studio.json)."""
+    print("| adapter | role | steps | examples | wall s | CPU s | s/step (wall) | loss first→last 10 | size |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in SPECS:
+        d = Path(args.out) / name
+        if not (d / "studio.json").exists():
+            print(f"| {name} | | not built | | | | | | |")
+            continue
+        st = json.loads((d / "studio.json").read_text())
+        t = st["trained"]
+        size = sum(f.stat().st_size for f in d.iterdir()) / 1e6
+        print(f"| {name} | {st['role']} | {t['steps']} | {t['examples']} | {t['seconds']:.0f} | "
+              f"{t.get('cpu_seconds', 0):.0f} | {t['seconds'] / t['steps']:.1f} | "
+              f"{t.get('loss_first10')}→{t.get('loss_last10')} | {size:.1f} MB |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fusion.lab")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -199,6 +216,9 @@ def main(argv=None):
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--save", metavar="JSONL")
     c.set_defaults(func=cmd_eval_code)
+    r = sub.add_parser("report", help="markdown table of the built adapters")
+    r.add_argument("--out", default=str(ADAPTERS))
+    r.set_defaults(func=cmd_report)
     args = p.parse_args(argv)
     args.func(args)
 
