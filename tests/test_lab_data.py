@@ -225,3 +225,14 @@ def test_code_data_disjoint_from_humaneval():
     for f in all_functions():
         assert f["name"] not in names
         assert " ".join(f["body"].split()) not in prompts
+
+
+def test_language_detector():
+    from fusion.lab.evaluate_lang import QUESTIONS, in_language
+
+    for lang, qs in QUESTIONS.items():
+        assert all(in_language(q, lang) for q in qs), lang
+    assert not in_language("You can cook fried rice with the vegetables.", "es")
+    assert in_language("Puedes cocinar arroz frito con las verduras.", "es")
+    assert not in_language("Sure! Here is a short message for your friend.", "ru")
+    assert not in_language("Sure! Here is a short message for your friend.", "zh")

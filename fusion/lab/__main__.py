@@ -161,6 +161,28 @@ def cmd_eval_code(args):
             f.write(json.dumps({"adapter": args.adapter or "base", **res}, ensure_ascii=False) + "\n")
 
 
+def cmd_eval_lang(args):
+    import torch
+
+    from ..model import load_base_model
+    from .evaluate_lang import evaluate_language
+
+    torch.set_num_threads(args.threads)
+    base = load_base_model()
+    model = base.model
+    if args.adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(base.model, args.adapter)
+        model.eval()
+    for lang in args.lang:
+        res = evaluate_language(model, base.tokenizer, lang, max_new_tokens=args.max_new_tokens)
+        print(json.dumps({"adapter": args.adapter or "base", **{k: v for k, v in res.items() if k != "items"}}))
+        if args.save:
+            Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.save, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"adapter": args.adapter or "base", **res}, ensure_ascii=False) + "\n")
+
+
 def cmd_report(args):
     """Markdown table of the built adapters (from their studio.json)."""
     print("| adapter | role | steps | examples | wall s | CPU s | s/step (wall) | loss first→last 10 | size |")
@@ -216,6 +238,13 @@ def main(argv=None):
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--save", metavar="JSONL")
     c.set_defaults(func=cmd_eval_code)
+    g = sub.add_parser("eval-lang", help="share of replies in the question's language")
+    g.add_argument("--adapter")
+    g.add_argument("--lang", nargs="+", default=["es", "ru", "zh"])
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--threads", type=int, default=2)
+    g.add_argument("--save", metavar="JSONL")
+    g.set_defaults(func=cmd_eval_lang)
     r = sub.add_parser("report", help="markdown table of the built adapters")
     r.add_argument("--out", default=str(ADAPTERS))
     r.set_defaults(func=cmd_report)
