@@ -3,7 +3,8 @@
 Twelve everyday questions per language (written for this project; no overlap with the
 software-message training data), greedy replies, and the share of replies written in the
 question's language: by script for Russian (Cyrillic) and Chinese (Han), by function words
-for Spanish (Spanish vs English stop words).
+for Spanish (Spanish vs English stop words). Replies that merely repeat the question are
+counted separately (``echo``).
 """
 
 from __future__ import annotations
@@ -75,6 +76,15 @@ def in_language(text: str, lang: str) -> bool:
 def evaluate_language(model, tokenizer, lang: str, max_new_tokens: int = 48, batch_size: int = 12) -> dict:
     qs = QUESTIONS[lang]
     replies = generate_replies(model, tokenizer, qs, batch_size, max_new_tokens)
-    items = [{"question": q, "reply": r, "in_language": in_language(r, lang)} for q, r in zip(qs, replies)]
+    items = [{"question": q, "reply": r, "in_language": in_language(r, lang), "echo": is_echo(q, r)}
+             for q, r in zip(qs, replies)]
     hits = sum(it["in_language"] for it in items)
-    return {"lang": lang, "n": len(items), "in_language": hits, "items": items}
+    answered = sum(it["in_language"] and not it["echo"] for it in items)
+    return {"lang": lang, "n": len(items), "in_language": hits, "in_language_not_echo": answered,
+            "items": items}
+
+
+def is_echo(question: str, reply: str) -> bool:
+    """The reply merely starts by repeating the question (a common failure of the base model)."""
+    q = re.sub(r"\W", "", question)[:12]
+    return bool(q) and re.sub(r"\W", "", reply).startswith(q)
