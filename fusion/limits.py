@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass
 
 
-def _int_env(name: str, default: int) -> int:
+def int_env(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))
     except ValueError:
@@ -13,11 +13,11 @@ def _int_env(name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class Limits:
-    max_prompt_chars: int = _int_env("LORA_STUDIO_MAX_PROMPT_CHARS", 16_000)
-    max_prompt_tokens: int = _int_env("LORA_STUDIO_MAX_PROMPT_TOKENS", 4_096)
-    max_new_tokens: int = _int_env("LORA_STUDIO_MAX_NEW_TOKENS", 1_024)
-    max_adapters: int = _int_env("LORA_STUDIO_MAX_ADAPTERS", 8)
-    max_fit_examples: int = _int_env("LORA_STUDIO_MAX_FIT_EXAMPLES", 20_000)
+    max_prompt_chars: int = int_env("LORA_STUDIO_MAX_PROMPT_CHARS", 16_000)
+    max_prompt_tokens: int = int_env("LORA_STUDIO_MAX_PROMPT_TOKENS", 4_096)
+    max_new_tokens: int = int_env("LORA_STUDIO_MAX_NEW_TOKENS", 1_024)
+    max_adapters: int = int_env("LORA_STUDIO_MAX_ADAPTERS", 8)
+    max_fit_examples: int = int_env("LORA_STUDIO_MAX_FIT_EXAMPLES", 20_000)
     max_compare: int = 4
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import FusionError
+from .safe_io import atomic_folder
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -80,19 +79,11 @@ def dense_default_copy(progress=print) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write into a sibling temporary folder and rename it into place, so a crash midway
-    # never leaves a half-written copy that a later start would trust.
-    tmp = Path(tempfile.mkdtemp(prefix=".dense-", dir=target.parent))
-    try:
+    # Written into a temporary sibling folder and renamed into place, so a crash midway never
+    # leaves a half-written copy that a later start would trust.
+    with atomic_folder(target, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -82,6 +82,7 @@ def atomic_folder(target: str | Path, overwrite: bool = False):
         raise FusionError(f"{target} already exists; choose another name or allow overwriting")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
         if target.exists():

@@ -4,31 +4,23 @@ Input limits the engine enforces itself (prompt length, new tokens, adapters per
 in `fusion.limits`; this module holds what only the web app decides.
 """
 
-import os
 from dataclasses import dataclass
 
-from fusion.limits import LIMITS
-
-
-def _int_env(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
+from fusion.limits import LIMITS, int_env
 
 
 @dataclass(frozen=True)
 class AppLimits:
-    concurrency: int = _int_env("LORA_STUDIO_CONCURRENCY", 2)  # events running at once
-    queue_size: int = _int_env("LORA_STUDIO_QUEUE_SIZE", 32)  # events waiting at most
-    default_new_tokens: int = _int_env("LORA_STUDIO_DEFAULT_NEW_TOKENS", 128)
+    concurrency: int = int_env("LORA_STUDIO_CONCURRENCY", 2)  # events running at once
+    queue_size: int = int_env("LORA_STUDIO_QUEUE_SIZE", 32)  # events waiting at most
+    default_new_tokens: int = int_env("LORA_STUDIO_DEFAULT_NEW_TOKENS", 128)
     max_new_tokens: int = LIMITS.max_new_tokens
     max_prompt_chars: int = LIMITS.max_prompt_chars
     max_compare: int = LIMITS.max_compare  # side-by-side columns
     min_param_controls: int = 3  # generic parameter controls per method panel (grows with the registry)
-    prompt_tail: int = _int_env("LORA_STUDIO_PROMPT_TAIL", 12)  # prompt tokens shown before the reply
-    max_score_problems: int = _int_env("LORA_STUDIO_MAX_SCORE_PROBLEMS", 48)
-    max_fit_chars: int = _int_env("LORA_STUDIO_MAX_FIT_CHARS", 4_000_000)  # pasted or uploaded JSONL
+    prompt_tail: int = int_env("LORA_STUDIO_PROMPT_TAIL", 12)  # prompt tokens shown before the reply
+    max_score_problems: int = int_env("LORA_STUDIO_MAX_SCORE_PROBLEMS", 48)
+    max_fit_chars: int = int_env("LORA_STUDIO_MAX_FIT_CHARS", 4_000_000)  # pasted or uploaded JSONL
 
 
 APP = AppLimits()
