@@ -1,4 +1,4 @@
-"""Command line: `python -m fusion {methods,adapters,generate,fit,bench} ...`."""
+"""Command line: `python -m fusion {methods,adapters,generate,fit,export,bench,eval} ...`."""
 
 from __future__ import annotations
 
@@ -253,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", default="all", help="'all', 'none' or a subset of peft,xlora,mixlora")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="the results table: every method on the math suite (and HumanEval)")
+    from .lab.suite import add_eval_arguments
+    add_eval_arguments(p)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""CLI: ``python -m fusion.lab {build,data,eval-math}``."""
+"""CLI: ``python -m fusion.lab {build,data,eval,eval-math,eval-code,eval-lang,report}``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from .train_lora import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 ADAPTERS = REPO / "assets" / "adapters"
+FUSIONS = REPO / "assets" / "fusions"
 
 
 def _math_examples(seed):
@@ -58,10 +59,16 @@ for _lang, _word in (("es", "Spanish"), ("ru", "Russian"), ("zh", "Chinese")):
 def cmd_build(args):
     from ..model import load_base_model
 
-    names = args.only or list(SPECS)
-    unknown = [n for n in names if n not in SPECS]
+    from .fusions import fusion_steps
+
+    step_names = [s.name for s in fusion_steps()]
+    names = [n for n in args.only if n in SPECS] if args.only else list(SPECS)
+    fusion_names = [n for n in args.only if n in step_names] if args.only else step_names
+    unknown = [n for n in (args.only or []) if n not in SPECS and n not in step_names]
     if unknown:
-        sys.exit(f"unknown adapter(s) {unknown}; choose from {list(SPECS)}")
+        sys.exit(f"unknown step(s) {unknown}; choose from {list(SPECS) + step_names}")
+    if args.skip_fusions:
+        fusion_names = []
     from .train_lora import train_lora
 
     base = load_base_model()
@@ -83,8 +90,19 @@ def cmd_build(args):
         examples = builder(cfg.seed)
         print(f"[{name}] data: {len(examples)} examples in {time.process_time() - t0:.1f} s CPU")
         summary[name] = train_lora(cfg, examples, out, run_dir=args.runs, base=base)
+    if fusion_names:
+        import torch
+
+        from ..engine import Engine
+        from .fusions import build_fusions
+
+        torch.set_num_threads(args.threads)
+        engine = Engine(base=base, adapters_dir=args.out, fusions_dir=args.fusions_out)
+        summary.update(build_fusions(engine, seed=args.seed, epochs=args.fusion_epochs,
+                                     max_steps=args.fusion_max_steps, examples=args.fit_examples,
+                                     force=args.force, only=fusion_names))
     print(json.dumps({k: {"steps": v["steps"], "seconds": v["seconds"], "cpu_seconds": v.get("cpu_seconds")}
-                      for k, v in summary.items()}, indent=2))
+                      if isinstance(v, dict) else v for k, v in summary.items()}, indent=2))
 
 
 def cmd_data(args):
@@ -204,7 +222,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fusion.lab")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="train the adapters of the embedded library (resumable)")
-    b.add_argument("--only", nargs="+", metavar="NAME", help=f"some of {list(SPECS)}")
+    b.add_argument("--only", nargs="+", metavar="NAME",
+                   help=f"some of {list(SPECS)} or of the fusion steps (es-math-flow, ..., mixlora-multi)")
     b.add_argument("--steps", type=int, help="override the number of steps")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", default=str(ADAPTERS))
@@ -212,7 +231,18 @@ def main(argv=None):
     b.add_argument("--force", action="store_true", help="retrain even if the adapter exists")
     b.add_argument("--threads", type=int, default=2,
                    help="torch threads (1 is faster when other processes share the cores)")
+    b.add_argument("--fusions-out", default=str(FUSIONS), help="where fitted fusions go")
+    b.add_argument("--skip-fusions", action="store_true", help="train the LoRAs only")
+    b.add_argument("--fusion-epochs", type=int, default=None,
+                   help="override the epochs of the gradient fits (LoRA-Flow and CAT: 5, MixLoRA: 1)")
+    b.add_argument("--fusion-max-steps", type=int, default=None,
+                   help="cap every fusion fit at this many steps (LoraHub: its budget); for smoke runs")
+    b.add_argument("--fit-examples", type=int, default=200,
+                   help="target-language examples per fusion fit (LoRA-Flow's paper: 200)")
     b.set_defaults(func=cmd_build)
+    v = sub.add_parser("eval", help="the results table: every method on the math suite (and code)")
+    from .suite import add_eval_arguments
+    add_eval_arguments(v)
     d = sub.add_parser("data", help="print (or --write) samples of every data set")
     d.add_argument("-n", type=int, default=3)
     d.add_argument("--seed", type=int, default=0)

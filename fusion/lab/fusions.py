@@ -1,0 +1,239 @@
+"""The fusion steps of ``python -m fusion.lab build``: fitted fusions over the trained LoRAs.
+
+After the LoRAs, for each target language l in {es, ru, zh} with the math task:
+
+* ``{l}-math-flow``    LoRA-Flow gates over [lang-l, task-math] (paper defaults: 5 epochs,
+                       AdamW lr 1e-3, batch 4, wd 0.1, betas 0.9/0.95, warmup 0.2, cosine);
+* ``{l}-math-cat``     CAT logits over the same pair, same data and schedule (lr 1e-3, 5 epochs:
+                       with 200 examples the reference's lr 1e-4 for one epoch would barely
+                       move the logits from the uniform start, i.e. plain averaging);
+* ``{l}-math-lorahub`` LoraHub weights (nevergrad NGOpt, budget 40, seeded) on the same data;
+
+all fitted on 200 target-language math problems (``math_fit_data``: training templates,
+train-split numbers), and one multi-task MixLoRA adapter ``mixlora-multi`` (8 experts, top-2,
+r 8) trained from scratch on English math, target-language math and the language data mixed.
+
+Every step is seeded, shows a progress bar, is skipped when its artifact already exists with the
+same settings (``--force`` refits), and writes its wall and CPU seconds into the artifact's
+metadata. A step is atomic: an interrupted step leaves nothing behind and is redone from its
+start on the next run (a gate fit is a few hundred small steps).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FIT_LANGS = ("es", "ru", "zh")
+MIXLORA_NAME = "mixlora-multi"
+FIT_EXAMPLES = 200
+
+# Settings per kind; "train" goes to Engine.fit(train=...), "options" to its **options.
+SETTINGS = {
+    "lora_flow": {"train": {"epochs": 5, "lr": 1e-3, "batch_size": 4, "weight_decay": 0.1,
+                            "warmup_ratio": 0.2}, "options": {}},
+    "cat": {"train": {"epochs": 5, "lr": 1e-3, "batch_size": 4, "weight_decay": 0.0,
+                      "warmup_ratio": 0.0}, "options": {}},
+    "lorahub": {"train": {}, "options": {"budget": 40}},
+    "mixlora": {"train": {"epochs": 1, "lr": 3e-4, "batch_size": 4},
+                "params": {"num_experts": 8, "top_k": 2, "r": 8, "lora_alpha": 16},
+                "mix": {"math_en": 150, "math_per_lang": 50, "lang_per_lang": 50}},
+}
+SUFFIX = {"lora_flow": "flow", "cat": "cat", "lorahub": "lorahub"}
+
+
+@dataclass
+class Step:
+    name: str
+    method: str
+    lang: str | None = None
+    adapters: list = field(default_factory=list)
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.method == "mixlora"
+
+
+def fusion_steps(langs=FIT_LANGS, methods=("lora_flow", "cat", "lorahub"), mixlora: bool = True) -> list[Step]:
+    steps = []
+    for lang in langs:
+        for method in methods:
+            steps.append(Step(f"{lang}-math-{SUFFIX[method]}", method, lang, [f"lang-{lang}", "task-math"]))
+    if mixlora:
+        steps.append(Step(MIXLORA_NAME, "mixlora"))
+    return steps
+
+
+def step_settings(step: Step, seed: int, epochs: int | None = None, max_steps: int | None = None,
+                  examples: int = FIT_EXAMPLES) -> dict:
+    s = json.loads(json.dumps(SETTINGS[step.method]))
+    if step.method != "lorahub":
+        s["train"]["seed"] = seed
+        if epochs is not None:
+            s["train"]["epochs"] = epochs
+        if max_steps:
+            s["train"]["max_steps"] = max_steps
+    else:
+        s["options"]["seed"] = seed
+        if max_steps:
+            s["options"]["budget"] = max_steps
+    if step.method == "mixlora":
+        s["params"]["seed"] = seed
+    else:
+        s["examples"] = examples
+    s["seed"] = seed
+    return s
+
+
+def step_records(step: Step, settings: dict) -> tuple[list[dict], str]:
+    """The step's training records and a one-line description of them."""
+    from .math_fit_data import fit_records
+
+    seed = settings["seed"]
+    if step.method != "mixlora":
+        n = settings["examples"]
+        return (fit_records(step.lang, n, seed),
+                f"fusion.lab.math_fit_data: {n} {step.lang} math problems (training templates, "
+                f"train-split numbers), seed {seed}")
+    from .lang_data import train_examples as lang_examples
+    from .math_data import train_examples as math_examples
+
+    mix = settings["mix"]
+    records = [{"messages": e.messages()} for e in math_examples(mix["math_en"], seed=seed)]
+    for lang in FIT_LANGS:
+        records += fit_records(lang, mix["math_per_lang"], seed)
+        records += [{"messages": m} for m in lang_examples(lang, seed=seed)[: mix["lang_per_lang"]]]
+    random.Random(f"mixlora:{seed}").shuffle(records)
+    return records, (f"mixed, {len(records)} examples: {mix['math_en']} English math (math_data train), "
+                     f"{mix['math_per_lang']} math + {mix['lang_per_lang']} language pairs for each of "
+                     f"{', '.join(FIT_LANGS)} (math_fit_data, lang_data), shuffled, seed {seed}")
+
+
+def artifact_record(engine, step: Step) -> dict | None:
+    """The build record of an existing artifact (None when absent or incomplete)."""
+    lib = engine.library
+    if step.is_adapter:
+        path = Path(lib.adapters_dir) / step.name / "studio.json"
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8")).get("trained")
+        return None
+    path = Path(lib.fusions_dir) / step.name / "fusion.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8")).get("meta", {}).get("build")
+    return None
+
+
+def _progress_bar(name: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    state = {"bar": None}
+
+    def on_progress(p):
+        if state["bar"] is None:
+            state["bar"] = tqdm(total=p.total_steps, desc=name, disable=not enabled, mininterval=5)
+        bar = state["bar"]
+        bar.update(p.step - bar.n)
+        bar.set_postfix(loss=f"{p.loss:.3f}")
+
+    def close():
+        if state["bar"] is not None:
+            state["bar"].close()
+
+    return on_progress, close
+
+
+def run_step(engine, step: Step, settings: dict, progress_bar: bool = True, log=print) -> dict:
+    """Fit one step and save its artifact; returns its build record."""
+    import torch
+
+    records, data = step_records(step, settings)
+    on_progress, close = _progress_bar(step.name, progress_bar)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    try:
+        if step.is_adapter:
+            with tempfile.TemporaryDirectory(prefix="mixlora-fit-") as tmp:
+                out = Path(tmp) / "fit"
+                artifact = engine.fit("mixlora", [], records, params=settings["params"], train=settings["train"],
+                                      out=str(out), on_progress=on_progress)
+                wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+                record = _record(settings, data, artifact.meta, wall, cpu, torch.get_num_threads())
+                _publish_mixlora(engine, out, step.name, record)
+        else:
+            artifact = engine.fit(step.method, step.adapters, records, params={}, train=settings["train"],
+                                  on_progress=on_progress, **settings["options"])
+            wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+            record = _record(settings, data, artifact.meta, wall, cpu, torch.get_num_threads())
+            artifact.name = step.name
+            artifact.meta["build"] = record
+            artifact.meta["description"] = (f"{step.method} over {' + '.join(step.adapters)}, fitted on "
+                                            f"{len(records)} {step.lang} math problems")
+            engine.library.save_fusion(artifact, overwrite=True)
+    finally:
+        close()
+    log(f"[{step.name}] done: {record['steps']} steps, {record['seconds']:.0f} s wall, "
+        f"{record['cpu_seconds']:.0f} s CPU, loss {record['loss_first']} -> {record['loss_last']}")
+    return record
+
+
+def _record(settings, data, meta, wall, cpu, threads) -> dict:
+    losses = meta.get("losses") or []
+    head, tail = losses[:10], losses[-10:]
+    return {"settings": settings, "data": data, "examples": meta.get("examples"), "steps": len(losses),
+            "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), "threads": threads,
+            "seed": settings["seed"],
+            "loss_first": round(sum(head) / len(head), 4) if head else None,
+            "loss_last": round(sum(tail) / len(tail), 4) if tail else None}
+
+
+def _publish_mixlora(engine, fitted: Path, name: str, record: dict) -> None:
+    """Ship the trained MixLoRA folder as float16 safetensors (half the size of the fp32 pickle
+    the reference package writes; our loader reads both) plus studio.json, atomically."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ..safe_io import atomic_folder
+
+    state = torch.load(fitted / "adapter_model.bin", weights_only=True)
+    with atomic_folder(Path(engine.library.adapters_dir) / name, overwrite=True) as tmp:
+        shutil.copy2(fitted / "adapter_config.json", tmp / "adapter_config.json")
+        save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()},
+                  str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        studio = {"role": "other", "skill": "math+languages",
+                  "description": "MixLoRA (8 experts, top-2, r 8) trained multi-task: English math, "
+                                 "es/ru/zh math and es/ru/zh language pairs mixed.",
+                  "base_model": engine.base.name, "trained": record}
+        (tmp / "studio.json").write_text(json.dumps(studio, indent=2, ensure_ascii=False) + "\n",
+                                         encoding="utf-8")
+    engine.library.rescan()
+
+
+def build_fusions(engine, langs=FIT_LANGS, methods=("lora_flow", "cat", "lorahub"), mixlora: bool = True,
+                  seed: int = 0, epochs: int | None = None, max_steps: int | None = None,
+                  examples: int = FIT_EXAMPLES, force: bool = False, only: list | None = None,
+                  progress_bar: bool = True, log=print) -> dict:
+    """Run every fusion step that is not done yet; returns {name: record or reason skipped}."""
+    summary = {}
+    available = {a["name"] for a in engine.adapters()}
+    for step in fusion_steps(langs, methods, mixlora):
+        if only and step.name not in only:
+            continue
+        settings = step_settings(step, seed, epochs, max_steps, examples)
+        existing = artifact_record(engine, step)
+        if existing is not None and not force:
+            if existing.get("settings") == settings:
+                log(f"[{step.name}] already built; --force to refit")
+                summary[step.name] = existing
+                continue
+            log(f"[{step.name}] exists with other settings; refitting")
+        missing = [a for a in step.adapters if a not in available]
+        if missing:
+            log(f"[{step.name}] skipped: adapter(s) {', '.join(missing)} not built yet")
+            summary[step.name] = f"skipped: {', '.join(missing)} missing"
+            continue
+        summary[step.name] = run_step(engine, step, settings, progress_bar, log)
+    return summary

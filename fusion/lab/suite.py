@@ -1,0 +1,422 @@
+"""The results table: ``python -m fusion eval --suite math`` (also ``python -m fusion.lab eval``).
+
+Rows: Base, the column's language LoRA alone, the task LoRA alone, linear average
+(0.5/0.5) of language + task LoRA, TIES (peft defaults: density 0.5, weights 1/k), LoraHub,
+CAT and LoRA-Flow with their fitted artifacts (``{lang}-math-lorahub`` / ``-cat`` / ``-flow``),
+and the multi-task MixLoRA adapter. Columns: greedy exact-match accuracy on the final number
+of the math evaluation problems in en, es, ru and zh, their mean over the target languages
+es/ru/zh, and HumanEval pass@1 for the rows that apply to code.
+
+* English has no language LoRA: the rows that need one show "—" in the en column, which is
+  reported as the reference language; the mean is over es, ru and zh.
+* Code (HumanEval's English prompts): Base and the task row with ``task-code``; the language
+  fusions are not fitted for code (no target-language code data), so their cells show "—".
+* Generation goes through the engine's fusion plans (the same plans the app streams with) in
+  left-padded greedy batches; a test checks that it gives the same replies as
+  ``Engine.generate``.
+* Every finished batch is cached in ``runs/eval-cache.json`` under a fingerprint of the
+  adapter/fusion files, so an interrupted evaluation continues where it stopped and a larger
+  ``-n`` only evaluates the new problems (the problem list for a seed is a prefix-stable list).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+LANGS = ("en", "es", "ru", "zh")
+TARGET_LANGS = ("es", "ru", "zh")
+ROWS = {  # key -> label
+    "base": "Base",
+    "lang": "Language LoRA alone (lang-xx)",
+    "task": "Task LoRA alone (task-math / task-code)",
+    "linear": "Linear average (0.5 · lang + 0.5 · task)",
+    "ties": "TIES (density 0.5)",
+    "lorahub": "LoraHub (fitted)",
+    "cat": "CAT (fitted)",
+    "lora_flow": "LoRA-Flow (fitted gates)",
+    "mixlora": "MixLoRA (multi-task, 8 experts top-2)",
+}
+CODE_ROWS = ("base", "task")
+FITTED = {"lorahub": "lorahub", "cat": "cat", "lora_flow": "flow"}
+SUITES = ("math",)
+
+
+# ---------------------------------------------------------------------------- statistics
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval of a binomial proportion k/n."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def cell_text(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{k}/{n} = {100 * k / n:.0f}% [{100 * lo:.0f}–{100 * hi:.0f}]"
+
+
+# ---------------------------------------------------------------------------- requests
+def request_for(engine, row: str, lang: str | None, task: str = "math"):
+    """(FusionRequest, None) or (None, reason the cell is empty)."""
+    from ..engine import FusionRequest
+
+    adapters = {a["name"] for a in engine.adapters()}
+    fusions = {f["name"] for f in engine.fusions()}
+    task_lora = f"task-{task}"
+    if row == "base":
+        return FusionRequest(method="base"), None
+    if row == "mixlora":
+        if task != "math":
+            return None, "not trained for code"
+        from .fusions import MIXLORA_NAME
+        if MIXLORA_NAME not in adapters:
+            return None, "not trained"
+        return FusionRequest([MIXLORA_NAME], "mixlora"), None
+    if row == "task":
+        return (FusionRequest([task_lora], "single"), None) if task_lora in adapters else (None, "not trained")
+    if lang in (None, "en") or task != "math":
+        return None, "no language LoRA"
+    lang_lora = f"lang-{lang}"
+    if lang_lora not in adapters:
+        return None, f"{lang_lora} not trained"
+    if row == "lang":
+        return FusionRequest([lang_lora], "single"), None
+    if task_lora not in adapters:
+        return None, "not trained"
+    if row in ("linear", "ties"):
+        return FusionRequest([lang_lora, task_lora], row), None
+    name = f"{lang}-{task}-{FITTED[row]}"
+    if name not in fusions:
+        return None, "not fitted"
+    return FusionRequest(fusion=name), None
+
+
+def _files_digest(paths) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            h.update(f.name.encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(engine, request) -> str:
+    """Changes when the request or any file it reads changes (a refit invalidates the cache)."""
+    lib = engine.library
+    paths = []
+    if request.fusion:
+        artifact = lib.get_fusion(request.fusion)
+        paths.append(artifact.path)
+        names = artifact.adapters
+    else:
+        names = request.adapters
+    paths += [Path(lib.adapters_dir) / n for n in names]
+    return hashlib.sha256((request.key() + engine.base.name + _files_digest(paths)).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- generation
+@contextmanager
+def _plan_in_use(engine, plan):
+    """As Engine.stream_ids: a static plan is merged into the weights while the model is idle
+    (exact restore afterwards), anything else runs per request as low-rank factors."""
+    from .. import runtime
+
+    lock = engine._model_lock
+    if plan.is_static and plan.deltas and engine.merge_static == "auto" and lock.try_exclusive():
+        try:
+            with runtime.merged_into(engine.model, plan) as merged:
+                yield merged
+        finally:
+            lock.release_exclusive()
+    else:
+        with lock.shared():
+            yield plan
+
+
+@torch.inference_mode()
+def greedy_replies(engine, request, questions: list[str], max_new_tokens: int = 64,
+                   batch_size: int = 8) -> list[str]:
+    """Greedy replies to single-turn questions under a request's fusion, in left-padded batches."""
+    from transformers import DynamicCache
+
+    from ..generate import stop_token_ids
+    from ..runtime import Run, activate
+
+    model, tok = engine.model, engine.tokenizer
+    eos = stop_token_ids(tok, model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
+    device = next(model.parameters()).device
+    prompts = [engine.encode_messages(q) for q in questions]
+    replies = []
+    with _plan_in_use(engine, engine.plan(request)) as plan:
+        run = Run(plan)
+        for first in range(0, len(prompts), batch_size):
+            chunk = prompts[first:first + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, p in enumerate(chunk):
+                ids[row, width - len(p):] = torch.tensor(p)
+                mask[row, width - len(p):] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = DynamicCache(config=model.config)
+            with activate(run):
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               past_key_values=cache, use_cache=True).logits[:, -1]
+            generated = [[] for _ in chunk]
+            done = [False] * len(chunk)
+            for _ in range(max_new_tokens):
+                nxt = logits.argmax(-1)
+                for row, token in enumerate(nxt.tolist()):
+                    if done[row]:
+                        continue
+                    if token in eos:
+                        done[row] = True
+                    else:
+                        generated[row].append(token)
+                        done[row] = len(generated[row]) >= max_new_tokens
+                if all(done):
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                positions = positions[:, -1:] + 1
+                with activate(run):
+                    logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
+                                   past_key_values=cache, use_cache=True).logits[:, -1]
+            replies += [tok.decode(g, skip_special_tokens=True) for g in generated]
+    return replies
+
+
+# ---------------------------------------------------------------------------- cache
+class Cache:
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self.data = {}
+        if self.path and self.path.is_file():
+            try:
+                self.data = json.loads(self.path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                self.data = {}
+
+    def items(self, key: str, fp: str) -> list:
+        entry = self.data.get(key)
+        return list(entry["items"]) if entry and entry.get("fingerprint") == fp else []
+
+    def put(self, key: str, fp: str, items: list) -> None:
+        self.data[key] = {"fingerprint": fp, "items": items}
+        if not self.path:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".eval-cache-", dir=self.path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self.data, f, ensure_ascii=False)
+        os.replace(tmp, self.path)
+
+
+# ---------------------------------------------------------------------------- the suite
+def _evaluate_cell(engine, cache, key, fp, request, problems, score, question, max_new_tokens, batch_size,
+                   log):
+    items = cache.items(key, fp)[: len(problems)]
+    if len(items) < len(problems):
+        log(f"  {key}: {len(items)}/{len(problems)} cached, generating the rest")
+    for first in range(len(items), len(problems), batch_size):
+        batch = problems[first:first + batch_size]
+        replies = greedy_replies(engine, request, [question(p) for p in batch], max_new_tokens, batch_size)
+        items = items + [score(p, r) for p, r in zip(batch, replies)]
+        cache.put(key, fp, items)
+    return items
+
+
+def run_suite(engine, n: int = 24, langs=LANGS, rows=tuple(ROWS), seed: int = 0, max_new_tokens: int = 64,
+              batch_size: int = 8, code_n: int = 20, code_max_new_tokens: int = 256,
+              cache_path: str | Path | None = REPO / "runs" / "eval-cache.json", progress_bar: bool = True,
+              log=print) -> dict:
+    """Evaluate every (row, column) cell; returns {"math": {row: {lang: {k, n}|reason}}, "code": ...}."""
+    from tqdm.auto import tqdm
+
+    from .evaluate_math import final_number, is_correct
+    from .math_data import eval_examples
+
+    cache = Cache(cache_path)
+    results = {"math": {}, "code": {}, "seconds": {}}
+    cells = [(row, lang) for row in rows for lang in langs]
+    bar = tqdm(cells, desc="eval", disable=not progress_bar)
+    for row, lang in bar:
+        bar.set_postfix(cell=f"{row}/{lang}")
+        request, reason = request_for(engine, row, lang)
+        if request is None:
+            results["math"].setdefault(row, {})[lang] = reason
+            continue
+        problems = eval_examples(lang, n, seed=seed)
+        key = f"math|{row}|{lang}|seed={seed}|tokens={max_new_tokens}"
+        fp = fingerprint(engine, request)
+        t0 = time.process_time()
+
+        def score(p, r):
+            return {"template": p.template, "expected": p.value, "reply": r, "got": final_number(r),
+                    "correct": is_correct(r, p.value)}
+
+        items = _evaluate_cell(engine, cache, key, fp, request, problems, score, lambda p: p.question,
+                               max_new_tokens, batch_size, log)
+        results["math"].setdefault(row, {})[lang] = {"k": sum(i["correct"] for i in items), "n": len(items)}
+        results["seconds"][f"{row}|{lang}"] = round(time.process_time() - t0, 1)
+    bar.close()
+    if code_n:
+        from .evaluate_code import problems as code_problems
+        from .evaluate_code import program, question, run_program
+
+        probs = code_problems(code_n)
+        for row in rows:
+            if row not in CODE_ROWS:
+                results["code"][row] = "—"
+                continue
+            request, reason = request_for(engine, row, None, task="code")
+            if request is None:
+                results["code"][row] = reason
+                continue
+            key = f"code|{row}|tokens={code_max_new_tokens}"
+            fp = fingerprint(engine, request)
+
+            def score(p, r):
+                return {"task_id": p["task_id"], "reply": r, "passed": run_program(program(p, r))}
+
+            items = _evaluate_cell(engine, cache, key, fp, request, probs, score, question,
+                                   code_max_new_tokens, batch_size, log)
+            results["code"][row] = {"k": sum(i["passed"] for i in items), "n": len(items)}
+    return results
+
+
+# ---------------------------------------------------------------------------- the table
+def _fmt(cell) -> str:
+    if isinstance(cell, dict):
+        return cell_text(cell["k"], cell["n"])
+    return "—" if cell in (None, "no language LoRA", "—") else f"— ({cell})"
+
+
+def table(results: dict, langs=LANGS, rows=None) -> str:
+    rows = rows or list(results["math"])
+    targets = [l for l in langs if l in TARGET_LANGS]
+    code = any(isinstance(v, dict) for v in results.get("code", {}).values())
+    head = ["method"] + list(langs) + ([f"mean ({', '.join(targets)})"] if targets else []) + \
+        (["code pass@1 (HumanEval)"] if code else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = results["math"].get(row, {})
+        out = [ROWS.get(row, row)] + [_fmt(cells.get(l)) for l in langs]
+        if targets:
+            got = [cells.get(l) for l in targets]
+            if all(isinstance(c, dict) for c in got):
+                out.append(cell_text(sum(c["k"] for c in got), sum(c["n"] for c in got)))
+            else:
+                out.append("—")
+        if code:
+            out.append(_fmt(results["code"].get(row)))
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
+
+
+def results_block(results: dict, command: str, n: int, seed: int, langs, code_n: int, max_new_tokens: int,
+                  engine_name: str) -> str:
+    sizes = f"n = {n} problems per language cell"
+    if any(l in TARGET_LANGS for l in langs):
+        sizes += f" (mean column: {n * len([l for l in langs if l in TARGET_LANGS])} problems pooled)"
+    if code_n:
+        sizes += f"; code: the first {code_n} HumanEval problems"
+    return "\n".join([
+        BEGIN,
+        "",
+        f"Produced by `{command}` (base model: {engine_name}).",
+        "",
+        table(results, langs),
+        "",
+        f"Each cell: correct/total = accuracy [95 % Wilson interval]. {sizes}. Greedy decoding, "
+        f"{max_new_tokens} new tokens for math, exact match of the final number.",
+        "",
+        f"Split: the math evaluation set of `fusion/lab/math_data.py`: the 8 evaluation templates "
+        f"(authored separately in en/es/ru/zh, never used for training or fitting) with operand "
+        f"tuples from the evaluation side of the hash split, seed {seed}, the first n problems "
+        f"(the same problems and numbers in every language). Fusions were fitted on "
+        f"`fusion/lab/math_fit_data.py` (training templates, training numbers) only.",
+        "",
+        END,
+    ])
+
+
+def write_results(path: str | Path, block: str) -> None:
+    path = Path(path)
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        if BEGIN in text and END in text:
+            before, rest = text.split(BEGIN, 1)
+            after = rest.split(END, 1)[1]
+            path.write_text(before + block + after, encoding="utf-8")
+            return
+        path.write_text(text.rstrip() + "\n\n" + block + "\n", encoding="utf-8")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# Results\n\n" + block + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------- command line
+def add_eval_arguments(p) -> None:
+    p.add_argument("--suite", default="math", choices=SUITES,
+                   help="math: the templated one/two-step word problems in en/es/ru/zh (docs/data.md "
+                        "explains why not GSM-level problems)")
+    p.add_argument("-n", type=int, default=24, help="math problems per language")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--langs", nargs="+", default=list(LANGS), choices=list(LANGS))
+    p.add_argument("--code-n", type=int, default=20, help="HumanEval problems (0: no code column)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--cache", default=str(REPO / "runs" / "eval-cache.json"),
+                   help="per-cell results, so an interrupted run continues ('' disables)")
+    p.add_argument("--out", default=None, help="markdown file to write the table into (e.g. docs/results.md)")
+    p.add_argument("--json", default=None, help="also write the raw results here")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", default="default")
+    p.add_argument("--adapters-dir", default=str(REPO / "assets" / "adapters"))
+    p.add_argument("--fusions-dir", default=str(REPO / "assets" / "fusions"))
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args, engine=None, argv=None) -> int:
+    torch.set_num_threads(args.threads)
+    if engine is None:
+        from ..engine import Engine
+
+        engine = Engine(model=args.model, adapters_dir=args.adapters_dir, fusions_dir=args.fusions_dir,
+                        progress=lambda *a, **k: print(*a, file=sys.stderr))
+    results = run_suite(engine, n=args.n, langs=args.langs, rows=args.rows, seed=args.seed,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, code_n=args.code_n,
+                        cache_path=args.cache or None)
+    print(table(results, args.langs, args.rows))
+    argv = sys.argv[1:] if argv is None else argv
+    command = "python -m fusion " + " ".join(shlex.quote(a) for a in argv)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
+    if args.out:
+        write_results(args.out, results_block(results, command, args.n, args.seed, args.langs, args.code_n,
+                                              args.max_new_tokens, engine.base.name))
+        print(f"wrote {args.out}")
+    return 0
