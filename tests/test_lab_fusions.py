@@ -206,3 +206,15 @@ def test_eval_command_writes_table_and_resumes(tiny_engine, tmp_path, monkeypatc
     monkeypatch.setattr(suite, "fingerprint", lambda engine, request: "changed")
     suite.cmd_eval(_args(tmp_path, "--rows", "base", "task"), engine=tiny_engine, argv=["eval"])
     assert len(calls) == 4  # base en/es, task en/es: one batch of two problems each
+
+
+def test_app_default_uses_fitted_gates(tiny_engine):
+    from fusion.lab.fusions import build_fusions
+    from ui.common import default_selection
+
+    before = default_selection(tiny_engine)
+    assert (before["language"], before["task"], before["method"]) == ("lang-es", "task-math", "lora_flow")
+    assert before["fusion"] == "(none)"
+    build_fusions(tiny_engine, langs=("es",), methods=("lora_flow",), mixlora=False, max_steps=1, examples=4,
+                  progress_bar=False, log=lambda *a: None)
+    assert default_selection(tiny_engine)["fusion"] == "es-math-flow"

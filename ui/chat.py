@@ -74,7 +74,7 @@ def build_chat_tab(studio: Studio) -> dict:
                                      elem_id="method-dd")
                 with gr.Accordion("Method parameters", open=True):
                     panel = ParamPanel(engine, "chat").build(chosen["method"])
-                fusion = gr.Dropdown(fusion_choices(engine), value=NONE, label="…or a saved fitted fusion",
+                fusion = gr.Dropdown(fusion_choices(engine), value=chosen["fusion"], label="…or a saved fitted fusion",
                                      info="Made in the Fit tab; brings its own method and adapters",
                                      elem_id="fusion-dd")
                 fusion_note = gr.Markdown(elem_classes=["param-note"])

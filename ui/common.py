@@ -64,14 +64,17 @@ def preferred(choices: list, wanted: str | None, fallback_index: int | None = 0)
 
 
 def default_selection(engine: Engine) -> dict:
-    """Sensible first choices: lang-es + task-math + LoRA-Flow when the library has them."""
+    """Sensible first choices: lang-es + task-math + LoRA-Flow when the library has them, with the
+    fitted es-math-flow gates when shipped."""
     lang = preferred(adapter_choices(engine, "language", True), PREFERRED["language"])
     task = preferred(adapter_choices(engine, "task", True), PREFERRED["task"])
     chosen = [a for a in (lang, task) if a not in (None, NONE)]
     methods = {m["name"] for m in engine.methods()}
     method = (PREFERRED["method"] if len(chosen) == 2 and PREFERRED["method"] in methods else
               "single" if len(chosen) == 1 and "single" in methods else "base")
-    return {"language": lang or NONE, "task": task or NONE, "adapters": chosen, "method": method}
+    fitted = f"{(lang or '').removeprefix('lang-')}-math-flow"  # the shipped gates for this pair, if fitted
+    fusion = fitted if method == "lora_flow" and task == "task-math" and fitted in {f["name"] for f in engine.fusions()} else NONE
+    return {"language": lang or NONE, "task": task or NONE, "adapters": chosen, "method": method, "fusion": fusion}
 
 
 def parse_adapters(value) -> list[str]:
