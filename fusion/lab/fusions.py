@@ -7,9 +7,10 @@ After the LoRAs, for each target language l in {es, ru, zh} with the math task:
 * ``{l}-math-cat``     CAT logits over the same pair, same data and schedule (lr 1e-3, 5 epochs:
                        with 200 examples the reference's lr 1e-4 for one epoch would barely
                        move the logits from the uniform start, i.e. plain averaging);
-* ``{l}-math-lorahub`` LoraHub weights (nevergrad NGOpt, budget 40, seeded) on the same data;
+* ``{l}-math-lorahub`` LoraHub weights (nevergrad NGOpt, budget 40, seeded) on the first 20 of
+                       the same problems (LoraHub is few-shot: its paper uses 5);
 
-all fitted on 200 target-language math problems (``math_fit_data``: training templates,
+fitted on 200 target-language math problems (``math_fit_data``: training templates,
 train-split numbers), and one multi-task MixLoRA adapter ``mixlora-multi`` (8 experts, top-2,
 r 8) trained from scratch on English math, target-language math and the language data mixed.
 
@@ -22,6 +23,7 @@ start on the next run (a gate fit is a few hundred small steps).
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import tempfile
@@ -39,7 +41,9 @@ SETTINGS = {
                             "warmup_ratio": 0.2}, "options": {}},
     "cat": {"train": {"epochs": 5, "lr": 1e-3, "batch_size": 4, "weight_decay": 0.0,
                       "warmup_ratio": 0.0}, "options": {}},
-    "lorahub": {"train": {}, "options": {"budget": 40}},
+    # LoraHub is a few-shot method (its paper: 5 examples); each of its 40 candidates is scored
+    # by a forward pass over every example, so it gets the first 20 of the 200.
+    "lorahub": {"train": {}, "options": {"budget": 40}, "few_shot": 20},
     "mixlora": {"train": {"epochs": 1, "lr": 3e-4, "batch_size": 4},
                 "params": {"num_experts": 8, "top_k": 2, "r": 8, "lora_alpha": 16},
                 "mix": {"math_en": 150, "math_per_lang": 50, "lang_per_lang": 50}},
@@ -85,7 +89,7 @@ def step_settings(step: Step, seed: int, epochs: int | None = None, max_steps: i
     if step.method == "mixlora":
         s["params"]["seed"] = seed
     else:
-        s["examples"] = examples
+        s["examples"] = min(examples, s.pop("few_shot", examples))
     s["seed"] = seed
     return s
 
@@ -128,21 +132,28 @@ def artifact_record(engine, step: Step) -> dict | None:
     return None
 
 
-def _progress_bar(name: str, enabled: bool):
+def expected_steps(step: Step, settings: dict, n_records: int) -> int:
+    if step.method == "lorahub":
+        return int(settings["options"]["budget"])
+    train = settings["train"]
+    total = math.ceil(n_records / train["batch_size"]) * train["epochs"]
+    return min(total, train["max_steps"]) if train.get("max_steps") else total
+
+
+def _progress_bar(name: str, enabled: bool, total: int):
     from tqdm.auto import tqdm
 
-    state = {"bar": None}
+    state = {"bar": tqdm(total=total, desc=name, disable=not enabled, mininterval=5)}
 
     def on_progress(p):
-        if state["bar"] is None:
-            state["bar"] = tqdm(total=p.total_steps, desc=name, disable=not enabled, mininterval=5)
         bar = state["bar"]
+        if bar.total != p.total_steps:
+            bar.total = p.total_steps
         bar.update(p.step - bar.n)
         bar.set_postfix(loss=f"{p.loss:.3f}")
 
     def close():
-        if state["bar"] is not None:
-            state["bar"].close()
+        state["bar"].close()
 
     return on_progress, close
 
@@ -152,7 +163,7 @@ def run_step(engine, step: Step, settings: dict, progress_bar: bool = True, log=
     import torch
 
     records, data = step_records(step, settings)
-    on_progress, close = _progress_bar(step.name, progress_bar)
+    on_progress, close = _progress_bar(step.name, progress_bar, expected_steps(step, settings, len(records)))
     wall0, cpu0 = time.perf_counter(), time.process_time()
     try:
         if step.is_adapter:

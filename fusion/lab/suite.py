@@ -335,8 +335,31 @@ def table(results: dict, langs=LANGS, rows=None) -> str:
 BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
 
 
+def fits_table(engine) -> str:
+    """What the library's fitted steps cost: one row per fusion artifact and trained MixLoRA."""
+    rows = []
+    for f in sorted(engine.fusions(), key=lambda f: f["name"]):
+        b = f["meta"].get("build")
+        if b:
+            rows.append((f["name"], f["method"], b))
+    for a in sorted(engine.adapters(), key=lambda a: a["name"]):
+        studio = Path(engine.library.adapters_dir) / a["name"] / "studio.json"
+        if a.get("kind") == "mixlora" and studio.is_file():
+            b = json.loads(studio.read_text(encoding="utf-8")).get("trained")
+            if b:
+                rows.append((a["name"], "mixlora", b))
+    if not rows:
+        return "(no fitted fusions in the library yet)"
+    lines = ["| artifact | method | examples | steps | wall s | CPU s | loss first→last 10 | seed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, method, b in rows:
+        lines.append(f"| {name} | {method} | {b.get('examples')} | {b.get('steps')} | {b.get('seconds'):.0f} | "
+                     f"{b.get('cpu_seconds'):.0f} | {b.get('loss_first')}→{b.get('loss_last')} | {b.get('seed')} |")
+    return "\n".join(lines)
+
+
 def results_block(results: dict, command: str, n: int, seed: int, langs, code_n: int, max_new_tokens: int,
-                  engine_name: str) -> str:
+                  engine_name: str, fits: str = "") -> str:
     sizes = f"n = {n} problems per language cell"
     if any(l in TARGET_LANGS for l in langs):
         sizes += f" (mean column: {n * len([l for l in langs if l in TARGET_LANGS])} problems pooled)"
@@ -358,6 +381,8 @@ def results_block(results: dict, command: str, n: int, seed: int, langs, code_n:
         f"(the same problems and numbers in every language). Fusions were fitted on "
         f"`fusion/lab/math_fit_data.py` (training templates, training numbers) only.",
         "",
+        *(["Fitted artifacts in the library (from their metadata; LoraHub's steps are its "
+           "candidate evaluations):", "", fits, ""] if fits else []),
         END,
     ])
 
@@ -417,6 +442,6 @@ def cmd_eval(args, engine=None, argv=None) -> int:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
     if args.out:
         write_results(args.out, results_block(results, command, args.n, args.seed, args.langs, args.code_n,
-                                              args.max_new_tokens, engine.base.name))
+                                              args.max_new_tokens, engine.base.name, fits_table(engine)))
         print(f"wrote {args.out}")
     return 0
