@@ -183,7 +183,8 @@ def run_step(engine, step: Step, settings: dict, progress_bar: bool = True, log=
             artifact.meta["build"] = record
             artifact.meta["description"] = (f"{step.method} over {' + '.join(step.adapters)}, fitted on "
                                             f"{len(records)} {step.lang} math problems")
-            engine.library.save_fusion(artifact, overwrite=True)
+            saved = engine.library.save_fusion(artifact, overwrite=True)
+            _readable(Path(saved.path))
     finally:
         close()
     log(f"[{step.name}] done: {record['steps']} steps, {record['seconds']:.0f} s wall, "
@@ -199,6 +200,13 @@ def _record(settings, data, meta, wall, cpu, threads) -> dict:
             "seed": settings["seed"],
             "loss_first": round(sum(head) / len(head), 4) if head else None,
             "loss_last": round(sum(tail) / len(tail), 4) if tail else None}
+
+
+def _readable(folder: Path) -> None:
+    """safetensors writes its files private (0600); a shipped asset is an ordinary file."""
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(0o644)
 
 
 def _publish_mixlora(engine, fitted: Path, name: str, record: dict) -> None:
@@ -220,6 +228,7 @@ def _publish_mixlora(engine, fitted: Path, name: str, record: dict) -> None:
                   "base_model": engine.base.name, "trained": record}
         (tmp / "studio.json").write_text(json.dumps(studio, indent=2, ensure_ascii=False) + "\n",
                                          encoding="utf-8")
+        _readable(tmp)
     engine.library.rescan()
 
 
