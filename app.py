@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: adapter {name} was not loaded: {message}", file=sys.stderr)
     demo = build_app(engine)
     demo.launch(server_name=args.host, server_port=args.port, auth=auth, share=args.share, theme=theme(),
-                css=CSS, show_error=False)
+                css=CSS, show_error=False, max_file_size=f"{APP.max_upload_mb}mb")
     return 0
 
 

@@ -21,6 +21,7 @@ class AppLimits:
     prompt_tail: int = int_env("LORA_STUDIO_PROMPT_TAIL", 12)  # prompt tokens shown before the reply
     max_score_problems: int = int_env("LORA_STUDIO_MAX_SCORE_PROBLEMS", 48)
     max_fit_chars: int = int_env("LORA_STUDIO_MAX_FIT_CHARS", 4_000_000)  # pasted or uploaded JSONL
+    max_upload_mb: int = int_env("LORA_STUDIO_MAX_UPLOAD_MB", 512)  # one uploaded file (adapter zip, JSONL)
 
 
 APP = AppLimits()
