@@ -24,6 +24,7 @@ import torch
 
 from .engine import Engine, FusionRequest
 from .runtime import Run, activate, merged_into
+from .safe_io import first_line
 
 PROMPT = "Write a short story about a dragon who learns to count."
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -78,10 +79,6 @@ def write_random_mixlora(folder: Path, model, base_folder: str, experts: int = 8
          "num_experts": experts, "top_k": top_k, "act_fn": "silu", "bias": "none"}))
     torch.save(state, str(folder / "adapter_model.bin"))
     return folder
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).splitlines() or [""])[0][:160]
 
 
 def _sync(device) -> None:
@@ -158,7 +155,7 @@ def _reference_models(engine: Engine, base_folder: str, loras: list[Path], mixlo
             xlora = get_peft_model(base, config).eval()
             cases.append(Case("peft X-LoRA k=2", model=xlora, group="reference"))
         except Exception as exc:  # report, don't abort the whole benchmark
-            log(f"X-LoRA reference unavailable: {type(exc).__name__}: {_first_line(exc)}")
+            log(f"X-LoRA reference unavailable: {type(exc).__name__}: {first_line(exc, 160)}")
     if "mixlora" in wanted:
         try:
             from mixlora import MixLoraModelForCausalLM
@@ -170,7 +167,7 @@ def _reference_models(engine: Engine, base_folder: str, loras: list[Path], mixlo
                         lora.eval()
             cases.append(Case("mixlora package 8x top-2", model=model, group="reference"))
         except Exception as exc:
-            log(f"mixlora reference unavailable: {type(exc).__name__}: {_first_line(exc)}")
+            log(f"mixlora reference unavailable: {type(exc).__name__}: {first_line(exc, 160)}")
     return cases
 
 

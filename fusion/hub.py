@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from .errors import FusionError
+from .safe_io import first_line
 
 PREFIX = "hf:"
 
@@ -45,7 +46,7 @@ def resolve_ref(ref: str) -> str:
         if offline or "connect" in str(exc).lower() or "offline" in str(exc).lower():
             raise FusionError(f"cannot fetch {ref} without network access: download it once while online "
                               f"(huggingface-cli download {repo_id}) or pass a local path") from None
-        raise FusionError(f"cannot fetch {ref}: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}") from None
+        raise FusionError(f"cannot fetch {ref}: {first_line(exc)}") from None
     if not path.exists():
         raise FusionError(f"{ref}: the repository {repo_id} has no {subpath!r}")
     return str(path)

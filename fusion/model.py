@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import FusionError
-from .safe_io import atomic_folder
+from .safe_io import atomic_folder, first_line
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -149,7 +149,7 @@ def load_base_model(name: str = DEFAULT_MODEL, device: str | None = "cpu",
             raise FusionError(f"cannot fetch hub model {name!r} without network access: "
                               "download it first (huggingface-cli download) or pass a local "
                               "folder with --model") from None
-        raise FusionError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+        raise FusionError(f"cannot load model {name!r}: {first_line(exc)}") from None
     if getattr(model.config, "model_type", None) not in ("llama", "mistral", "qwen2"):
         progress(f"warning: model type {model.config.model_type!r} is not Llama-family; "
                  "fusion targets q/k/v/o/gate/up/down_proj by name")

@@ -281,6 +281,22 @@ def merged_into(model: torch.nn.Module, plan: FusionPlan):
     finally:
         for (layer, name), weight in originals.items():
             linear_of(model, layer, name).weight = weight
+        if originals:
+            release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand the merged weights' freed pages back to the system (glibc keeps them otherwise,
+    so memory would swing by a weight copy per merged request)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def dense_delta(delta) -> torch.Tensor:

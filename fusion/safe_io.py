@@ -36,6 +36,12 @@ def read_json(path: str | Path) -> dict:
     return data
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
 def load_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file, or a legacy torch pickle with weights_only=True.
 
@@ -51,16 +57,14 @@ def load_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-            raise FusionError(f"{path} is not a readable safetensors file "
-                              f"({str(exc).splitlines()[0][:200]})") from None
+            raise FusionError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise FusionError(f"{path} was refused: it is a pickle that holds more than tensors "
-                          f"(weights-only loading: {str(exc).splitlines()[0][:160]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as exc:
-        raise FusionError(f"{path} is not a readable torch weights file "
-                          f"({str(exc).splitlines()[0][:200]})") from None
+                          f"(weights-only loading: {first_line(exc, 160)})") from None
+    except Exception as exc:  # torch.load raises many types on bytes that are not a pickle
+        raise FusionError(f"{path} is not a readable torch weights file ({first_line(exc)})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):

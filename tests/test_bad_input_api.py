@@ -159,12 +159,6 @@ def fit(examples=GOOD_JSONL, method="lora_flow", adapters="lang-es,task-math", s
 
 
 LIB = "lang-es,task-math"
-# fusion/safe_io.py, load_tensor_file (lines 56-63): torch.load(weights_only=True) raises IndexError or
-# KeyError on bytes that are not a pickle, which the handler does not catch, and an empty EOFError
-# message makes its own `str(exc).splitlines()[0]` raise IndexError. Fix: catch Exception after
-# UnpicklingError and fall back to the exception's type name when its message is empty.
-NOT_A_PICKLE = pytest.mark.xfail(strict=True, reason="load_tensor_file lets IndexError/KeyError from torch.load "
-                                                     "escape on non-pickle bytes (fusion/safe_io.py:56-63)")
 API_CASES = {
     # adapter files on the server, named by path
     "wrong_hidden_size": (lambda f: gen(f["wrong_hidden"], "single"), r"has shape .*expected .* for this base model"),
@@ -231,12 +225,11 @@ API_CASES = {
 }
 
 
-def cases(table: dict, failing: tuple = ()) -> list:
-    return [pytest.param(case, marks=NOT_A_PICKLE) if case in failing else case for case in table]
+def cases(table: dict) -> list:
+    return list(table)
 
 
-@pytest.mark.parametrize("case", cases(API_CASES, ("gates_not_weights", "bin_adapter_of_rubbish",
-                                                   "empty_bin_adapter")))
+@pytest.mark.parametrize("case", cases(API_CASES))
 def test_bad_api_input_gets_one_sentence_and_changes_nothing(client, app_engine, normal_reply, bad, case):
     from gradio_client.exceptions import AppError
 
@@ -289,7 +282,7 @@ IMPORT_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", cases(IMPORT_CASES, ("zip_with_a_bin_of_rubbish",)))
+@pytest.mark.parametrize("case", cases(IMPORT_CASES))
 def test_bad_import_gets_one_sentence_and_changes_nothing(served, client, app_engine, normal_reply, bad, case):
     make, expected = IMPORT_CASES[case]
     folder, archive, name = make(bad)
@@ -336,7 +329,7 @@ CLI_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", cases(CLI_CASES, ("bin_adapter_of_rubbish",)))
+@pytest.mark.parametrize("case", cases(CLI_CASES))
 def test_bad_cli_input_gets_one_line_and_exit_code_2(client, app_engine, normal_reply, bad, case, monkeypatch,
                                                      capsys):
     """The CLI runs in this process on the already loaded engine (loading the model per case
