@@ -221,21 +221,24 @@ def run_bench(model: str = "default", device: str = "cpu", dtype: str = "float32
         case.measure(ids, 4)
     for r in range(repeats):
         log(f"round {r + 1}/{repeats}")
-        for case in cases:
+        order = cases if r % 2 == 0 else [cases[0]] + cases[:0:-1]  # alternate direction, base first
+        for case in order:
             result = case.measure(ids, tokens)
             case.speeds.append(result["tokens_per_s"])
             case.first.append(result["first_token_s"])
         for case in cases:  # prefill of a long prompt, interleaved too
             case.extra.setdefault("prefill", []).append(case.measure(long_ids, 0)["first_token_s"])
     base = cases[0]
-    base_speed = statistics.median(base.speeds)
     base_prefill = statistics.median(base.extra["prefill"])
     rows = []
     for case in cases:
         speed = statistics.median(case.speeds)
         prefill_s = statistics.median(case.extra["prefill"])
+        # Ratios are taken within each round (against that round's base run), then the median:
+        # slow drift of the machine cancels out of every ratio.
+        ratio = statistics.median(s / b for s, b in zip(case.speeds, base.speeds))
         rows.append({"name": case.name, "group": case.group, "tokens_per_s": round(speed, 2),
-                     "ratio_to_base": round(speed / base_speed, 3),
+                     "ratio_to_base": round(ratio, 3),
                      "first_token_s": round(statistics.median(case.first), 4),
                      "prefill_s": round(prefill_s, 4), "prefill_overhead": round(prefill_s / base_prefill - 1, 3),
                      "switch_s": round(case.extra["switch_s"], 4) if "switch_s" in case.extra else None,
