@@ -131,74 +131,62 @@ def cmd_data(args):
                 print(json.dumps(m, ensure_ascii=False))
 
 
-def cmd_eval_math(args):
+def _model_with_adapter(args):
+    """The base model, with the peft adapter of --adapter on top when given (for the lab's
+    single-adapter evaluations)."""
     import torch
 
     from ..model import load_base_model
-    from .evaluate_math import evaluate_math
 
     torch.set_num_threads(args.threads)
     base = load_base_model()
-    model = base.model
-    if args.adapter:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(base.model, args.adapter)
-        model.eval()
+    if not args.adapter:
+        return base, base.model
+    from peft import PeftModel
+    return base, PeftModel.from_pretrained(base.model, args.adapter).eval()
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def cmd_eval_math(args):
+    from .evaluate_math import evaluate_math
+
+    base, model = _model_with_adapter(args)
     for lang in args.lang:
         res = evaluate_math(model, base.tokenizer, lang=lang, n=args.n, seed=args.seed,
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
         print(json.dumps({"adapter": args.adapter or "base", **{k: v for k, v in res.items() if k != "items"}}))
         if args.save:
-            Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.save, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"adapter": args.adapter or "base", **res}, ensure_ascii=False) + "\n")
+            _append_jsonl(args.save, {"adapter": args.adapter or "base", **res})
         if args.show:
             for it in res["items"][: args.show]:
                 print(json.dumps(it, ensure_ascii=False))
 
 
 def cmd_eval_code(args):
-    import torch
-
-    from ..model import load_base_model
     from .evaluate_code import evaluate_code
 
-    torch.set_num_threads(args.threads)
-    base = load_base_model()
-    model = base.model
-    if args.adapter:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(base.model, args.adapter)
-        model.eval()
+    base, model = _model_with_adapter(args)
     res = evaluate_code(model, base.tokenizer, limit=args.n, offset=args.offset,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     print(json.dumps({"adapter": args.adapter or "base", **{k: v for k, v in res.items() if k != "items"}}))
     if args.save:
-        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.save, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"adapter": args.adapter or "base", **res}, ensure_ascii=False) + "\n")
+        _append_jsonl(args.save, {"adapter": args.adapter or "base", **res})
 
 
 def cmd_eval_lang(args):
-    import torch
-
-    from ..model import load_base_model
     from .evaluate_lang import evaluate_language
 
-    torch.set_num_threads(args.threads)
-    base = load_base_model()
-    model = base.model
-    if args.adapter:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(base.model, args.adapter)
-        model.eval()
+    base, model = _model_with_adapter(args)
     for lang in args.lang:
         res = evaluate_language(model, base.tokenizer, lang, max_new_tokens=args.max_new_tokens)
         print(json.dumps({"adapter": args.adapter or "base", **{k: v for k, v in res.items() if k != "items"}}))
         if args.save:
-            Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.save, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"adapter": args.adapter or "base", **res}, ensure_ascii=False) + "\n")
+            _append_jsonl(args.save, {"adapter": args.adapter or "base", **res})
 
 
 def cmd_report(args):
