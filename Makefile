@@ -8,7 +8,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 
 .PHONY: run test bench setup clean
 
-$(STAMP): requirements.txt requirements-test.txt
+$(STAMP): requirements.txt requirements-test.txt requirements-scale.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements.txt -r requirements-test.txt

@@ -1,11 +1,13 @@
 """LoRA composition studio: the web app over the `fusion` engine.
 
     python app.py [--model ID] [--device D] [--dtype T] [--adapters DIR] [--fusions DIR]
-                  [--host H] [--port P] [--auth USER:PASS] [--share]
+                  [--host H] [--port P] [--auth USER:PASS] [--share] [--backend URL]
 
 Tabs: Chat (fuse LoRAs per message, see why it answered so), Compare (fusions side by side),
 Fit (learn a fusion from examples), Adapters (the library, imports). Named API endpoints for
 gradio_client: /methods, /adapters, /generate, /compare, /fit (see docs/app.md).
+With --backend URL the app loads no model and sends every request to engine replicas served by
+`python -m fusion serve` (see docs/scale.md).
 """
 
 from __future__ import annotations
@@ -93,7 +95,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--auth", default=None, help="USER:PASS required to open the app")
     parser.add_argument("--share", action="store_true", help="also publish on a temporary public link")
+    parser.add_argument("--backend", default=None,
+                        help="URL of engine replicas (python -m fusion serve); the app then loads no model itself")
     return parser.parse_args(argv)
+
+
+def open_engine(args: argparse.Namespace):
+    """The in-process engine, or a client of remote replicas when --backend is given."""
+    if args.backend:
+        from fusion.remote import RemoteEngine
+
+        return RemoteEngine(args.backend)
+    return Engine(model=args.model, device=args.device, dtype=args.dtype, adapters_dir=args.adapters,
+                  fusions_dir=args.fusions)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in security_warnings(args.host, args.share, args.auth):
         print(f"WARNING: {line}", file=sys.stderr)
     try:
-        engine = Engine(model=args.model, device=args.device, dtype=args.dtype, adapters_dir=args.adapters,
-                        fusions_dir=args.fusions)
+        engine = open_engine(args)
     except FusionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Command line: `python -m fusion {methods,adapters,generate,fit,export,bench,eval} ...`."""
+"""Command line: `python -m fusion {methods,adapters,generate,fit,export,bench,serve,serve-bench,eval} ...`."""
 
 from __future__ import annotations
 
@@ -194,6 +194,18 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_serve(args) -> int:
+    from .serve import main as serve_main
+
+    return serve_main(args)
+
+
+def cmd_serve_bench(args) -> int:
+    from .serve_bench import main as serve_bench_main
+
+    return serve_bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fusion", description="LoRA composition studio engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +265,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", default="all", help="'all', 'none' or a subset of peft,xlora,mixlora")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="engine replicas behind Ray Serve (needs requirements-scale.txt)")
+    _model_args(p)
+    p.add_argument("--replicas", type=int, default=2, help="number of engine replicas (one per GPU, or CPU ones)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per replica (CPU)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="1 puts each replica on its own GPU")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("serve-bench", help="requests/s and tokens/s of a running backend under concurrent load")
+    p.add_argument("--backend", required=True, help="URL printed by `serve`, e.g. http://127.0.0.1:8000")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=64, help="new tokens per request (greedy, no early stop)")
+    p.add_argument("--adapters", default="lang-es,task-math")
+    p.add_argument("--method", default="lora_flow")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_serve_bench)
 
     p = sub.add_parser("eval", help="the results table: every method on the math suite (and HumanEval)")
     from .lab.suite import add_eval_arguments

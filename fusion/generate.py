@@ -46,6 +46,7 @@ class GenerationEvent:
     seconds_to_first_token: float | None = None
     tokens_per_second: float | None = None
     trace: Trace | None = None
+    replica: str | None = None  # the serving replica, when generated through fusion.remote
 
 
 def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:

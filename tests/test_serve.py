@@ -1,0 +1,175 @@
+"""Engine replicas on a local Ray Serve cluster (2 CPU replicas over the shipped skill library):
+requests spread over both and equal the in-process engine's; a replica killed mid-reply does not
+take the client down; the app runs on the backend. Also the client's errors without Ray."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from app_fixtures import free_port
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fusion.engine import Engine, FusionRequest  # noqa: E402
+from fusion.errors import FusionError  # noqa: E402
+from fusion.generate import Sampling  # noqa: E402
+from fusion.remote import RemoteEngine  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+ADAPTERS = REPO / "assets" / "adapters"
+FUSIONS = REPO / "assets" / "fusions"
+
+REQUESTS = [
+    FusionRequest(fusion="es-math-flow"),
+    FusionRequest(adapters=["lang-es", "task-math"], method="linear"),
+    FusionRequest(adapters=["lang-es", "task-math"], method="ties"),
+    FusionRequest(adapters=["task-math"], method="single"),
+    FusionRequest(method="base"),
+    FusionRequest(adapters=["lang-ru", "task-math"], method="lora_flow"),
+]
+PROMPT = "Ana tiene 14 lápices y compra 9 más. ¿Cuántos lápices tiene ahora?"
+
+
+def test_unreachable_backend_is_one_clear_line():
+    port = free_port()  # nothing listens there
+    with pytest.raises(FusionError, match=rf"backend at http://127.0.0.1:{port} did not answer") as info:
+        RemoteEngine(f"http://127.0.0.1:{port}", retries=1, retry_wait=0.05)
+    assert "\n" not in str(info.value)
+    with pytest.raises(FusionError, match="http"):
+        RemoteEngine("ftp://somewhere")
+
+
+@pytest.fixture(scope="module")
+def local():
+    engine = Engine(model="default", adapters_dir=ADAPTERS, fusions_dir=FUSIONS, progress=lambda *a: None)
+    torch.set_num_threads(1)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def backend():
+    pytest.importorskip("ray.serve", reason="ray[serve] is in requirements-scale.txt")
+    from fusion import serve
+
+    options = {"model": "default", "adapters_dir": str(ADAPTERS), "fusions_dir": str(FUSIONS), "threads": 1}
+    url = serve.start(2, options, port=free_port(), cpus_per_replica=1.0, num_cpus=2)
+    try:
+        yield url
+    finally:
+        serve.stop()
+
+
+def replicas_answering(url: str, tries: int = 40) -> set[str]:
+    remote = RemoteEngine(url)
+    return {remote._get("/info")["replica"] for _ in range(tries)}
+
+
+def test_concurrent_requests_spread_over_both_replicas_and_equal_in_process(backend, local):
+    remote = RemoteEngine(backend)
+    sampling = Sampling(max_new_tokens=16)
+    jobs = REQUESTS * 2
+
+    def one(request):
+        return remote.generate(request, PROMPT, sampling)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        events = list(pool.map(one, jobs))
+    assert len({e.replica for e in events}) == 2, [e.replica for e in events]
+    for request, event in zip(jobs, events):
+        want = local.generate(request, PROMPT, sampling)
+        assert event.token_ids == want.token_ids, request
+        assert event.text == want.text
+        assert event.done and event.finish_reason == want.finish_reason
+        assert event.trace.shape == want.trace.shape
+        assert event.trace.slot_names == want.trace.slot_names
+        torch.testing.assert_close(event.trace.weights, want.trace.weights, atol=1e-4, rtol=0)
+
+
+def test_library_and_methods_come_from_the_replicas(backend, local):
+    remote = RemoteEngine(backend)
+    assert [a["name"] for a in remote.adapters()] == [a["name"] for a in local.adapters()]
+    assert [f["name"] for f in remote.fusions()] == [f["name"] for f in local.fusions()]
+    assert [m["name"] for m in remote.methods()] == [m["name"] for m in local.methods()]
+    method, adapters, _ = remote.resolve(FusionRequest(fusion="es-math-flow"))
+    assert method.name == "lora_flow" and [a.name for a in adapters] == ["lang-es", "task-math"]
+    assert remote.base.config.num_hidden_layers == local.base.config.num_hidden_layers
+
+
+def test_bad_requests_get_the_engines_message(backend):
+    remote = RemoteEngine(backend)
+    with pytest.raises(FusionError, match="no-such-lora"):
+        remote.generate(FusionRequest(adapters=["no-such-lora"], method="single"), PROMPT)
+    with pytest.raises(FusionError, match="empty"):
+        remote.generate(FusionRequest(), "   ")
+    with pytest.raises(FusionError, match="serving host"):
+        remote.fit("cat", ["lang-es", "task-math"], [])
+    # the replicas keep serving
+    assert remote.generate(FusionRequest(), PROMPT, Sampling(max_new_tokens=2)).done
+
+
+def test_cancel_stops_a_remote_reply(backend):
+    remote = RemoteEngine(backend)
+    cancel = threading.Event()
+    events = []
+    for event in remote.stream(FusionRequest(fusion="es-math-flow"), PROMPT, Sampling(max_new_tokens=200),
+                               cancel=cancel):
+        events.append(event)
+        if len(events) == 3:
+            cancel.set()
+    assert events[-1].done and events[-1].finish_reason == "cancelled"
+    assert len(events[-1].token_ids) < 10
+
+
+def test_replica_killed_mid_reply_fails_over_then_serves_again(backend, local):
+    import ray
+
+    remote = RemoteEngine(backend, retry_wait=1.0, retries=5)
+    request = FusionRequest(fusion="es-math-flow")
+    sampling = Sampling(max_new_tokens=60)
+    want = local.generate(request, PROMPT, sampling)
+    seen, killed = [], None
+    for event in remote.stream(request, PROMPT, sampling):
+        seen.append(event)
+        if killed is None and len(event.token_ids) == 3:
+            killed = event.replica
+            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                     if a["name"].endswith(killed)]
+            assert len(names) == 1, names
+            ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=False)
+    assert killed is not None
+    final = seen[-1]
+    assert final.done and final.replica != killed
+    assert final.token_ids == want.token_ids and final.text == want.text
+    # afterwards every request succeeds, and Serve brings the deployment back to two replicas
+    for _ in range(3):
+        assert remote.generate(request, PROMPT, Sampling(max_new_tokens=4)).done
+    deadline = time.monotonic() + 120
+    while len(replicas_answering(backend)) < 2:
+        assert time.monotonic() < deadline, "the killed replica was not replaced"
+        time.sleep(2)
+
+
+def test_app_runs_on_the_backend(backend, local):
+    from gradio_client import Client
+
+    from app import open_engine, parse_args
+    from app_fixtures import running_app
+
+    engine = open_engine(parse_args(["--backend", backend]))
+    assert isinstance(engine, RemoteEngine)
+    with running_app(engine) as (_, url):
+        client = Client(url, verbose=False)
+        got = client.predict(adapters=[], method="", params="{}", prompt=PROMPT, max_new_tokens=12,
+                             temperature=0.0, fusion="es-math-flow", system="", api_name="/generate")
+        listing = client.predict(api_name="/adapters")
+    want = local.generate(FusionRequest(fusion="es-math-flow"), PROMPT, Sampling(max_new_tokens=12))
+    assert got["text"] == want.text and got["method"] == "lora_flow"
+    assert got["trace"]["shape"] == list(want.trace.shape)
+    assert {a["name"] for a in listing["adapters"]} >= {"lang-es", "task-math"}
