@@ -1,6 +1,7 @@
 """`python -m fusion bench`: decode speed of every method as a ratio to the base model.
 
-One process, one base model, methods interleaved round-robin so machine drift cancels. Each
+One process, one base model; every method is measured next to a base run and its ratio taken
+against that run, so machine drift cancels (min and max of those ratios are reported). Each
 measurement is a greedy decode of N tokens after a short chat prompt (batch 1, KV cache, no
 early stop, no detokenisation or trace recording: the model's own speed). Random rank-8 LoRAs
 on all seven projections (and a random 8-expert top-2 MixLoRA) of the base model's shape are
@@ -206,42 +207,52 @@ def run_bench(model: str = "default", device: str = "cpu", dtype: str = "float32
     chat = engine.encode_messages(PROMPT)
     ids = torch.tensor([chat] * batch, device=engine.base.device)
     long_ids = torch.randint(100, 1000, (1, prefill), generator=torch.Generator().manual_seed(0)).to(engine.base.device)
-    for case in cases:  # warm-up, and the one-off costs measured once each
+    def switch_time(case: Case) -> float:
+        """A method change with the adapters already loaded: build the plan, merge and restore."""
+        engine._plans.clear()
+        start = time.perf_counter()
+        plan = engine.plan(case.request)
+        if case.merge:
+            with merged_into(engine.model, plan):
+                pass
+        return time.perf_counter() - start
+
+    for case in cases:  # warm-up at full length (not counted); loads every adapter once
         if case.engine is not None:
-            engine._plans.clear()
-            start = time.perf_counter()
-            plan = engine.plan(case.request)
-            case.extra["build_s"] = time.perf_counter() - start
-            if case.merge:
-                start = time.perf_counter()
-                with merged_into(engine.model, plan):
-                    pass
-                case.extra["merge_restore_s"] = time.perf_counter() - start
-            case.extra["switch_s"] = case.extra["build_s"] + case.extra.get("merge_restore_s", 0.0)
-        case.measure(ids, 4)
+            switch_time(case)
+        case.measure(ids, tokens)
+    base, others = cases[0], cases[1:]
     for r in range(repeats):
         log(f"round {r + 1}/{repeats}")
-        order = cases if r % 2 == 0 else [cases[0]] + cases[:0:-1]  # alternate direction, base first
-        for case in order:
-            result = case.measure(ids, tokens)
-            case.speeds.append(result["tokens_per_s"])
-            case.first.append(result["first_token_s"])
-        for case in cases:  # prefill of a long prompt, interleaved too
-            case.extra.setdefault("prefill", []).append(case.measure(long_ids, 0)["first_token_s"])
-    base = cases[0]
-    base_prefill = statistics.median(base.extra["prefill"])
+        # Every method is measured right next to a base run (before it in even rounds, after it in
+        # odd ones) and its ratio is taken against that run: drift of the machine cancels out.
+        for case in (others if r % 2 == 0 else others[::-1]):
+            pair = (base, case) if r % 2 == 0 else (case, base)
+            got = {id(c): c.measure(ids, tokens) for c in pair}
+            b, c = got[id(base)], got[id(case)]
+            base.speeds.append(b["tokens_per_s"])
+            base.first.append(b["first_token_s"])
+            case.speeds.append(c["tokens_per_s"])
+            case.first.append(c["first_token_s"])
+            case.extra.setdefault("ratios", []).append(c["tokens_per_s"] / b["tokens_per_s"])
+            got = {id(x): x.measure(long_ids, 0)["first_token_s"] for x in pair}  # long-prompt prefill
+            base.extra.setdefault("prefill", []).append(got[id(base)])
+            case.extra.setdefault("prefill", []).append(got[id(case)])
+            case.extra.setdefault("prefill_ratios", []).append(got[id(case)] / got[id(base)])
+            if case.engine is not None:
+                case.extra.setdefault("switches", []).append(switch_time(case))
     rows = []
     for case in cases:
-        speed = statistics.median(case.speeds)
-        prefill_s = statistics.median(case.extra["prefill"])
-        # Ratios are taken within each round (against that round's base run), then the median:
-        # slow drift of the machine cancels out of every ratio.
-        ratio = statistics.median(s / b for s, b in zip(case.speeds, base.speeds))
-        rows.append({"name": case.name, "group": case.group, "tokens_per_s": round(speed, 2),
-                     "ratio_to_base": round(ratio, 3),
+        ratios = case.extra.get("ratios", [1.0])
+        prefill_ratios = case.extra.get("prefill_ratios", [1.0])
+        switches = case.extra.get("switches")
+        rows.append({"name": case.name, "group": case.group, "tokens_per_s": round(statistics.median(case.speeds), 2),
+                     "ratio_to_base": round(statistics.median(ratios), 3),
+                     "ratio_spread": [round(min(ratios), 3), round(max(ratios), 3)],
                      "first_token_s": round(statistics.median(case.first), 4),
-                     "prefill_s": round(prefill_s, 4), "prefill_overhead": round(prefill_s / base_prefill - 1, 3),
-                     "switch_s": round(case.extra["switch_s"], 4) if "switch_s" in case.extra else None,
+                     "prefill_s": round(statistics.median(case.extra["prefill"]), 4),
+                     "prefill_overhead": round(statistics.median(prefill_ratios) - 1, 3),
+                     "switch_s": round(statistics.median(switches), 4) if switches else None,
                      "runs": [round(s, 2) for s in case.speeds]})
     by_name = {row["name"]: row for row in rows}
     speedups = {}
@@ -261,10 +272,13 @@ def run_bench(model: str = "default", device: str = "cpu", dtype: str = "float32
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'method':<28} {'tok/s':>8} {'x base':>7} {'TTFT s':>8} {'prefill s':>10} {'+prefill':>9} {'switch s':>9}"]
+    lines = [f"{'method':<28} {'tok/s':>8} {'x base':>7} {'(min-max)':>13} {'TTFT s':>8} {'prefill s':>10} "
+             f"{'+prefill':>9} {'switch s':>9}"]
     for row in result["rows"]:
         switch = "" if row["switch_s"] is None else f"{row['switch_s']:.3f}"
+        lo, hi = row.get("ratio_spread", [row["ratio_to_base"]] * 2)
         lines.append(f"{row['name']:<28} {row['tokens_per_s']:>8.2f} {row['ratio_to_base']:>7.3f} "
+                     f"{f'({lo:.2f}-{hi:.2f})':>13} "
                      f"{row['first_token_s']:>8.3f} {row['prefill_s']:>10.3f} {row['prefill_overhead']:>+9.1%} "
                      f"{switch:>9}")
     for name, value in result["speedups"].items():

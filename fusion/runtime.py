@@ -41,6 +41,12 @@ def activate(run: "Run | None"):
             run.end_forward()
 
 
+def add_low_rank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """y + h @ B.T as one fused addmm (one kernel instead of a matmul and an add)."""
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t())
+    return out.view(y.shape)
+
+
 @dataclass
 class LowRankDelta:
     """Stacked low-rank update of one Linear: y += B @ (coef * (A @ x)) [* slot weights].
@@ -60,7 +66,7 @@ class LowRankDelta:
         if self.slot_of_rank is not None:
             weights = run.layer_weights[layer]  # (B, T, k)
             h = h * weights.index_select(-1, self.slot_of_rank)
-        return y + F.linear(h, self.B)
+        return add_low_rank(y, h, self.B)
 
     def dense(self) -> torch.Tensor:
         """(d_out, d_in) full delta; only valid for static deltas (no dynamic slot weights)."""
@@ -93,7 +99,7 @@ class GroupMember:
                 h = h * run.layer_weights[layer].index_select(-1, self.group.slot_of_rank)
             cached = (x, h)
             run.group_inputs[self.group.key] = cached
-        return y + F.linear(cached[1][..., self.start:self.end], self.B)
+        return add_low_rank(y, cached[1][..., self.start:self.end], self.B)
 
 
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))

@@ -118,9 +118,14 @@ class LoraFlowMethod(FusionMethod):
         W = W.to(ctx.device, ctx.dtype)  # (L, k, d)
         b = b.to(ctx.device, ctx.dtype)  # (L, 1, k)
 
+        # Per-layer views taken once per plan, and no division when T = 1: the gate is 3 ops a layer.
+        Ws, bs = W.unbind(0), b.unbind(0)
+
         def gate(layer: int, hidden: torch.Tensor) -> torch.Tensor:
-            logits = F.linear(hidden, W[layer])  # (B, T, k)
-            return torch.softmax(logits / temperature, dim=-1) + b[layer]
+            logits = F.linear(hidden, Ws[layer])  # (B, T, k)
+            if temperature != 1.0:
+                logits = logits / temperature
+            return torch.softmax(logits, dim=-1) + bs[layer]
 
         deltas = {key: stacked_delta(ctx, adapters, key, None, dynamic=True) for key in module_keys(adapters)}
         return FusionPlan(method=self.name, slot_names=[a.name for a in adapters], deltas=deltas,

@@ -1,0 +1,47 @@
+"""`python -m fusion bench` end to end on the embedded model with tiny settings: every case
+measured next to a base run, ratios, prefill, switch times and the table (the speed figures
+themselves belong to docs/perf.md, not to a test)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fusion.bench import format_table, run_bench
+from fusion.errors import FusionError
+
+
+@pytest.fixture(scope="module")
+def result():
+    try:
+        return run_bench("default", methods=["linear", "lora_flow"], tokens=3, repeats=2, prefill=16,
+                         references="peft", log=lambda *a: None)
+    except FusionError as exc:
+        pytest.skip(f"the default base model is unavailable: {exc}")
+
+
+def test_cases_and_their_paired_measurements(result):
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["base", "linear k=2 (merged)", "linear k=2 (unmerged)", "lora_flow k=2", "lora_flow k=4",
+                     "peft single (unmerged)", "peft 2 LoRAs (unmerged)"]
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["base"]["ratio_to_base"] == 1.0 and rows["base"]["prefill_overhead"] == 0.0
+    # base is measured once next to every other case in each of the 2 rounds
+    assert len(rows["base"]["runs"]) == 2 * (len(names) - 1)
+    for name, row in rows.items():
+        assert row["tokens_per_s"] > 0 and row["prefill_s"] > 0 and row["first_token_s"] > 0
+        if name != "base":
+            assert len(row["runs"]) == 2
+            lo, hi = row["ratio_spread"]
+            assert 0 < lo <= row["ratio_to_base"] <= hi
+    assert rows["lora_flow k=2"]["switch_s"] > 0 and rows["linear k=2 (merged)"]["switch_s"] > 0
+    assert rows["peft 2 LoRAs (unmerged)"]["switch_s"] is None
+    assert set(result["speedups"]) == {"lora_flow k=2 vs peft 2 LoRAs (unmerged)",
+                                       "linear k=2 (merged) vs peft 2 LoRAs (unmerged)"}
+    assert result["machine"]["tokens"] == 3 and result["machine"]["repeats"] == 2
+
+
+def test_table_lists_every_case(result):
+    table = format_table(result)
+    for row in result["rows"]:
+        assert row["name"] in table
+    assert "speed-up lora_flow k=2 vs peft 2 LoRAs (unmerged)" in table
