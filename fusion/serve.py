@@ -6,7 +6,8 @@ the replicas and restarts a replica that dies. The HTTP API, all JSON:
 
     GET  /info      this replica: id, pid, base model (name, layers, device, dtype)
     GET  /methods   every method and its parameters (as `python -m fusion methods --json`)
-    GET  /library   {"adapters", "fusions", "errors"}; `?rescan=1` rescans that replica's folders
+    GET  /library   {"adapters", "fusions", "errors"}; a replica rescans its library folders when
+                    they changed on disk (`?rescan=1` forces it)
     POST /generate  {"request": {"adapters", "method", "params", "fusion"}, "messages": [...] or "text",
                      "system", "sampling": {"max_new_tokens", "temperature", ...}, "trace": true}
                     -> newline-delimited JSON, one event per token: {"text", "delta", "done",
@@ -65,6 +66,20 @@ class StudioEngine:
         except Exception:  # outside a Serve replica (direct construction)
             self.replica = f"local-{os.getpid()}"
         self._scan_lock = threading.Lock()
+        self._seen = self._library_stamp()
+
+    def _library_stamp(self):
+        """Modification times of the library folders: a save or an import (atomic renames) on the
+        serving host changes them, and every replica then rescans on its next request."""
+        lib = self.engine.library
+        return tuple(d.stat().st_mtime_ns if d.is_dir() else None for d in (lib.adapters_dir, lib.fusions_dir))
+
+    def _refresh_library(self, force: bool = False) -> None:
+        stamp = self._library_stamp()
+        if force or stamp != self._seen:
+            with self._scan_lock:
+                self.engine.library.rescan()
+                self._seen = stamp
 
     @api.get("/info")
     def info(self):
@@ -79,10 +94,8 @@ class StudioEngine:
 
     @api.get("/library")
     def library(self, rescan: int = 0):
+        self._refresh_library(force=bool(rescan))
         lib = self.engine.library
-        if rescan:
-            with self._scan_lock:
-                lib.rescan()
         return {"adapters": self.engine.adapters(), "fusions": self.engine.fusions(), "errors": dict(lib.errors)}
 
     @api.post("/generate")
@@ -98,6 +111,7 @@ class StudioEngine:
             messages = body.get("messages")
             if not isinstance(messages, (str, list)):
                 raise FusionError("'messages' must be text or a list of {role, content} objects")
+            self._refresh_library()
             self.engine.resolve(request)  # refuse a bad request before the stream starts
         except ValueError as exc:
             return _error(f"the body is not JSON: {exc}")
@@ -182,8 +196,14 @@ def replica_pids() -> dict[str, int]:
 
 
 def main(args) -> int:
-    """`python -m fusion serve`: run until interrupted."""
+    """`python -m fusion serve`: run until interrupted (Ctrl-C or SIGTERM), then shut down."""
+    import signal
     import time
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
     options = replica_options(args)
     url = start(args.replicas, options, host=args.host, port=args.port, cpus_per_replica=args.cpus_per_replica,

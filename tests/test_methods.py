@@ -435,3 +435,31 @@ def test_trace_json_round_trip_and_csv(studio, tmp_path):
     assert saved_csv.splitlines()[0] == "token_index,token,is_prompt,layer,lang-a,task-b"
     with pytest.raises(FusionError, match="trace weights must be 3-D"):
         Trace.from_dict({**json.loads(trace.to_json()), "weights": [[0.3, 0.7]]})
+
+
+@pytest.mark.parametrize("density", [0.0, 0.13, 0.5, 0.99, 1.0])
+def test_top_magnitude_equals_peft_pruning(density):
+    from peft.utils import merge_utils
+
+    from fusion.methods.task_arithmetic import top_magnitude
+
+    g = torch.Generator().manual_seed(3)
+    for shape in [(8, 96), (40, 8), (7,)]:
+        x = torch.randn(shape, generator=g)
+        want = x if density >= 1 else merge_utils.magnitude_based_pruning(x, density)
+        assert torch.equal(top_magnitude(x, density), want)
+
+
+def test_top_magnitude_with_equal_magnitudes_keeps_exactly_k_of_the_largest():
+    from fusion.methods.task_arithmetic import top_magnitude
+
+    x = (torch.randint(-4, 5, (30, 20), generator=torch.Generator().manual_seed(1)).float() / 4)
+    for density in (0.1, 0.35, 0.5, 0.8):
+        k = int(density * x.numel())
+        kept = top_magnitude(x, density) != 0
+        nonzero_kept = int(kept.sum())
+        mags = x.abs()
+        # kept entries are exactly k when there are k nonzero candidates; none dropped is larger
+        assert nonzero_kept == min(k, int((x != 0).sum()))
+        if nonzero_kept:
+            assert mags[kept].min() >= mags[~kept].max()

@@ -17,12 +17,48 @@ from ..runtime import FusionPlan, LowRankDelta
 from .base import (BuildContext, FusionMethod, Param, module_keys, resolve_weights,
                    slot_weights_param)
 
+def top_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """peft's magnitude pruning (keep the int(density * n) entries of largest |x|, zero the rest)
+    with a linear-time selection instead of a sort (`topk` of half a tensor is ~20x slower and
+    made switching to TIES cost 0.4 s): every entry above the k-th largest magnitude, then entries
+    equal to it in index order until k are kept. Only the choice among equal magnitudes, which
+    `topk` leaves unspecified, can differ."""
+    if density >= 1:
+        return tensor
+    if density < 0:
+        raise FusionError(f"density must lie in [0, 1], got {density}")
+    magnitude = tensor.abs().reshape(-1)
+    n, k = magnitude.numel(), int(density * magnitude.numel())
+    if k == 0:
+        return tensor * torch.zeros_like(tensor)
+    threshold = torch.kthvalue(magnitude, n - k + 1).values
+    keep = magnitude > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        keep[(magnitude == threshold).nonzero().flatten()[:missing]] = True
+    return tensor * keep.reshape(tensor.shape).to(tensor.dtype)
+
+
+def _ties(tensors, weights, density, sign_method):
+    """peft's `ties`, with `top_magnitude` for the trim step."""
+    stacked = torch.stack([top_magnitude(t, density) for t in tensors], dim=0)
+    mask = merge_utils.calculate_majority_sign_mask(stacked, method=sign_method)
+    weighted = stacked * merge_utils.reshape_weight_task_tensors(stacked, weights)
+    return merge_utils.disjoint_merge(weighted, mask)
+
+
+def _magnitude_prune(tensors, weights, density):
+    """peft's `magnitude_prune`, with `top_magnitude` for the trim step."""
+    stacked = torch.stack([top_magnitude(t, density) for t in tensors], dim=0)
+    return (stacked * merge_utils.reshape_weight_task_tensors(stacked, weights)).sum(dim=0)
+
+
 _COMBINE = {
     "linear": lambda t, w, d, s: merge_utils.task_arithmetic(t, w),
-    "ties": lambda t, w, d, s: merge_utils.ties(t, w, d, s),
+    "ties": lambda t, w, d, s: _ties(t, w, d, s),
     "dare_linear": lambda t, w, d, s: merge_utils.dare_linear(t, w, d),
     "dare_ties": lambda t, w, d, s: merge_utils.dare_ties(t, w, d, s),
-    "magnitude_prune": lambda t, w, d, s: merge_utils.magnitude_prune(t, w, d),
+    "magnitude_prune": lambda t, w, d, s: _magnitude_prune(t, w, d),
 }
 
 
