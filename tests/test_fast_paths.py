@@ -69,6 +69,24 @@ def test_merged_equals_unmerged_and_restore_is_bit_exact(engine, method, adapter
         assert torch.equal(p, before[name]), name
 
 
+@pytest.mark.parametrize("reuse", [True, False])
+def test_successive_merges_with_reused_buffers_are_exact(engine, reuse):
+    """Merged weights written into kept buffers: a second plan overwrites the first one's
+    values completely, and the original weights come back bit-exactly each time."""
+    before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    ids = torch.randint(3, 90, (1, 10))
+    for method, adapters, params in CASES[:3] + CASES[:1]:
+        plan = engine.plan(FusionRequest(adapters, method, params))
+        unmerged = _logits(engine, plan, ids)
+        with merged_into(engine.model, plan, reuse_buffers=reuse) as merged_plan:
+            merged = _logits(engine, merged_plan, ids)
+        torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+        for name, p in engine.model.named_parameters():
+            assert torch.equal(p, before[name]), name
+    if reuse:
+        assert engine.model.__dict__["_fusion_merge_buffers"]
+
+
 def test_dynamic_plans_refuse_to_merge(engine):
     plan = engine.plan(FusionRequest(["lang-a", "task-b"], "lora_flow"))
     with pytest.raises(ValueError):
