@@ -117,9 +117,45 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
+# Shapes of real models, for speed measurements without their weights: --model random:NAME.
+RANDOM_CONFIGS = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0),
+}
+
+
+def random_base_model(spec: str, dev: torch.device, torch_dtype: torch.dtype, progress=print) -> tuple:
+    """A randomly initialised Llama of a real model's shape (`llama-2-7b`, ...) or of a
+    config.json, created directly on the device, with the embedded model's tokenizer (the
+    vocabulary is sized to that tokenizer). For speed measurements only: it answers noise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    if spec in RANDOM_CONFIGS:
+        fields = dict(RANDOM_CONFIGS[spec])
+    elif Path(spec).expanduser().is_file():
+        from .safe_io import read_json
+        fields = read_json(Path(spec).expanduser())
+        fields = {k: v for k, v in fields.items() if k in LlamaConfig().to_dict() and k not in ("vocab_size",)}
+    else:
+        raise FusionError(f"random:{spec} names neither a known shape ({', '.join(RANDOM_CONFIGS)}) "
+                          "nor a config.json file")
+    tokenizer = AutoTokenizer.from_pretrained(str(dense_default_copy(progress)), trust_remote_code=False)
+    config = LlamaConfig(**{**fields, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                            "eos_token_id": tokenizer.eos_token_id, "tie_word_embeddings": False})
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    return model, tokenizer
+
+
 def load_base_model(name: str = DEFAULT_MODEL, device: str | None = "cpu",
                     dtype: str | torch.dtype | None = "float32", progress=print) -> BaseModel:
-    """Load a Llama-family causal LM: "default", a local folder, or a hub id.
+    """Load a Llama-family causal LM: "default", a local folder, a hub id, or "random:SHAPE"
+    (random weights of a real model's shape, for benchmarks: see `random_base_model`).
 
     Remote code is never trusted. Offline, a hub id that is not in the local cache
     fails with one sentence saying what to do.
@@ -129,6 +165,9 @@ def load_base_model(name: str = DEFAULT_MODEL, device: str | None = "cpu",
     start = time.perf_counter()
     dev = resolve_device(device)
     torch_dtype = parse_dtype(dtype)
+    if name and name.startswith("random:"):
+        model, tokenizer = random_base_model(name.removeprefix("random:"), dev, torch_dtype, progress)
+        return _finish(model, tokenizer, name, dev, torch_dtype, start, "", progress)
     if name in (None, "", DEFAULT_MODEL):
         folder, display = dense_default_copy(progress), DEFAULT_MODEL_NAME
     elif Path(name).expanduser().is_dir():
@@ -150,6 +189,10 @@ def load_base_model(name: str = DEFAULT_MODEL, device: str | None = "cpu",
                               "download it first (huggingface-cli download) or pass a local "
                               "folder with --model") from None
         raise FusionError(f"cannot load model {name!r}: {first_line(exc)}") from None
+    return _finish(model, tokenizer, display, dev, torch_dtype, start, str(folder), progress)
+
+
+def _finish(model, tokenizer, display, dev, torch_dtype, start, source: str, progress) -> BaseModel:
     if getattr(model.config, "model_type", None) not in ("llama", "mistral", "qwen2"):
         progress(f"warning: model type {model.config.model_type!r} is not Llama-family; "
                  "fusion targets q/k/v/o/gate/up/down_proj by name")
@@ -159,4 +202,4 @@ def load_base_model(name: str = DEFAULT_MODEL, device: str | None = "cpu",
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return BaseModel(model=model, tokenizer=tokenizer, name=display, device=dev, dtype=torch_dtype,
-                     load_seconds=time.perf_counter() - start, info={"source": str(folder)})
+                     load_seconds=time.perf_counter() - start, info={"source": source})

@@ -45,3 +45,27 @@ def test_table_lists_every_case(result):
     for row in result["rows"]:
         assert row["name"] in table
     assert "speed-up lora_flow k=2 vs peft 2 LoRAs (unmerged)" in table
+
+
+def test_random_model_of_a_given_shape_runs_the_bench(tmp_path):
+    """--model random:CONFIG builds random weights of that shape (the GPU benchmark's model)."""
+    import json
+
+    from fusion.model import load_base_model
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+                                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 11}))
+    try:
+        base = load_base_model(f"random:{config}", progress=lambda *a: None)
+    except FusionError as exc:
+        pytest.skip(f"the embedded tokenizer is unavailable: {exc}")
+    assert base.num_layers == 3 and base.hidden_size == 64
+    assert base.config.vocab_size == len(base.tokenizer)  # sized to the tokenizer, not the file's 11
+    assert base.info["source"] == ""
+    result = run_bench(f"random:{config}", methods=["lora_flow", "mixlora"], tokens=2, repeats=1, prefill=8,
+                       references="all", log=lambda *a: None)
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["base", "lora_flow k=2", "lora_flow k=4", "mixlora 8x top-2"]  # no weights: no references
+    with pytest.raises(FusionError, match="neither a known shape"):
+        load_base_model("random:llama-9000", progress=lambda *a: None)
