@@ -4,7 +4,9 @@ take the client down; the app runs on the backend. Also the client's errors with
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -54,11 +56,21 @@ def local():
 
 
 @pytest.fixture(scope="module")
-def backend():
+def library(tmp_path_factory):
+    """A copy of the shipped library that a test may add to while the replicas serve it."""
+    root = tmp_path_factory.mktemp("served")
+    shutil.copytree(ADAPTERS, root / "adapters")
+    shutil.copytree(FUSIONS, root / "fusions")
+    return root
+
+
+@pytest.fixture(scope="module")
+def backend(library):
     pytest.importorskip("ray.serve", reason="ray[serve] is in requirements-scale.txt")
     from fusion import serve
 
-    options = {"model": "default", "adapters_dir": str(ADAPTERS), "fusions_dir": str(FUSIONS), "threads": 1}
+    options = {"model": "default", "adapters_dir": str(library / "adapters"),
+               "fusions_dir": str(library / "fusions"), "threads": 1}
     url = serve.start(2, options, port=free_port(), cpus_per_replica=1.0, num_cpus=2)
     try:
         yield url
@@ -100,6 +112,24 @@ def test_library_and_methods_come_from_the_replicas(backend, local):
     method, adapters, _ = remote.resolve(FusionRequest(fusion="es-math-flow"))
     assert method.name == "lora_flow" and [a.name for a in adapters] == ["lang-es", "task-math"]
     assert remote.base.config.num_hidden_layers == local.base.config.num_hidden_layers
+
+
+def test_a_fusion_saved_on_the_host_reaches_every_replica(backend, library, local):
+    remote = RemoteEngine(backend, library_ttl=0)
+    assert "es-math-flow-2" not in {f["name"] for f in remote.fusions()}
+    staging = library / "fusions" / ".staging"
+    shutil.copytree(library / "fusions" / "es-math-flow", staging)
+    doc = json.loads((staging / "fusion.json").read_text(encoding="utf-8"))
+    (staging / "fusion.json").write_text(json.dumps({**doc, "name": "es-math-flow-2"}), encoding="utf-8")
+    staging.rename(library / "fusions" / "es-math-flow-2")  # as the studio's atomic saves do
+    assert "es-math-flow-2" in {f["name"] for f in remote.fusions()}
+    sampling = Sampling(max_new_tokens=6)
+    with ThreadPoolExecutor(6) as pool:
+        events = list(pool.map(lambda _: remote.generate(FusionRequest(fusion="es-math-flow-2"), PROMPT, sampling),
+                               range(6)))
+    want = local.generate(FusionRequest(fusion="es-math-flow"), PROMPT, sampling)
+    assert len({e.replica for e in events}) == 2
+    assert all(e.token_ids == want.token_ids for e in events)
 
 
 def test_bad_requests_get_the_engines_message(backend):
