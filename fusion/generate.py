@@ -67,6 +67,28 @@ def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+PART_OF_NEXT = "·"
+
+
+def token_labels(tokenizer, ids: list[int]) -> list[str]:
+    """One readable label per token for traces and heatmaps. Byte-level tokenizers split many
+    characters (Chinese, emoji, some Cyrillic) over several tokens, each of which alone decodes
+    to "\ufffd"; such a character is shown on the token that completes it, and the tokens
+    before it read "·" (part of the next). A sequence that never completes within 4 tokens is
+    shown as decoded."""
+    labels: list[str] = []
+    pending: list[int] = []
+    for token in ids:
+        pending.append(token)
+        text = tokenizer.decode(pending)
+        if text.endswith("\ufffd") and len(pending) < 4:
+            labels.append(PART_OF_NEXT)
+            continue
+        labels.append(text)
+        pending = []
+    return labels
+
+
 def stop_token_ids(tokenizer, model) -> set[int]:
     ids = set()
     for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
@@ -140,7 +162,7 @@ def stream_tokens(model, tokenizer, run: Run, prompt_ids: list[int], sampling: S
                 model(input_ids=torch.tensor([[generated[-1]]], device=device), past_key_values=cache,
                       use_cache=True)
         all_ids = list(prompt_ids) + generated
-        tokens = [tokenizer.decode([i]) for i in all_ids]
+        tokens = token_labels(tokenizer, all_ids)
         trace = build_trace(run, tokens, len(prompt_ids), model.config.num_hidden_layers)
     yield GenerationEvent(final_text, final_text[len(text):], done=True, finish_reason=finish,
                           token_ids=generated, prompt_tokens=len(prompt_ids),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import torch
 
+from .generate import PART_OF_NEXT
 from .trace import Trace
 
 # Token windows: what part of prompt + reply a heatmap shows.
@@ -223,7 +224,10 @@ def token_scores(trace: Trace, layer: int | None = None, slot: str | None = None
     else:
         scores, _ = _values(per_token, trace, slot)
     scores = scores.clamp(-1.0, 1.0)
-    return [(trace.tokens[trace.prompt_tokens + i], round(float(s), 4)) for i, s in enumerate(scores)]
+    # Tokens holding the first bytes of a split character are left empty, so the highlighted
+    # reply reads as the text; the character itself sits on its last token.
+    return [("" if trace.tokens[trace.prompt_tokens + i] == PART_OF_NEXT else trace.tokens[trace.prompt_tokens + i],
+             round(float(s), 4)) for i, s in enumerate(scores)]
 
 
 def loss_figure(losses: list[float], total_steps: int | None = None, title: str = "Training loss") -> go.Figure:
