@@ -104,7 +104,7 @@ class RemoteLibrary:
 
     def import_adapter(self, *args, **kwargs):
         raise FusionError("this studio uses a remote backend: copy the adapter folder into the serving host's "
-                          "library, then press Rescan")
+                          "library; the replicas pick it up by themselves")
 
 
 class RemoteEngine:
@@ -273,4 +273,4 @@ class RemoteEngine:
 
     def fit(self, *args, **kwargs):
         raise FusionError("this studio uses a remote backend: fit on the serving host with "
-                          "`python -m fusion fit ... --save-as NAME`, then press Rescan")
+                          "`python -m fusion fit ... --save-as NAME`; the replicas pick it up by themselves")
