@@ -189,11 +189,25 @@ def test_param_panel_builds_controls_from_declarations(app_engine):
     assert control_kind(declared["linear"]["weights"]) == "textbox"
     assert control_kind(declared["lora_flow"]["temperature"]) == "textbox"  # empty = the gates' own
     panel = ParamPanel(app_engine, "t")
-    assert panel.size >= max(len(m) for m in declared.values())
+    assert panel.size >= max(len([p for p in m.values() if not p["fit_only"]]) for m in declared.values())
+    assert ParamPanel(app_engine, "f", for_fit=True).size >= max(len(m) for m in declared.values())
     values = [None] * (panel.size * 5)
     values[0 * 5 + 4], values[1 * 5 + 1], values[2 * 5 + 3] = "0.3, 0.7", 0.25, "frequency"
     assert panel.collect("ties", values) == {"weights": "0.3, 0.7", "density": 0.25,
                                              "majority_sign_method": "frequency"}
+
+
+def test_fit_only_params_show_in_the_fit_tab_only(app_engine):
+    from ui.common import ParamPanel
+
+    declared = [p["name"] for m in app_engine.methods() if m["name"] == "mixlora" for p in m["params"]]
+    assert {"num_experts", "r", "seed"} <= set(declared)
+    chat, fit = ParamPanel(app_engine, "c"), ParamPanel(app_engine, "f", for_fit=True)
+    assert [p["name"] for p in chat.methods["mixlora"]["params"]] == ["top_k"]
+    assert [p["name"] for p in fit.methods["mixlora"]["params"]] == declared
+    values = [None] * (chat.size * 5)
+    values[0 * 5 + 4] = "1"  # the first control is top_k in the chat panel
+    assert chat.collect("mixlora", values) == {"top_k": "1"}
 
 
 def test_exposed_binding_without_auth_warns():

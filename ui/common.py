@@ -180,8 +180,11 @@ class ParamPanel:
     Adding a method needs no UI code: its `params` declaration is enough.
     """
 
-    def __init__(self, engine: Engine, prefix: str):
-        self.methods = {m["name"]: m for m in engine.methods()}
+    def __init__(self, engine: Engine, prefix: str, for_fit: bool = False):
+        # Parameters that only shape a fit (a new adapter's experts, rank, seed...) are shown in
+        # the Fit tab only.
+        self.methods = {m["name"]: {**m, "params": [p for p in m["params"] if for_fit or not p.get("fit_only")]}
+                        for m in engine.methods()}
         self.size = max([APP.min_param_controls] + [len(m["params"]) for m in self.methods.values()])
         self.prefix = prefix
         self.slots: list[dict[str, gr.components.Component]] = []

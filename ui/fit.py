@@ -116,7 +116,7 @@ def build_fit_tab(studio: Studio) -> dict:
                                        label="Adapters (in slot order: language first, task last)",
                                        elem_id="fit-adapters")
                 with gr.Accordion("Method parameters", open=False):
-                    panel = ParamPanel(engine, "fit").build(first)
+                    panel = ParamPanel(engine, "fit", for_fit=True).build(first)
                 with gr.Row():
                     epochs = gr.Number(value=1, precision=0, minimum=1, label="Epochs", elem_id="fit-epochs")
                     lr = gr.Number(value=0, minimum=0, label="Learning rate", info="0 = the method's default",

@@ -24,10 +24,11 @@ class Param:
     min: float | None = None
     max: float | None = None
     choices: tuple = ()
+    fit_only: bool = False  # only meaningful when fitting (e.g. a new adapter's shape); hidden for chat
 
     def to_dict(self) -> dict:
         return {"name": self.name, "type": self.type, "default": self.default, "help": self.help,
-                "min": self.min, "max": self.max, "choices": list(self.choices)}
+                "min": self.min, "max": self.max, "choices": list(self.choices), "fit_only": self.fit_only}
 
     def coerce(self, value: Any, method: str) -> Any:
         where = f"parameter {self.name!r} of method {method!r}"
