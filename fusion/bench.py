@@ -12,7 +12,6 @@ loop on separate copies of the base model in the same run.
 
 from __future__ import annotations
 
-import copy
 import json
 import platform
 import resource

@@ -296,7 +296,8 @@ def merged_into(model: torch.nn.Module, plan: FusionPlan, reuse_buffers: bool | 
                     out = buffers.get((layer, name))
                     if out is None or out.shape != weight.shape or out.dtype != weight.dtype or \
                             out.device != weight.device:
-                        out = buffers[(layer, name)] = torch.empty_like(weight)
+                        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+                            out = buffers[(layer, name)] = torch.empty_like(weight)
                     merged = torch.addmm(weight, B, A, out=out)
                 else:
                     merged = torch.addmm(weight, B, A)

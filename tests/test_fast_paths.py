@@ -85,6 +85,13 @@ def test_successive_merges_with_reused_buffers_are_exact(engine, reuse):
             assert torch.equal(p, before[name]), name
     if reuse:
         assert engine.model.__dict__["_fusion_merge_buffers"]
+        # buffers first made under inference mode serve later merges outside it, and back
+        engine.model.__dict__["_fusion_merge_buffers"].clear()
+        plan = engine.plan(FusionRequest(*CASES[0][1:2], CASES[0][0], CASES[0][2]))
+        want = _logits(engine, plan, ids)
+        for mode in (True, False, True):
+            with torch.inference_mode(mode), merged_into(engine.model, plan, reuse_buffers=True) as merged_plan:
+                torch.testing.assert_close(_logits(engine, merged_plan, ids), want, atol=1e-5, rtol=1e-5)
 
 
 def test_dynamic_plans_refuse_to_merge(engine):

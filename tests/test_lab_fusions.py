@@ -20,7 +20,7 @@ from helpers import lora_state, write_lora
 
 from fusion.lab import math_data as md
 from fusion.lab import math_fit_data as mfd
-from fusion.lab import suite
+from fusion.lab import report, suite
 from fusion.lab.evaluate_math import final_number
 
 
@@ -59,11 +59,11 @@ def test_fit_examples_disjoint_from_evaluation(lang):
 
 # ---------------------------------------------------------------------------- statistics
 def test_wilson_interval_values():
-    assert suite.wilson(5, 10) == pytest.approx((0.236593, 0.763407), abs=1e-6)
-    assert suite.wilson(0, 10) == pytest.approx((0.0, 0.277533), abs=1e-6)
-    assert suite.wilson(10, 10) == pytest.approx((0.722467, 1.0), abs=1e-6)
-    assert suite.wilson(19, 48) == pytest.approx((0.270208, 0.536896), abs=1e-6)
-    assert suite.cell_text(5, 10) == "5/10 = 50% [24–76]"
+    assert report.wilson(5, 10) == pytest.approx((0.236593, 0.763407), abs=1e-6)
+    assert report.wilson(0, 10) == pytest.approx((0.0, 0.277533), abs=1e-6)
+    assert report.wilson(10, 10) == pytest.approx((0.722467, 1.0), abs=1e-6)
+    assert report.wilson(19, 48) == pytest.approx((0.270208, 0.536896), abs=1e-6)
+    assert report.cell_text(5, 10) == "5/10 = 50% [24–76]"
 
 
 # ---------------------------------------------------------------------------- a tiny library
@@ -170,7 +170,7 @@ def test_eval_command_writes_table_and_resumes(tiny_engine, tmp_path, monkeypatc
     args = _args(tmp_path)
     assert suite.cmd_eval(args, engine=tiny_engine, argv=["eval", "-n", "2"]) == 0
     text = (tmp_path / "results.md").read_text()
-    assert suite.BEGIN in text and suite.END in text
+    assert report.BEGIN in text and report.END in text
     assert "`python -m fusion eval -n 2`" in text
     assert "| Base | " in text and "/2 = " in text and "mean (es)" in text
     assert "— (not fitted)" in text  # no fitted fusions in this library
@@ -180,7 +180,7 @@ def test_eval_command_writes_table_and_resumes(tiny_engine, tmp_path, monkeypatc
     assert len(done) == 7
 
     # a hand-written part of the file outside the markers survives a rewrite
-    (tmp_path / "results.md").write_text("# Results\n\nintro\n\n" + text[text.index(suite.BEGIN):] + "\n## Judgement\nmine\n")
+    (tmp_path / "results.md").write_text("# Results\n\nintro\n\n" + text[text.index(report.BEGIN):] + "\n## Judgement\nmine\n")
     calls = []
     real = suite.greedy_replies
 
@@ -218,3 +218,24 @@ def test_app_default_uses_fitted_gates(tiny_engine):
     build_fusions(tiny_engine, langs=("es",), methods=("lora_flow",), mixlora=False, max_steps=1, examples=4,
                   progress_bar=False, log=lambda *a: None)
     assert default_selection(tiny_engine)["fusion"] == "es-math-flow"
+
+
+@pytest.mark.parametrize("lang", mfd.FIT_LANGUAGES)
+def test_fit_distribution_problems_use_fitting_templates_with_held_out_numbers(lang):
+    problems = suite.fit_distribution_problems(lang, 30, seed=0)
+    fit_ids = {t.id for t in mfd.FIT_TEMPLATES}
+    fitted = {(e.program, e.numbers) for e in mfd.fit_examples(lang, 200, seed=0)}
+    assert len(problems) == 30 and all(p.template in fit_ids and p.language == lang for p in problems)
+    for p in problems:
+        assert md.number_split(p.program, dict(p.numbers)) == "eval"
+        assert (p.program, p.numbers) not in fitted
+
+
+def test_fit_split_diagnostic_leaves_results_file_alone(tiny_engine, tmp_path, capsys):
+    args = _args(tmp_path, "--split", "fit", "--rows", "base", "task")
+    assert suite.cmd_eval(args, engine=tiny_engine, argv=["eval", "--split", "fit"]) == 0
+    assert not (tmp_path / "results.md").exists()
+    out = capsys.readouterr().out
+    assert "| Base | — (no fitting templates) | " in out and "/2 = " in out
+    cache = json.loads((tmp_path / "cache.json").read_text())
+    assert sorted(cache) == ["math-fit|base|es|seed=0|tokens=4", "math-fit|task|es|seed=0|tokens=4"]

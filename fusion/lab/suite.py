@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shlex
 import sys
@@ -34,43 +33,14 @@ from pathlib import Path
 
 import torch
 
+from .report import LANGS, ROWS, TARGET_LANGS, fits_table, results_block, table, write_results
+
 REPO = Path(__file__).resolve().parents[2]
-LANGS = ("en", "es", "ru", "zh")
-TARGET_LANGS = ("es", "ru", "zh")
-ROWS = {  # key -> label
-    "base": "Base",
-    "lang": "Language LoRA alone (lang-xx)",
-    "task": "Task LoRA alone (task-math / task-code)",
-    "linear": "Linear average (0.5 · lang + 0.5 · task)",
-    "ties": "TIES (density 0.5)",
-    "lorahub": "LoraHub (fitted)",
-    "cat": "CAT (fitted)",
-    "lora_flow": "LoRA-Flow (fitted gates)",
-    "mixlora": "MixLoRA (multi-task, 8 experts top-2)",
-}
 CODE_ROWS = ("base", "task")
 FITTED = {"lorahub": "lorahub", "cat": "cat", "lora_flow": "flow"}
 SUITES = ("math",)
 
 
-# ---------------------------------------------------------------------------- statistics
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95 % Wilson score interval of a binomial proportion k/n."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def cell_text(k: int, n: int) -> str:
-    lo, hi = wilson(k, n)
-    return f"{k}/{n} = {100 * k / n:.0f}% [{100 * lo:.0f}–{100 * hi:.0f}]"
-
-
-# ---------------------------------------------------------------------------- requests
 def request_for(engine, row: str, lang: str | None, task: str = "math"):
     """(FusionRequest, None) or (None, reason the cell is empty)."""
     from ..engine import FusionRequest
@@ -244,11 +214,23 @@ def _evaluate_cell(engine, cache, key, fp, request, problems, score, question, m
     return items
 
 
+def fit_distribution_problems(lang: str, n: int, seed: int = 0):
+    """The fitting templates in `lang` with evaluation-split numbers (never fitted on)."""
+    from .math_data import _generate
+    from .math_fit_data import FIT_TEMPLATES
+
+    return _generate(FIT_TEMPLATES, lang, n, seed, "eval")
+
+
 def run_suite(engine, n: int = 24, langs=LANGS, rows=tuple(ROWS), seed: int = 0, max_new_tokens: int = 64,
               batch_size: int = 8, code_n: int = 20, code_max_new_tokens: int = 256,
               cache_path: str | Path | None = REPO / "runs" / "eval-cache.json", progress_bar: bool = True,
-              log=print) -> dict:
-    """Evaluate every (row, column) cell; returns {"math": {row: {lang: {k, n}|reason}}, "code": ...}."""
+              log=print, split: str = "eval") -> dict:
+    """Evaluate every (row, column) cell; returns {"math": {row: {lang: {k, n}|reason}}, "code": ...}.
+
+    split "eval": the evaluation templates (the table of docs/results.md). split "fit": a
+    diagnostic, the *fitting* templates of math_fit_data with evaluation-split numbers (held-out
+    numbers, seen phrasing): did a fitted fusion learn what it was fitted on?"""
     from tqdm.auto import tqdm
 
     from .evaluate_math import final_number, is_correct
@@ -264,8 +246,15 @@ def run_suite(engine, n: int = 24, langs=LANGS, rows=tuple(ROWS), seed: int = 0,
         if request is None:
             results["math"].setdefault(row, {})[lang] = reason
             continue
-        problems = eval_examples(lang, n, seed=seed)
-        key = f"math|{row}|{lang}|seed={seed}|tokens={max_new_tokens}"
+        if split == "fit":
+            if lang not in TARGET_LANGS:
+                results["math"].setdefault(row, {})[lang] = "no fitting templates"
+                continue
+            problems = fit_distribution_problems(lang, n, seed)
+            key = f"math-fit|{row}|{lang}|seed={seed}|tokens={max_new_tokens}"
+        else:
+            problems = eval_examples(lang, n, seed=seed)
+            key = f"math|{row}|{lang}|seed={seed}|tokens={max_new_tokens}"
         fp = fingerprint(engine, request)
         t0 = time.process_time()
 
@@ -278,7 +267,7 @@ def run_suite(engine, n: int = 24, langs=LANGS, rows=tuple(ROWS), seed: int = 0,
         results["math"].setdefault(row, {})[lang] = {"k": sum(i["correct"] for i in items), "n": len(items)}
         results["seconds"][f"{row}|{lang}"] = round(time.process_time() - t0, 1)
     bar.close()
-    if code_n:
+    if code_n and split == "eval":
         from .evaluate_code import problems as code_problems
         from .evaluate_code import program, question, run_program
 
@@ -303,105 +292,6 @@ def run_suite(engine, n: int = 24, langs=LANGS, rows=tuple(ROWS), seed: int = 0,
     return results
 
 
-# ---------------------------------------------------------------------------- the table
-def _fmt(cell) -> str:
-    if isinstance(cell, dict):
-        return cell_text(cell["k"], cell["n"])
-    return "—" if cell in (None, "no language LoRA", "—") else f"— ({cell})"
-
-
-def table(results: dict, langs=LANGS, rows=None) -> str:
-    rows = rows or list(results["math"])
-    targets = [l for l in langs if l in TARGET_LANGS]
-    code = any(isinstance(v, dict) for v in results.get("code", {}).values())
-    head = ["method"] + list(langs) + ([f"mean ({', '.join(targets)})"] if targets else []) + \
-        (["code pass@1 (HumanEval)"] if code else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = results["math"].get(row, {})
-        out = [ROWS.get(row, row)] + [_fmt(cells.get(l)) for l in langs]
-        if targets:
-            got = [cells.get(l) for l in targets]
-            if all(isinstance(c, dict) for c in got):
-                out.append(cell_text(sum(c["k"] for c in got), sum(c["n"] for c in got)))
-            else:
-                out.append("—")
-        if code:
-            out.append(_fmt(results["code"].get(row)))
-        lines.append("| " + " | ".join(out) + " |")
-    return "\n".join(lines)
-
-
-BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
-
-
-def fits_table(engine) -> str:
-    """What the library's fitted steps cost: one row per fusion artifact and trained MixLoRA."""
-    rows = []
-    for f in sorted(engine.fusions(), key=lambda f: f["name"]):
-        b = f["meta"].get("build")
-        if b:
-            rows.append((f["name"], f["method"], b))
-    for a in sorted(engine.adapters(), key=lambda a: a["name"]):
-        studio = Path(engine.library.adapters_dir) / a["name"] / "studio.json"
-        if a.get("kind") == "mixlora" and studio.is_file():
-            b = json.loads(studio.read_text(encoding="utf-8")).get("trained")
-            if b:
-                rows.append((a["name"], "mixlora", b))
-    if not rows:
-        return "(no fitted fusions in the library yet)"
-    lines = ["| artifact | method | examples | steps | wall s | CPU s | loss first→last 10 | seed |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, method, b in rows:
-        lines.append(f"| {name} | {method} | {b.get('examples')} | {b.get('steps')} | {b.get('seconds'):.0f} | "
-                     f"{b.get('cpu_seconds'):.0f} | {b.get('loss_first')}→{b.get('loss_last')} | {b.get('seed')} |")
-    return "\n".join(lines)
-
-
-def results_block(results: dict, command: str, n: int, seed: int, langs, code_n: int, max_new_tokens: int,
-                  engine_name: str, fits: str = "") -> str:
-    sizes = f"n = {n} problems per language cell"
-    if any(l in TARGET_LANGS for l in langs):
-        sizes += f" (mean column: {n * len([l for l in langs if l in TARGET_LANGS])} problems pooled)"
-    if code_n:
-        sizes += f"; code: the first {code_n} HumanEval problems"
-    return "\n".join([
-        BEGIN,
-        "",
-        f"Produced by `{command}` (base model: {engine_name}).",
-        "",
-        table(results, langs),
-        "",
-        f"Each cell: correct/total = accuracy [95 % Wilson interval]. {sizes}. Greedy decoding, "
-        f"{max_new_tokens} new tokens for math, exact match of the final number.",
-        "",
-        f"Split: the math evaluation set of `fusion/lab/math_data.py`: the 8 evaluation templates "
-        f"(authored separately in en/es/ru/zh, never used for training or fitting) with operand "
-        f"tuples from the evaluation side of the hash split, seed {seed}, the first n problems "
-        f"(the same problems and numbers in every language). Fusions were fitted on "
-        f"`fusion/lab/math_fit_data.py` (training templates, training numbers) only.",
-        "",
-        *(["Fitted artifacts in the library (from their metadata; LoraHub's steps are its "
-           "candidate evaluations):", "", fits, ""] if fits else []),
-        END,
-    ])
-
-
-def write_results(path: str | Path, block: str) -> None:
-    path = Path(path)
-    if path.is_file():
-        text = path.read_text(encoding="utf-8")
-        if BEGIN in text and END in text:
-            before, rest = text.split(BEGIN, 1)
-            after = rest.split(END, 1)[1]
-            path.write_text(before + block + after, encoding="utf-8")
-            return
-        path.write_text(text.rstrip() + "\n\n" + block + "\n", encoding="utf-8")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# Results\n\n" + block + "\n", encoding="utf-8")
-
-
 # ---------------------------------------------------------------------------- command line
 def add_eval_arguments(p) -> None:
     p.add_argument("--suite", default="math", choices=SUITES,
@@ -416,6 +306,9 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--cache", default=str(REPO / "runs" / "eval-cache.json"),
                    help="per-cell results, so an interrupted run continues ('' disables)")
+    p.add_argument("--split", default="eval", choices=("eval", "fit"),
+                   help="eval: the evaluation templates (the results table); fit: a diagnostic on the fitting "
+                        "templates with held-out numbers (not written by --out)")
     p.add_argument("--out", default=None, help="markdown file to write the table into (e.g. docs/results.md)")
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--threads", type=int, default=2)
@@ -434,8 +327,10 @@ def cmd_eval(args, engine=None, argv=None) -> int:
                         progress=lambda *a, **k: print(*a, file=sys.stderr))
     results = run_suite(engine, n=args.n, langs=args.langs, rows=args.rows, seed=args.seed,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, code_n=args.code_n,
-                        cache_path=args.cache or None)
+                        cache_path=args.cache or None, split=args.split)
     print(table(results, args.langs, args.rows))
+    if args.split != "eval":
+        return 0
     argv = sys.argv[1:] if argv is None else argv
     command = "python -m fusion " + " ".join(shlex.quote(a) for a in argv)
     if args.json:

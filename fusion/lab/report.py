@@ -1,0 +1,141 @@
+"""The results table of ``python -m fusion eval``: Wilson intervals, the markdown table, the
+fitted-artifact costs, and rewriting the block between the markers of docs/results.md."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..safe_io import atomic_write_text
+
+LANGS = ("en", "es", "ru", "zh")
+TARGET_LANGS = ("es", "ru", "zh")
+ROWS = {  # key -> label
+    "base": "Base",
+    "lang": "Language LoRA alone (lang-xx)",
+    "task": "Task LoRA alone (task-math / task-code)",
+    "linear": "Linear average (0.5 · lang + 0.5 · task)",
+    "ties": "TIES (density 0.5)",
+    "lorahub": "LoraHub (fitted)",
+    "cat": "CAT (fitted)",
+    "lora_flow": "LoRA-Flow (fitted gates)",
+    "mixlora": "MixLoRA (multi-task, 8 experts top-2)",
+}
+
+
+# ---------------------------------------------------------------------------- statistics
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval of a binomial proportion k/n."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def cell_text(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{k}/{n} = {100 * k / n:.0f}% [{100 * lo:.0f}–{100 * hi:.0f}]"
+
+
+# ---------------------------------------------------------------------------- requests
+# ---------------------------------------------------------------------------- the table
+def _fmt(cell) -> str:
+    if isinstance(cell, dict):
+        return cell_text(cell["k"], cell["n"])
+    return "—" if cell in (None, "no language LoRA", "—") else f"— ({cell})"
+
+
+def table(results: dict, langs=LANGS, rows=None) -> str:
+    rows = rows or list(results["math"])
+    targets = [l for l in langs if l in TARGET_LANGS]
+    code = any(isinstance(v, dict) for v in results.get("code", {}).values())
+    head = ["method"] + list(langs) + ([f"mean ({', '.join(targets)})"] if targets else []) + \
+        (["code pass@1 (HumanEval)"] if code else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = results["math"].get(row, {})
+        out = [ROWS.get(row, row)] + [_fmt(cells.get(l)) for l in langs]
+        if targets:
+            got = [cells.get(l) for l in targets]
+            if all(isinstance(c, dict) for c in got):
+                out.append(cell_text(sum(c["k"] for c in got), sum(c["n"] for c in got)))
+            else:
+                out.append("—")
+        if code:
+            out.append(_fmt(results["code"].get(row)))
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
+
+
+def fits_table(engine) -> str:
+    """What the library's fitted steps cost: one row per fusion artifact and trained MixLoRA."""
+    rows = []
+    for f in sorted(engine.fusions(), key=lambda f: f["name"]):
+        b = f["meta"].get("build")
+        if b:
+            rows.append((f["name"], f["method"], b))
+    for a in sorted(engine.adapters(), key=lambda a: a["name"]):
+        studio = Path(engine.library.adapters_dir) / a["name"] / "studio.json"
+        if a.get("kind") == "mixlora" and studio.is_file():
+            b = json.loads(studio.read_text(encoding="utf-8")).get("trained")
+            if b:
+                rows.append((a["name"], "mixlora", b))
+    if not rows:
+        return "(no fitted fusions in the library yet)"
+    lines = ["| artifact | method | examples | steps | wall s | CPU s | loss first→last 10 | seed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, method, b in rows:
+        lines.append(f"| {name} | {method} | {b.get('examples')} | {b.get('steps')} | {b.get('seconds'):.0f} | "
+                     f"{b.get('cpu_seconds'):.0f} | {b.get('loss_first')}→{b.get('loss_last')} | {b.get('seed')} |")
+    return "\n".join(lines)
+
+
+def results_block(results: dict, command: str, n: int, seed: int, langs, code_n: int, max_new_tokens: int,
+                  engine_name: str, fits: str = "") -> str:
+    sizes = f"n = {n} problems per language cell"
+    if any(l in TARGET_LANGS for l in langs):
+        sizes += f" (mean column: {n * len([l for l in langs if l in TARGET_LANGS])} problems pooled)"
+    if code_n:
+        sizes += f"; code: the first {code_n} HumanEval problems"
+    return "\n".join([
+        BEGIN,
+        "",
+        f"Produced by `{command}` (base model: {engine_name}).",
+        "",
+        table(results, langs),
+        "",
+        f"Each cell: correct/total = accuracy [95 % Wilson interval]. {sizes}. Greedy decoding, "
+        f"{max_new_tokens} new tokens for math, exact match of the final number.",
+        "",
+        f"Split: the math evaluation set of `fusion/lab/math_data.py`: the 8 evaluation templates "
+        f"(authored separately in en/es/ru/zh, never used for training or fitting) with operand "
+        f"tuples from the evaluation side of the hash split, seed {seed}, the first n problems "
+        f"(the same problems and numbers in every language). Fusions were fitted on "
+        f"`fusion/lab/math_fit_data.py` (training templates, training numbers) only.",
+        "",
+        *(["Fitted artifacts in the library (from their metadata; LoraHub's steps are its "
+           "candidate evaluations):", "", fits, ""] if fits else []),
+        END,
+    ])
+
+
+def write_results(path: str | Path, block: str) -> None:
+    path = Path(path)
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        if BEGIN in text and END in text:
+            before, rest = text.split(BEGIN, 1)
+            after = rest.split(END, 1)[1]
+            atomic_write_text(path, before + block + after)
+            return
+        atomic_write_text(path, text.rstrip() + "\n\n" + block + "\n")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "# Results\n\n" + block + "\n")
