@@ -226,8 +226,8 @@ def token_scores(trace: Trace, layer: int | None = None, slot: str | None = None
     scores = scores.clamp(-1.0, 1.0)
     # Tokens holding the first bytes of a split character are left empty, so the highlighted
     # reply reads as the text; the character itself sits on its last token.
-    return [("" if trace.tokens[trace.prompt_tokens + i] == PART_OF_NEXT else trace.tokens[trace.prompt_tokens + i],
-             round(float(s), 4)) for i, s in enumerate(scores)]
+    reply = trace.tokens[trace.prompt_tokens:]
+    return [("" if token == PART_OF_NEXT else token, round(float(s), 4)) for token, s in zip(reply, scores)]
 
 
 def loss_figure(losses: list[float], total_steps: int | None = None, title: str = "Training loss") -> go.Figure:

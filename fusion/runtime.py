@@ -68,10 +68,6 @@ class LowRankDelta:
             h = h * weights.index_select(-1, self.slot_of_rank)
         return add_low_rank(y, h, self.B)
 
-    def dense(self) -> torch.Tensor:
-        """(d_out, d_in) full delta; only valid for static deltas (no dynamic slot weights)."""
-        B = self.B if self.coef is None else self.B * self.coef
-        return B @ self.A
 
 
 @dataclass
@@ -331,12 +327,6 @@ def delta_factors(delta) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(delta, GroupMember):
         return delta.B, delta.group.A[delta.start:delta.end]
     return (delta.B if delta.coef is None else delta.B * delta.coef), delta.A
-
-
-def dense_delta(delta) -> torch.Tensor:
-    """(d_out, d_in) full update of a static delta, plain or grouped."""
-    B, A = delta_factors(delta)
-    return B @ A
 
 
 class ModelLock:

@@ -118,12 +118,12 @@ class StudioEngine:
         except FusionError as exc:
             return _error(str(exc))
         with_trace = bool(body.get("trace", True))
-        cancel = threading.Event()
 
         def lines():
+            # Generation is pulled token by token: a client that goes away stops it at the next token.
             try:
                 for event in self.engine.stream(request, messages, sampling, system=body.get("system") or None,
-                                                cancel=cancel, trace=with_trace):
+                                                trace=with_trace):
                     data = event_to_dict(event, with_trace and event.done)
                     data["replica"] = self.replica
                     yield json.dumps(data) + "\n"
@@ -132,14 +132,8 @@ class StudioEngine:
             except Exception as exc:  # noqa: BLE001 - reported to the client, replica keeps serving
                 yield json.dumps({"error": f"unexpected error on replica {self.replica} "
                                            f"({type(exc).__name__}: {exc})"}) + "\n"
-            finally:
-                cancel.set()  # a client that went away stops the generation at its next token
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
-
-    def check_health(self):
-        if self.engine is None:
-            raise RuntimeError("engine not loaded")
 
 
 def replica_options(args) -> dict:
@@ -180,19 +174,6 @@ def stop() -> None:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-
-
-def replica_pids() -> dict[str, int]:
-    """Replica id -> process id of the running deployment's replicas (from Ray's actor table)."""
-    from ray.util.state import list_actors
-
-    pids = {}
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
-        name = actor.get("name") if isinstance(actor, dict) else actor.name
-        if name and "StudioEngine" in name:
-            pid = actor.get("pid") if isinstance(actor, dict) else actor.pid
-            pids[name] = pid
-    return pids
 
 
 def main(args) -> int:
