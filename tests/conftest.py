@@ -7,6 +7,8 @@ taken before the engine exists; references are always built from that copy.
 from __future__ import annotations
 
 import copy
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,14 +16,29 @@ import pytest
 import torch
 
 from fixtures_formats import tiny_tokenizer
-from helpers import MODULES, lora_state, tiny_model, write_lora
+from helpers import MODULES, TEST_SEED, lora_state, tiny_model, write_lora
 
 # Tiny models gain nothing from intra-op threads, and on a busy machine idle-spinning
-# worker threads cost several times the actual work.
-torch.set_num_threads(1)
+# worker threads cost several times the actual work. LORA_STUDIO_TEST_THREADS changes it, to
+# measure how a numeric test's figures move with the thread count (docs/testing.md).
+torch.set_num_threads(int(os.environ.get("LORA_STUDIO_TEST_THREADS", "1")))
 
 LAYERS = 3
 HIDDEN = 32
+
+
+@pytest.fixture()
+def figures(request) -> dict:
+    """A numeric test puts the figures it asserts on here; with LORA_STUDIO_FIGURES=FILE set they
+    are appended to FILE as one JSON line per test (also when the test fails)."""
+    recorded: dict = {}
+    yield recorded
+    path = os.environ.get("LORA_STUDIO_FIGURES")
+    if path and recorded:
+        row = {"test": request.node.nodeid, "seed": TEST_SEED, "threads": torch.get_num_threads(),
+               "capability": torch.backends.cpu.get_cpu_capability(), **recorded}
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(row) + "\n")
 
 
 @dataclass(frozen=True)

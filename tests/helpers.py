@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Seed of the data and training in the numeric tests (marked `numeric`); tests/measure_margins.py
+# sweeps it, with thread counts and CPU paths, to measure the spread of what they assert.
+TEST_SEED = int(os.environ.get("LORA_STUDIO_TEST_SEED", "0"))
 
 
 def tiny_config(layers: int = 3, hidden: int = 32, vocab: int = 96):

@@ -3,8 +3,9 @@ some bad inputs) from four clients at once against the app launched on a loopbac
 must stay up, every greedy reply must equal the same request's reply run alone, every bad input
 must get its one-line error, and resident memory must stop growing once warmed up.
 
-Bounded: at most REQUESTS requests and SECONDS seconds, whichever comes first; the figures are
-printed (run with -s to see them).
+Bounded by count, not by time: exactly REQUESTS requests, so what is checked does not depend on
+how fast the machine is; HANG_SECONDS only stops a server that hangs. The figures are printed (run
+with -s to see them).
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ from app_fixtures import MIXLORA, app_engine, app_url  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*(no_silent_downcasting|copy keyword)")
 
-REQUESTS = 300  # at most, warm-up included
+REQUESTS = 160  # warm-up included (about 45 s on 2 idle cores)
 WARMUP = 40
-SECONDS = 60.0  # soak time budget, warm-up included
-MIN_REQUESTS = 100  # fewer than this means the server (or the machine) is far too slow
-MAX_RSS_GROWTH_MB = 150
+HANG_SECONDS = 900.0  # twenty times the idle-machine time: past this the server is hung, not slow
+MAX_RSS_GROWTH_MB = 150  # measured growth after warm-up: +17 MB (docs/testing.md)
 CLIENTS = 4
 PROMPTS = ("Name three colours.", "What is 2 + 3?")
 
@@ -108,7 +108,7 @@ def test_soak_mixed_requests_stay_correct_and_memory_levels_off(app_engine, app_
         while True:
             with lock:
                 index = position["next"]
-                if index >= upto or time.perf_counter() - began > SECONDS:
+                if index >= upto or time.perf_counter() - began > HANG_SECONDS:
                     return
                 position["next"] += 1
             kind, which = schedule[index]
@@ -153,7 +153,7 @@ def test_soak_mixed_requests_stay_correct_and_memory_levels_off(app_engine, app_
             assert isinstance(result, AppError), result
             message = str(result)
             assert BAD_REQUESTS[which][1] in message and "Traceback" not in message and "\n" not in message.strip()
-    assert done >= MIN_REQUESTS, f"only {done} requests in {seconds:.0f} s"
+    assert done == REQUESTS, f"the server hung: {done} of {REQUESTS} requests in {seconds:.0f} s"
     assert {kind for kind, _, _ in outcomes} == {"good", "bad", "list"}
     assert rss_end - rss_warm < MAX_RSS_GROWTH_MB
     # Still up and still right after the soak.
