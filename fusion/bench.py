@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .engine import Engine, FusionRequest
-from .runtime import Run, activate, merged_into
+from .runtime import Run, activate
 from .safe_io import first_line
 
 PROMPT = "Write a short story about a dragon who learns to count."
@@ -121,11 +121,8 @@ class Case:
     def measure(self, ids: torch.Tensor, tokens: int) -> dict:
         if self.model is not None:  # a reference implementation on its own model copy
             return decode_speed(self.model, ids, tokens)
-        plan = self.engine.plan(self.request)
-        if self.merge:
-            with merged_into(self.engine.model, plan) as merged:
-                return decode_speed(self.engine.model, ids, tokens, Run(merged))
-        return decode_speed(self.engine.model, ids, tokens, Run(plan))
+        with self.engine.using(self.engine.plan(self.request), merge=self.merge) as plan:
+            return decode_speed(self.engine.model, ids, tokens, Run(plan))
 
 
 def _reference_models(engine: Engine, base_folder: str, loras: list[Path], mixlora_folder: Path, wanted: set,
@@ -208,11 +205,11 @@ def run_bench(model: str = "default", device: str = "cpu", dtype: str = "float32
     long_ids = torch.randint(100, 1000, (1, prefill), generator=torch.Generator().manual_seed(0)).to(engine.base.device)
     def switch_time(case: Case) -> float:
         """A method change with the adapters already loaded: build the plan, merge and restore."""
-        engine._plans.clear()
+        engine.clear_plan_cache()
         start = time.perf_counter()
         plan = engine.plan(case.request)
         if case.merge:
-            with merged_into(engine.model, plan):
+            with engine.using(plan, merge=True):
                 pass
         return time.perf_counter() - start
 

@@ -28,7 +28,6 @@ import shlex
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -102,24 +101,6 @@ def fingerprint(engine, request) -> str:
 
 
 # ---------------------------------------------------------------------------- generation
-@contextmanager
-def _plan_in_use(engine, plan):
-    """As Engine.stream_ids: a static plan is merged into the weights while the model is idle
-    (exact restore afterwards), anything else runs per request as low-rank factors."""
-    from .. import runtime
-
-    lock = engine._model_lock
-    if plan.is_static and plan.deltas and engine.merge_static == "auto" and lock.try_exclusive():
-        try:
-            with runtime.merged_into(engine.model, plan) as merged:
-                yield merged
-        finally:
-            lock.release_exclusive()
-    else:
-        with lock.shared():
-            yield plan
-
-
 @torch.inference_mode()
 def greedy_replies(engine, request, questions: list[str], max_new_tokens: int = 64,
                    batch_size: int = 8) -> list[str]:
@@ -135,7 +116,7 @@ def greedy_replies(engine, request, questions: list[str], max_new_tokens: int = 
     device = next(model.parameters()).device
     prompts = [engine.encode_messages(q) for q in questions]
     replies = []
-    with _plan_in_use(engine, engine.plan(request)) as plan:
+    with engine.using(engine.plan(request)) as plan:
         run = Run(plan)
         for first in range(0, len(prompts), batch_size):
             chunk = prompts[first:first + batch_size]
