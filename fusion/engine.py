@@ -20,7 +20,7 @@ from .errors import FusionError
 from .generate import stream_tokens
 from .library import Library, check_name
 from .limits import LIMITS
-from .methods import METHODS, BuildContext, get_method
+from .methods import METHODS, BuildContext, FitResult, get_method
 from .model import DEFAULT_MODEL, load_base_model
 from .runtime import FusionPlan, Run, activate
 from .safe_io import atomic_folder
@@ -235,27 +235,27 @@ class Engine(Backend):
         start = time.perf_counter()
         with self._model_lock.shared():
             result = self._fit_locked(method, adapter_objs, examples, coerced, train, options, on_progress, cancel)
-        meta = dict(result.get("meta", {}))
+        meta = dict(result.meta)
         meta.update({"examples": len(examples), "seconds": round(time.perf_counter() - start, 2),
-                     "losses": [round(x, 5) for x in result.get("losses", [])],
+                     "losses": [round(x, 5) for x in result.losses],
                      "cancelled": bool(cancel is not None and cancel.is_set()),
                      "base_model": self.base.name})
-        if result.get("param_ref"):
-            meta["param_ref"] = result["param_ref"]
+        if result.param_ref:
+            meta["param_ref"] = result.param_ref
         if method.fit_from_scratch:
             return self._save_trained_adapter(method_name, result, coerced, meta, save_as, out, overwrite)
-        params_out = {k: v for k, v in {**coerced, **result.get("params", {})}.items()
-                      if v not in (None, "") and k != result.get("param_ref")}
+        params_out = {k: v for k, v in {**coerced, **result.params}.items()
+                      if v not in (None, "") and k != result.param_ref}
         artifact = FusionArtifact(name=save_as or (Path(out).name if out else f"{method_name}-fit"),
                                   method=method_name, adapters=[a.name for a in adapter_objs],
-                                  params=params_out, tensors=result.get("tensors", {}), meta=meta)
+                                  params=params_out, tensors=result.tensors, meta=meta)
         if save_as:
             artifact = self.library.save_fusion(artifact, overwrite=overwrite)
         elif out:
             save_artifact(artifact, out, overwrite=overwrite)
         return artifact
 
-    def _fit_locked(self, method, adapters, examples, params, train, options, on_progress, cancel) -> dict:
+    def _fit_locked(self, method, adapters, examples, params, train, options, on_progress, cancel) -> FitResult:
         """Training runs forwards on the shared model, so it must never see merged weights."""
         return method.fit(self.ctx, adapters, examples, params,
                           {"train": dict(train or {}), "pad_id": self.tokenizer.pad_token_id, **options},
@@ -265,10 +265,10 @@ class Engine(Backend):
         name = save_as or (Path(out).name if out else f"{method_name}-trained")
         artifact = FusionArtifact(name=name, method=method_name, adapters=[name], params={}, meta=meta)
         if save_as:
-            self.library.save_adapter(save_as, result["save_adapter"], overwrite=overwrite)
+            self.library.save_adapter(save_as, result.save_adapter, overwrite=overwrite)
             artifact.path = str(self.library.adapters_dir / save_as)
         elif out:
             with atomic_folder(out, overwrite=overwrite) as tmp:
-                result["save_adapter"](tmp)
+                result.save_adapter(tmp)
             artifact.path = str(out)
         return artifact

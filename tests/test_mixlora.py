@@ -208,9 +208,9 @@ def test_training_lowers_loss_and_reference_package_loads_the_result(tmp_path, m
                         {"train": {"lr": 1e-2, "batch_size": 4, "epochs": 10, "max_steps": 16,
                                    "warmup_ratio": 0.0}, "pad_id": 0},
                         on_progress=steps.append)
-    assert len(result["losses"]) == 16 and steps[-1].step == 16
+    assert len(result.losses) == 16 and steps[-1].step == 16
     assert len(masks) == 16 and all(m is not None for m in masks) and any((m == 0).any() for m in masks)
-    adapter = engine.library.save_adapter("trained", result["save_adapter"])
+    adapter = engine.library.save_adapter("trained", result.save_adapter)
     assert adapter.kind == "mixlora" and adapter.num_experts == 4
     after = mean_answer_loss(model, Run(engine.plan(FusionRequest(["trained"], "mixlora"))), examples, 0, "cpu")
     assert after < 0.5 * before, (before, after)

@@ -24,7 +24,7 @@ from ..adapters import ALL_MODULES
 from ..errors import FusionError
 from ..library import register_loader
 from ..runtime import FusionPlan, LowRankDelta, Run
-from .base import BuildContext, FusionMethod, Param
+from .base import BuildContext, FitResult, FusionMethod, Param
 from .mixlora_checkpoint import MAX_EXPERTS, MixLoraAdapter, activation, load_mixlora
 
 
@@ -176,7 +176,7 @@ class MixLoraMethod(FusionMethod):
                               f"{adapter.name!r} has only {adapter.num_experts} experts")
         return plan_from_adapter(ctx, adapter, top_k, name=self.name)
 
-    def fit(self, ctx, adapters, examples, params, options, on_progress=None, cancel=None) -> dict:
+    def fit(self, ctx, adapters, examples, params, options, on_progress=None, cancel=None) -> FitResult:
         from .mixlora_training import fit_mixlora
         return fit_mixlora(ctx, examples, params, options, on_progress, cancel)
 
