@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from .errors import FusionError
 from .safe_io import atomic_folder, load_tensor_file, read_json
@@ -31,8 +32,6 @@ class FusionArtifact:
 
 
 def save_artifact(artifact: FusionArtifact, folder: str | Path, overwrite: bool = False) -> Path:
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         doc = {"format": FORMAT_VERSION, "name": artifact.name, "method": artifact.method,

@@ -16,11 +16,15 @@ import json
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from .engine import Engine, FusionRequest
 from .runtime import Run, activate
@@ -41,8 +45,6 @@ def _linear_shapes(model) -> dict[str, tuple[int, int]]:
 
 
 def write_random_lora(folder: Path, model, rank: int = 8, alpha: int = 16, seed: int = 0, std: float = 0.02):
-    from safetensors.torch import save_file
-
     g = torch.Generator().manual_seed(seed)
     state = {}
     for layer in range(model.config.num_hidden_layers):
@@ -89,8 +91,6 @@ def _sync(device) -> None:
 @torch.inference_mode()
 def decode_speed(model, input_ids: torch.Tensor, tokens: int, run: Run | None = None) -> dict:
     """Greedy decode `tokens` tokens after a prefill; returns tokens/s, prefill and first-token time."""
-    from transformers import DynamicCache
-
     device = input_ids.device
     cache = DynamicCache(config=model.config)
     _sync(device)
@@ -127,15 +127,12 @@ class Case:
 
 def _reference_models(engine: Engine, base_folder: str, loras: list[Path], mixlora_folder: Path, wanted: set,
                       log) -> list[Case]:
-    from transformers import AutoModelForCausalLM
-
     cases = []
 
     def fresh():
         return AutoModelForCausalLM.from_pretrained(base_folder, dtype=engine.base.dtype).to(engine.base.device).eval()
 
     if "peft" in wanted:
-        from peft import PeftModel
         one = PeftModel.from_pretrained(fresh(), str(loras[1]), adapter_name="t").eval()
         cases.append(Case("peft single (unmerged)", model=one, group="reference"))
         two = PeftModel.from_pretrained(fresh(), str(loras[0]), adapter_name="l")
@@ -144,7 +141,7 @@ def _reference_models(engine: Engine, base_folder: str, loras: list[Path], mixlo
         cases.append(Case("peft 2 LoRAs (unmerged)", model=two.eval(), group="reference"))
     if "xlora" in wanted:
         try:
-            from peft import XLoraConfig, get_peft_model
+            from peft import XLoraConfig, get_peft_model  # only in recent peft releases
             config = XLoraConfig(task_type="CAUSAL_LM", hidden_size=engine.model.config.hidden_size,
                                  xlora_depth=1, adapters={"0": str(loras[0]), "1": str(loras[1])})
             base = fresh()
@@ -155,7 +152,7 @@ def _reference_models(engine: Engine, base_folder: str, loras: list[Path], mixlo
             log(f"X-LoRA reference unavailable: {type(exc).__name__}: {first_line(exc, 160)}")
     if "mixlora" in wanted:
         try:
-            from mixlora import MixLoraModelForCausalLM
+            from mixlora import MixLoraModelForCausalLM  # the reference package, optional
             model, _ = MixLoraModelForCausalLM.from_pretrained(str(mixlora_folder))
             model = model.to(engine.base.device).eval()
             for layer in model.model.layers:  # its expert LoRAs sit outside the module tree
@@ -287,8 +284,6 @@ def format_table(result: dict) -> str:
 
 
 def main(args) -> int:
-    import sys
-
     log = (lambda *a, **k: print(*a, file=sys.stderr))
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     result = run_bench(args.model or "default", args.device, args.dtype, methods, args.tokens, args.repeats, args.prefill,

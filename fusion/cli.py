@@ -10,6 +10,9 @@ import threading
 
 from .errors import FusionError
 
+# Each command imports the engine (transformers and peft take seconds to import) or Ray when it
+# runs, so that `--help` and argument errors answer quickly.
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 

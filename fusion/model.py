@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from .errors import FusionError
-from .safe_io import atomic_folder, first_line
+from .safe_io import atomic_folder, first_line, read_json
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -69,8 +70,6 @@ def dense_default_copy(progress=print) -> Path:
     target = cache_dir() / "smollm2-135m-instruct-dense"
     if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = embedded_gguf_path()
     progress(f"dequantizing the embedded model {gguf.name} once (about 15 s); "
              f"the dense copy is cached in {target}")
@@ -132,12 +131,9 @@ def random_base_model(spec: str, dev: torch.device, torch_dtype: torch.dtype, pr
     """A randomly initialised Llama of a real model's shape (`llama-2-7b`, ...) or of a
     config.json, created directly on the device, with the embedded model's tokenizer (the
     vocabulary is sized to that tokenizer). For speed measurements only: it answers noise."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
     if spec in RANDOM_CONFIGS:
         fields = dict(RANDOM_CONFIGS[spec])
     elif Path(spec).expanduser().is_file():
-        from .safe_io import read_json
         fields = read_json(Path(spec).expanduser())
         fields = {k: v for k, v in fields.items() if k in LlamaConfig().to_dict() and k not in ("vocab_size",)}
     else:
@@ -160,8 +156,6 @@ def load_base_model(name: str = DEFAULT_MODEL, device: str | None = "cpu",
     Remote code is never trusted. Offline, a hub id that is not in the local cache
     fails with one sentence saying what to do.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     start = time.perf_counter()
     dev = resolve_device(device)
     torch_dtype = parse_dtype(dtype)

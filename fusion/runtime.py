@@ -9,6 +9,9 @@ threads never see each other's fusion and nothing shared is mutated.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -312,10 +315,6 @@ def merged_into(model: torch.nn.Module, plan: FusionPlan, reuse_buffers: bool | 
 def release_freed_memory() -> None:
     """Hand the merged weights' freed pages back to the system (glibc keeps them otherwise,
     so memory would swing by a weight copy per merged request)."""
-    import ctypes
-    import ctypes.util
-    import sys
-
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)

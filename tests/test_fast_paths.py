@@ -185,7 +185,7 @@ def test_concurrent_unmerged_requests_do_not_wait(engine):
 
 
 def test_mixlora_one_token_path_equals_the_expert_loop():
-    from fusion.methods.mixlora import routed_ffn
+    from fusion.methods.mixlora_ffn import routed_ffn
 
     model = tiny_model(seed=9, layers=1)
     mlp = model.model.layers[0].mlp

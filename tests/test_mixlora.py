@@ -13,7 +13,7 @@ from fusion.errors import FusionError
 from fusion.methods import get_method
 from fusion.methods.base import BuildContext
 from fusion.methods import mixlora_training
-from fusion.methods.mixlora import routed_ffn
+from fusion.methods.mixlora_ffn import routed_ffn
 from fusion.methods.mixlora_checkpoint import load_mixlora
 from fusion.methods.mixlora_training import load_balancing_loss
 from fusion.runtime import Run, activate
@@ -230,7 +230,7 @@ def test_training_lowers_loss_and_reference_package_loads_the_result(tmp_path, m
 def test_initial_adapter_is_the_base_model(base, tmp_path):
     """B starts at zero, so before any step MixLoRA computes exactly the base model."""
     from fusion.methods.mixlora_training import config_from_params, initial_adapter
-    from fusion.methods.mixlora import plan_from_adapter
+    from fusion.methods.mixlora_ffn import plan_from_adapter
 
     model, _ = base
     engine = make_engine(model, tmp_path)

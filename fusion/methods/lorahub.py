@@ -6,11 +6,13 @@ nevergrad's NGOpt: init 0, bounds +-1.5, budget 40, objective = few-shot cross-e
 + 0.05 * mean|w|, as in the reference implementation.
 """
 
+import time
+
 import torch
 
 from ..errors import FusionError
 from ..runtime import FusionPlan, LowRankDelta, Run
-from ..training import mean_answer_loss
+from ..training import Progress, mean_answer_loss
 from .base import BuildContext, FitResult, FusionMethod, Param, module_keys, resolve_weights, slot_weights_param
 
 
@@ -43,9 +45,6 @@ class LoraHubMethod(FusionMethod):
 
     def fit(self, ctx, adapters, examples, params, options, on_progress=None, cancel=None) -> FitResult:
         import nevergrad as ng
-
-        from ..training import Progress
-        import time
 
         k = len(adapters)
         budget = int(options.get("budget", 40))

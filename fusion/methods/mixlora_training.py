@@ -22,8 +22,8 @@ from ..errors import FusionError
 from ..runtime import Run, current_run
 from ..training import TrainConfig, train
 from .base import BuildContext, FitResult
-from .mixlora import plan_from_adapter
 from .mixlora_checkpoint import ExpertFactors, MixLoraAdapter, MixLoraConfig, linear_shape, save_mixlora
+from .mixlora_ffn import plan_from_adapter
 
 # Overridable through the fit's training options.
 TRAIN_DEFAULTS = {"lr": 3e-4, "epochs": 2, "batch_size": 4, "weight_decay": 0.0, "warmup_ratio": 0.05,
