@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,7 +94,6 @@ class BaseModel:
     name: str
     device: torch.device
     dtype: torch.dtype
-    load_seconds: float = 0.0
     info: dict = field(default_factory=dict)
 
     @property
@@ -156,12 +154,11 @@ def load_base_model(name: str = DEFAULT_MODEL, device: str | None = "cpu",
     Remote code is never trusted. Offline, a hub id that is not in the local cache
     fails with one sentence saying what to do.
     """
-    start = time.perf_counter()
     dev = resolve_device(device)
     torch_dtype = parse_dtype(dtype)
     if name and name.startswith("random:"):
         model, tokenizer = random_base_model(name.removeprefix("random:"), dev, torch_dtype, progress)
-        return _finish(model, tokenizer, name, dev, torch_dtype, start, "", progress)
+        return _finish(model, tokenizer, name, dev, torch_dtype, "", progress)
     if name in (None, "", DEFAULT_MODEL):
         folder, display = dense_default_copy(progress), DEFAULT_MODEL_NAME
     elif Path(name).expanduser().is_dir():
@@ -183,10 +180,10 @@ def load_base_model(name: str = DEFAULT_MODEL, device: str | None = "cpu",
                               "download it first (huggingface-cli download) or pass a local "
                               "folder with --model") from None
         raise FusionError(f"cannot load model {name!r}: {first_line(exc)}") from None
-    return _finish(model, tokenizer, display, dev, torch_dtype, start, str(folder), progress)
+    return _finish(model, tokenizer, display, dev, torch_dtype, str(folder), progress)
 
 
-def _finish(model, tokenizer, display, dev, torch_dtype, start, source: str, progress) -> BaseModel:
+def _finish(model, tokenizer, display, dev, torch_dtype, source: str, progress) -> BaseModel:
     if getattr(model.config, "model_type", None) not in ("llama", "mistral", "qwen2"):
         progress(f"warning: model type {model.config.model_type!r} is not Llama-family; "
                  "fusion targets q/k/v/o/gate/up/down_proj by name")
@@ -196,4 +193,4 @@ def _finish(model, tokenizer, display, dev, torch_dtype, start, source: str, pro
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return BaseModel(model=model, tokenizer=tokenizer, name=display, device=dev, dtype=torch_dtype,
-                     load_seconds=time.perf_counter() - start, info={"source": source})
+                     info={"source": source})

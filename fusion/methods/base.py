@@ -206,13 +206,3 @@ def stacked_delta(ctx: BuildContext, adapters: list[LoraAdapter], key: tuple[int
         return LowRankDelta(A, B, slot_of_rank, coef)
     return LowRankDelta(A, B * coef, slot_of_rank, None)
 
-
-@dataclass
-class Examples:
-    """Tokenised training examples: input ids and a mask of the answer tokens."""
-
-    input_ids: list[torch.Tensor] = field(default_factory=list)
-    answer_mask: list[torch.Tensor] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
