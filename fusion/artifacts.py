@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors.torch import save_file
 
 from .errors import FusionError
 from .safe_io import atomic_folder, load_tensor_file, read_json
@@ -38,8 +38,9 @@ def save_artifact(artifact: FusionArtifact, folder: str | Path, overwrite: bool 
                "adapters": artifact.adapters, "params": artifact.params, "meta": artifact.meta}
         (tmp / "fusion.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
         if artifact.tensors:
-            save_file({k: v.detach().float().contiguous().cpu() for k, v in artifact.tensors.items()},
-                      str(tmp / "tensors.safetensors"))
+            # looked up on the module at call time, so a test can interrupt a save midway
+            safetensors.torch.save_file({k: v.detach().float().contiguous().cpu() for k, v in artifact.tensors.items()},
+                                        str(tmp / "tensors.safetensors"))
     artifact.path = str(folder)
     return folder
 
