@@ -120,13 +120,13 @@ def step_records(step: Step, settings: dict) -> tuple[list[dict], str]:
 
 def artifact_record(engine, step: Step) -> dict | None:
     """The build record of an existing artifact (None when absent or incomplete)."""
-    lib = engine.library
+    folders = engine.library_folders()
     if step.is_adapter:
-        path = Path(lib.adapters_dir) / step.name / "studio.json"
+        path = Path(folders.adapters) / step.name / "studio.json"
         if path.is_file():
             return json.loads(path.read_text(encoding="utf-8")).get("trained")
         return None
-    path = Path(lib.fusions_dir) / step.name / "fusion.json"
+    path = Path(folders.fusions) / step.name / "fusion.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8")).get("meta", {}).get("build")
     return None
@@ -218,18 +218,18 @@ def _publish_mixlora(engine, fitted: Path, name: str, record: dict) -> None:
     from ..safe_io import atomic_folder
 
     state = torch.load(fitted / "adapter_model.bin", weights_only=True)
-    with atomic_folder(Path(engine.library.adapters_dir) / name, overwrite=True) as tmp:
+    with atomic_folder(Path(engine.library_folders().adapters) / name, overwrite=True) as tmp:
         shutil.copy2(fitted / "adapter_config.json", tmp / "adapter_config.json")
         save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()},
                   str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         studio = {"role": "other", "skill": "math+languages",
                   "description": "MixLoRA (8 experts, top-2, r 8) trained multi-task: English math, "
                                  "es/ru/zh math and es/ru/zh language pairs mixed.",
-                  "base_model": engine.base.name, "trained": record}
+                  "base_model": engine.base_info().name, "trained": record}
         (tmp / "studio.json").write_text(json.dumps(studio, indent=2, ensure_ascii=False) + "\n",
                                          encoding="utf-8")
         _readable(tmp)
-    engine.library.rescan()
+    engine.rescan()
 
 
 def build_fusions(engine, langs=FIT_LANGS, methods=("lora_flow", "cat", "lorahub"), mixlora: bool = True,

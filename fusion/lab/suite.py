@@ -96,8 +96,8 @@ def fingerprint(engine, request) -> str:
         names = artifact.adapters
     else:
         names = request.adapters
-    paths += [Path(lib.adapters_dir) / n for n in names]
-    return hashlib.sha256((request.key() + engine.base.name + _files_digest(paths)).encode()).hexdigest()[:16]
+    paths += [Path(engine.library_folders().adapters) / n for n in names]
+    return hashlib.sha256((request.key() + engine.base_info().name + _files_digest(paths)).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- generation
@@ -318,6 +318,6 @@ def cmd_eval(args, engine=None, argv=None) -> int:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
     if args.out:
         write_results(args.out, results_block(results, command, args.n, args.seed, args.langs, args.code_n,
-                                              args.max_new_tokens, engine.base.name, fits_table(engine)))
+                                              args.max_new_tokens, engine.base_info().name, fits_table(engine)))
         print(f"wrote {args.out}")
     return 0
