@@ -210,10 +210,14 @@ def test_app_runs_on_the_backend(backend, local):
 # ---- one declared interface, two implementations ----------------------------------------------------
 @pytest.fixture(params=["in-process", "remote"])
 def either(request, local):
-    return local if request.param == "in-process" else RemoteEngine(request.getfixturevalue("backend"))
+    """(backend, the fusions folder it serves): tests above add to the replicas' copy."""
+    if request.param == "in-process":
+        return local, FUSIONS
+    return RemoteEngine(request.getfixturevalue("backend")), request.getfixturevalue("library") / "fusions"
 
 
 def test_both_backends_implement_the_declared_interface(either):
+    either, _ = either
     assert isinstance(either, Backend)
     operations = [name for name, value in vars(Backend).items() if callable(value) and not name.startswith("_")]
     assert len(operations) == 12, operations
@@ -239,15 +243,16 @@ def greedy_reference(engine: Engine, prompt: str, tokens: int) -> list[int]:
 
 
 def test_both_backends_give_the_same_answers(either, local):
+    either, fusions = either
     config = local.model.config
     info = either.base_info()
     assert (info.num_layers, info.hidden_size, info.device, info.dtype) == (
         config.num_hidden_layers, config.hidden_size, "cpu", "float32")
     assert info.name == local.base.name
     assert [a["name"] for a in either.adapters()] == sorted(p.name for p in ADAPTERS.iterdir())
-    assert [f["name"] for f in either.fusions()] == sorted(p.name for p in FUSIONS.iterdir())
+    assert [f["name"] for f in either.fusions()] == sorted(p.name for p in fusions.iterdir())
     assert either.library_errors() == {}
-    assert either.rescan() is None and len(either.fusions()) == len(list(FUSIONS.iterdir()))
+    assert either.rescan() is None and len(either.fusions()) == len(list(fusions.iterdir()))
     assert either.describe(FusionRequest(fusion="es-math-flow")) == RequestInfo(
         "lora_flow", ["lang-es", "task-math"], "es-math-flow")
     assert either.describe(FusionRequest(["lang-es"], "base")) == RequestInfo("base", [], None)
