@@ -141,7 +141,7 @@ def _reference_models(engine: Engine, base_folder: str, loras: list[Path], mixlo
         cases.append(Case("peft 2 LoRAs (unmerged)", model=two.eval(), group="reference"))
     if "xlora" in wanted:
         try:
-            from peft import XLoraConfig, get_peft_model  # only in recent peft releases
+            from peft import XLoraConfig, get_peft_model
             config = XLoraConfig(task_type="CAUSAL_LM", hidden_size=engine.model.config.hidden_size,
                                  xlora_depth=1, adapters={"0": str(loras[0]), "1": str(loras[1])})
             base = fresh()
