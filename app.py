@@ -20,8 +20,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
+from fusion.api import Backend  # noqa: E402
 from fusion.engine import Engine  # noqa: E402
 from fusion.errors import FusionError  # noqa: E402
+from fusion.remote import RemoteEngine  # noqa: E402
 from ui.adapters import build_adapters_tab, fusion_rows, library_rows, errors_text  # noqa: E402
 from ui.api import register_api  # noqa: E402
 from ui.chat import build_chat_tab  # noqa: E402
@@ -33,8 +35,8 @@ from ui.fit import build_fit_tab  # noqa: E402
 TITLE = "LoRA composition studio"
 
 
-def build_app(engine: Engine) -> gr.Blocks:
-    """The whole app around one loaded engine; the queue is configured, not launched."""
+def build_app(engine: Backend) -> gr.Blocks:
+    """The whole app around one engine, in this process or remote; the queue is configured, not launched."""
     studio = Studio(engine)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"## {TITLE}\nCompose LoRA adapters per request — static merges, fitted fusions and "
@@ -100,11 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def open_engine(args: argparse.Namespace):
+def open_engine(args: argparse.Namespace) -> Backend:
     """The in-process engine, or a client of remote replicas when --backend is given."""
     if args.backend:
-        from fusion.remote import RemoteEngine
-
         return RemoteEngine(args.backend)
     return Engine(model=args.model, device=args.device, dtype=args.dtype, adapters_dir=args.adapters,
                   fusions_dir=args.fusions)

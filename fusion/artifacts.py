@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from .errors import FusionError
@@ -31,16 +32,15 @@ class FusionArtifact:
 
 
 def save_artifact(artifact: FusionArtifact, folder: str | Path, overwrite: bool = False) -> Path:
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         doc = {"format": FORMAT_VERSION, "name": artifact.name, "method": artifact.method,
                "adapters": artifact.adapters, "params": artifact.params, "meta": artifact.meta}
         (tmp / "fusion.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
         if artifact.tensors:
-            save_file({k: v.detach().float().contiguous().cpu() for k, v in artifact.tensors.items()},
-                      str(tmp / "tensors.safetensors"))
+            # looked up on the module at call time, so a test can interrupt a save midway
+            safetensors.torch.save_file({k: v.detach().float().contiguous().cpu() for k, v in artifact.tensors.items()},
+                                        str(tmp / "tensors.safetensors"))
     artifact.path = str(folder)
     return folder
 

@@ -16,14 +16,18 @@ import json
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from .engine import Engine, FusionRequest
-from .runtime import Run, activate, merged_into
+from .runtime import Run, activate
 from .safe_io import first_line
 
 PROMPT = "Write a short story about a dragon who learns to count."
@@ -41,8 +45,6 @@ def _linear_shapes(model) -> dict[str, tuple[int, int]]:
 
 
 def write_random_lora(folder: Path, model, rank: int = 8, alpha: int = 16, seed: int = 0, std: float = 0.02):
-    from safetensors.torch import save_file
-
     g = torch.Generator().manual_seed(seed)
     state = {}
     for layer in range(model.config.num_hidden_layers):
@@ -89,8 +91,6 @@ def _sync(device) -> None:
 @torch.inference_mode()
 def decode_speed(model, input_ids: torch.Tensor, tokens: int, run: Run | None = None) -> dict:
     """Greedy decode `tokens` tokens after a prefill; returns tokens/s, prefill and first-token time."""
-    from transformers import DynamicCache
-
     device = input_ids.device
     cache = DynamicCache(config=model.config)
     _sync(device)
@@ -121,24 +121,18 @@ class Case:
     def measure(self, ids: torch.Tensor, tokens: int) -> dict:
         if self.model is not None:  # a reference implementation on its own model copy
             return decode_speed(self.model, ids, tokens)
-        plan = self.engine.plan(self.request)
-        if self.merge:
-            with merged_into(self.engine.model, plan) as merged:
-                return decode_speed(self.engine.model, ids, tokens, Run(merged))
-        return decode_speed(self.engine.model, ids, tokens, Run(plan))
+        with self.engine.using(self.engine.plan(self.request), merge=self.merge) as plan:
+            return decode_speed(self.engine.model, ids, tokens, Run(plan))
 
 
 def _reference_models(engine: Engine, base_folder: str, loras: list[Path], mixlora_folder: Path, wanted: set,
                       log) -> list[Case]:
-    from transformers import AutoModelForCausalLM
-
     cases = []
 
     def fresh():
         return AutoModelForCausalLM.from_pretrained(base_folder, dtype=engine.base.dtype).to(engine.base.device).eval()
 
     if "peft" in wanted:
-        from peft import PeftModel
         one = PeftModel.from_pretrained(fresh(), str(loras[1]), adapter_name="t").eval()
         cases.append(Case("peft single (unmerged)", model=one, group="reference"))
         two = PeftModel.from_pretrained(fresh(), str(loras[0]), adapter_name="l")
@@ -158,7 +152,7 @@ def _reference_models(engine: Engine, base_folder: str, loras: list[Path], mixlo
             log(f"X-LoRA reference unavailable: {type(exc).__name__}: {first_line(exc, 160)}")
     if "mixlora" in wanted:
         try:
-            from mixlora import MixLoraModelForCausalLM
+            from mixlora import MixLoraModelForCausalLM  # the reference package, optional
             model, _ = MixLoraModelForCausalLM.from_pretrained(str(mixlora_folder))
             model = model.to(engine.base.device).eval()
             for layer in model.model.layers:  # its expert LoRAs sit outside the module tree
@@ -208,11 +202,11 @@ def run_bench(model: str = "default", device: str = "cpu", dtype: str = "float32
     long_ids = torch.randint(100, 1000, (1, prefill), generator=torch.Generator().manual_seed(0)).to(engine.base.device)
     def switch_time(case: Case) -> float:
         """A method change with the adapters already loaded: build the plan, merge and restore."""
-        engine._plans.clear()
+        engine.clear_plan_cache()
         start = time.perf_counter()
         plan = engine.plan(case.request)
         if case.merge:
-            with merged_into(engine.model, plan):
+            with engine.using(plan, merge=True):
                 pass
         return time.perf_counter() - start
 
@@ -290,8 +284,6 @@ def format_table(result: dict) -> str:
 
 
 def main(args) -> int:
-    import sys
-
     log = (lambda *a, **k: print(*a, file=sys.stderr))
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     result = run_bench(args.model or "default", args.device, args.dtype, methods, args.tokens, args.repeats, args.prefill,

@@ -10,6 +10,9 @@ import threading
 
 from .errors import FusionError
 
+# Each command imports the engine (transformers and peft take seconds to import) or Ray when it
+# runs, so that `--help` and argument errors answer quickly.
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
@@ -93,13 +96,13 @@ def cmd_adapters(args) -> int:
     engine = _engine(args, quiet=args.json)
     rows = engine.adapters()
     if args.json:
-        print(json.dumps({"adapters": rows, "fusions": engine.fusions(), "errors": engine.library.errors}, indent=2))
+        print(json.dumps({"adapters": rows, "fusions": engine.fusions(), "errors": engine.library_errors()}, indent=2))
         return 0
     for a in rows:
         print(f"{a['name']:<16} {a['kind']:<8} {a['role']:<9} r={a['rank']:<4} {','.join(a['targets'])}")
     for f in engine.fusions():
         print(f"{f['name']:<16} fusion   {f['method']:<9} over {', '.join(f['adapters'])}")
-    for name, error in engine.library.errors.items():
+    for name, error in engine.library_errors().items():
         print(f"{name}: not loaded: {error}")
     return 0
 

@@ -7,37 +7,24 @@ import threading
 import time
 import unicodedata
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from . import runtime
+from .api import Backend, BaseInfo, FusionRequest, GenerationEvent, LibraryFolders, RequestInfo, Sampling
 from .artifacts import FusionArtifact, save_artifact
 from .errors import FusionError
-from .generate import GenerationEvent, Sampling, stream_tokens
+from .generate import stream_tokens
 from .library import Library, check_name
 from .limits import LIMITS
-from .methods import METHODS, BuildContext, get_method
+from .methods import METHODS, BuildContext, FitResult, get_method
 from .model import DEFAULT_MODEL, load_base_model
 from .runtime import FusionPlan, Run, activate
 from .safe_io import atomic_folder
 from .training import TrainConfig, encode_chat, parse_records, tokenize_records
-
-
-@dataclass
-class FusionRequest:
-    """Everything a request needs to fuse; nothing of it lives in shared state."""
-
-    adapters: list[str] = field(default_factory=list)
-    method: str = "base"
-    params: dict = field(default_factory=dict)
-    fusion: str | None = None  # a saved fitted fusion: supplies method, adapters and params
-
-    def key(self) -> str:
-        return json.dumps([self.fusion, self.method, list(self.adapters), self.params], sort_keys=True,
-                          default=str)
 
 
 def clean_text(text: str, what: str = "message") -> str:
@@ -52,7 +39,10 @@ def clean_text(text: str, what: str = "message") -> str:
     return text
 
 
-class Engine:
+class Engine(Backend):
+    """The `Backend` over a model loaded in this process. Beyond the protocol, in-process callers
+    (the CLI, export, the lab, benchmarks) use `plan`, `using`, `logits`, `model` and `library`."""
+
     def __init__(self, model: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str = "float32",
                  adapters_dir=None, fusions_dir=None, progress=print, base=None, merge_static: str = "auto"):
         """merge_static: "auto" merges a static fusion into the weights for the duration of a
@@ -81,6 +71,24 @@ class Engine:
     def fusions(self) -> list[dict]:
         return [f.summary() for f in self.library.fusions.values()]
 
+    def base_info(self) -> BaseInfo:
+        return BaseInfo(name=self.base.name, num_layers=self.base.num_layers, hidden_size=self.base.hidden_size,
+                        device=str(self.base.device), dtype=str(self.base.dtype).replace("torch.", ""))
+
+    def library_errors(self) -> dict[str, str]:
+        return dict(self.library.errors)
+
+    def library_folders(self) -> LibraryFolders:
+        return LibraryFolders(str(self.library.adapters_dir), str(self.library.fusions_dir))
+
+    def rescan(self) -> None:
+        self.library.rescan()
+
+    def import_adapter(self, source, name: str | None = None, role: str | None = None,
+                       overwrite: bool = False) -> dict:
+        adapter = self.library.import_adapter(source, name=name, role=role, overwrite=overwrite)
+        return adapter.summary()
+
     # ---- building a request's fusion ---------------------------------------------------
     def resolve(self, request: FusionRequest):
         """-> (method, adapters, coerced params). Raises FusionError on anything wrong."""
@@ -102,6 +110,10 @@ class Engine:
             raise FusionError("the same adapter was chosen twice; pick distinct adapters")
         return method, adapters, method.validate(adapters, params)
 
+    def describe(self, request: FusionRequest) -> RequestInfo:
+        method, adapters, _ = self.resolve(request)
+        return RequestInfo(method=method.name, adapters=[a.name for a in adapters], fusion=request.fusion)
+
     def plan(self, request: FusionRequest) -> FusionPlan:
         method, adapters, params = self.resolve(request)
         key = (self.library.version, method.name, tuple((a.name, a.path) for a in adapters),
@@ -118,6 +130,38 @@ class Engine:
             while len(self._plans) > 16:
                 self._plans.popitem(last=False)
         return plan
+
+    def clear_plan_cache(self) -> None:
+        """Forget built plans, so the next `plan` builds anew (adapters stay loaded)."""
+        with self._plans_lock:
+            self._plans.clear()
+
+    @contextmanager
+    def using(self, plan: FusionPlan, merge: bool | None = None) -> Iterator[FusionPlan]:
+        """Hold the model for running `plan`; yields the plan to run the model with.
+
+        merge=None, the serving policy: with merge_static "auto", a static plan is merged into the
+        weights while no other request uses the model (bit-exact restore afterwards); anything
+        else runs as low-rank factors next to other requests. merge=True merges or raises
+        FusionError (a dynamic plan, or a busy model); merge=False never merges.
+        """
+        if merge is None:
+            merge = bool(plan.is_static and plan.deltas and self.merge_static == "auto"
+                         and self._model_lock.try_exclusive())
+        elif merge:
+            if not plan.is_static:
+                raise FusionError(f"method {plan.method!r} fuses per token; it cannot be merged into the weights")
+            if not self._model_lock.try_exclusive():
+                raise FusionError("the model is busy with other requests; try again when it is idle")
+        if merge:
+            try:
+                with runtime.merged_into(self.model, plan) as merged:
+                    yield merged
+            finally:
+                self._model_lock.release_exclusive()
+            return
+        with self._model_lock.shared():
+            yield plan
 
     # ---- generation ----------------------------------------------------------------------
     def encode_messages(self, messages: list[dict] | str, system: str | None = None) -> list[int]:
@@ -147,24 +191,8 @@ class Engine:
 
     def stream_ids(self, request: FusionRequest, prompt_ids: list[int], sampling: Sampling,
                    cancel: threading.Event | None = None, trace: bool = True) -> Iterator[GenerationEvent]:
-        plan = self.plan(request)
-        if plan.is_static and plan.deltas and self.merge_static == "auto" and self._model_lock.try_exclusive():
-            try:
-                with runtime.merged_into(self.model, plan) as merged:
-                    yield from stream_tokens(self.model, self.tokenizer, Run(merged), prompt_ids, sampling,
-                                             cancel, trace)
-            finally:
-                self._model_lock.release_exclusive()
-            return
-        with self._model_lock.shared():
+        with self.using(self.plan(request)) as plan:
             yield from stream_tokens(self.model, self.tokenizer, Run(plan), prompt_ids, sampling, cancel, trace)
-
-    def generate(self, request: FusionRequest, messages, sampling: Sampling | None = None, **kwargs
-                 ) -> GenerationEvent:
-        event = None
-        for event in self.stream(request, messages, sampling, **kwargs):
-            pass
-        return event
 
     @torch.no_grad()
     def logits(self, request: FusionRequest, input_ids: torch.Tensor, record: bool = False):
@@ -207,27 +235,27 @@ class Engine:
         start = time.perf_counter()
         with self._model_lock.shared():
             result = self._fit_locked(method, adapter_objs, examples, coerced, train, options, on_progress, cancel)
-        meta = dict(result.get("meta", {}))
+        meta = dict(result.meta)
         meta.update({"examples": len(examples), "seconds": round(time.perf_counter() - start, 2),
-                     "losses": [round(x, 5) for x in result.get("losses", [])],
+                     "losses": [round(x, 5) for x in result.losses],
                      "cancelled": bool(cancel is not None and cancel.is_set()),
                      "base_model": self.base.name})
-        if result.get("param_ref"):
-            meta["param_ref"] = result["param_ref"]
+        if result.param_ref:
+            meta["param_ref"] = result.param_ref
         if method.fit_from_scratch:
             return self._save_trained_adapter(method_name, result, coerced, meta, save_as, out, overwrite)
-        params_out = {k: v for k, v in {**coerced, **result.get("params", {})}.items()
-                      if v not in (None, "") and k != result.get("param_ref")}
+        params_out = {k: v for k, v in {**coerced, **result.params}.items()
+                      if v not in (None, "") and k != result.param_ref}
         artifact = FusionArtifact(name=save_as or (Path(out).name if out else f"{method_name}-fit"),
                                   method=method_name, adapters=[a.name for a in adapter_objs],
-                                  params=params_out, tensors=result.get("tensors", {}), meta=meta)
+                                  params=params_out, tensors=result.tensors, meta=meta)
         if save_as:
             artifact = self.library.save_fusion(artifact, overwrite=overwrite)
         elif out:
             save_artifact(artifact, out, overwrite=overwrite)
         return artifact
 
-    def _fit_locked(self, method, adapters, examples, params, train, options, on_progress, cancel) -> dict:
+    def _fit_locked(self, method, adapters, examples, params, train, options, on_progress, cancel) -> FitResult:
         """Training runs forwards on the shared model, so it must never see merged weights."""
         return method.fit(self.ctx, adapters, examples, params,
                           {"train": dict(train or {}), "pad_id": self.tokenizer.pad_token_id, **options},
@@ -237,10 +265,10 @@ class Engine:
         name = save_as or (Path(out).name if out else f"{method_name}-trained")
         artifact = FusionArtifact(name=name, method=method_name, adapters=[name], params={}, meta=meta)
         if save_as:
-            self.library.save_adapter(save_as, result["save_adapter"], overwrite=overwrite)
+            self.library.save_adapter(save_as, result.save_adapter, overwrite=overwrite)
             artifact.path = str(self.library.adapters_dir / save_as)
         elif out:
             with atomic_folder(out, overwrite=overwrite) as tmp:
-                result["save_adapter"](tmp)
+                result.save_adapter(tmp)
             artifact.path = str(out)
         return artifact

@@ -14,24 +14,12 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import torch
+from safetensors.torch import save_file
 
 from .adapters import ATTENTION_MODULES
 from .errors import FusionError
-from .runtime import GroupMember, LowRankDelta, merged_into
+from .runtime import delta_factors
 from .safe_io import atomic_folder
-
-
-def _factors(delta) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A (r, d_in), B (d_out, r)) with every static scale folded into B."""
-    if isinstance(delta, GroupMember):
-        return delta.group.A[delta.start:delta.end], delta.B
-    if isinstance(delta, LowRankDelta):
-        if delta.slot_of_rank is not None:
-            raise FusionError("a dynamic fusion has no fixed factors to export")
-        B = delta.B if delta.coef is None else delta.B * delta.coef
-        return delta.A, B
-    raise FusionError(f"cannot export a delta of type {type(delta).__name__}")
 
 
 def _module_name(layer: int, module: str) -> str:
@@ -40,8 +28,6 @@ def _module_name(layer: int, module: str) -> str:
 
 
 def export_peft(engine, request, out: str | Path, overwrite: bool = False) -> Path:
-    from safetensors.torch import save_file
-
     plan = engine.plan(request)
     if not plan.is_static:
         raise FusionError(f"method {plan.method!r} fuses per token; only static fusions export as a LoRA "
@@ -50,7 +36,7 @@ def export_peft(engine, request, out: str | Path, overwrite: bool = False) -> Pa
         raise FusionError(f"method {plan.method!r} has no adapter delta to export")
     state, ranks = {}, {}
     for (layer, module), delta in sorted(plan.deltas.items()):
-        A, B = _factors(delta)
+        A, B = delta_factors(delta)
         name = _module_name(layer, module)
         state[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().cpu().contiguous()
         state[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().cpu().contiguous()
@@ -77,15 +63,8 @@ def export_peft(engine, request, out: str | Path, overwrite: bool = False) -> Pa
 def export_merged(engine, request, out: str | Path, overwrite: bool = False, max_shard_size: str = "2GB") -> Path:
     """The base model with the static fusion merged in: sharded safetensors, config, tokenizer."""
     plan = engine.plan(request)
-    if not plan.is_static:
-        raise FusionError(f"method {plan.method!r} fuses per token; it cannot be merged into the weights")
-    if not engine._model_lock.try_exclusive():
-        raise FusionError("the model is busy with other requests; export when it is idle")
-    try:
-        with atomic_folder(out, overwrite=overwrite) as tmp, merged_into(engine.model, plan):
-            engine.model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
-            if engine.tokenizer is not None:
-                engine.tokenizer.save_pretrained(str(tmp))
-    finally:
-        engine._model_lock.release_exclusive()
+    with engine.using(plan, merge=True), atomic_folder(out, overwrite=overwrite) as tmp:
+        engine.model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
+        if engine.tokenizer is not None:
+            engine.tokenizer.save_pretrained(str(tmp))
     return Path(out)

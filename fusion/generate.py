@@ -4,49 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
 
-from .errors import FusionError
-from .limits import LIMITS
+from .api import GenerationEvent, Sampling  # noqa: F401 - also imported from here
 from .runtime import Run, activate
-from .trace import Trace, build_trace
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-
-    def validate(self) -> "Sampling":
-        if not (1 <= int(self.max_new_tokens) <= LIMITS.max_new_tokens):
-            raise FusionError(f"max_new_tokens must lie in [1, {LIMITS.max_new_tokens}], got {self.max_new_tokens}")
-        if not (0.0 <= float(self.temperature) <= 5.0):
-            raise FusionError(f"temperature must lie in [0, 5], got {self.temperature}")
-        if not (0.0 < float(self.top_p) <= 1.0):
-            raise FusionError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if int(self.top_k) < 0:
-            raise FusionError(f"top_k must be 0 (off) or positive, got {self.top_k}")
-        return self
-
-
-@dataclass
-class GenerationEvent:
-    text: str  # the reply so far
-    delta: str  # what this event added
-    done: bool = False
-    finish_reason: str | None = None  # eos | length | stop | cancelled
-    token_ids: list[int] = field(default_factory=list)
-    prompt_tokens: int = 0
-    seconds_to_first_token: float | None = None
-    tokens_per_second: float | None = None
-    trace: Trace | None = None
-    replica: str | None = None  # the serving replica, when generated through fusion.remote
+from .trace import build_trace
 
 
 def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:

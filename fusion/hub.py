@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
 from .errors import FusionError
 from .safe_io import first_line
 
@@ -27,8 +29,6 @@ def split_ref(ref: str) -> tuple[str, str]:
 
 
 def download(repo_id: str, subpath: str, offline: bool) -> Path:
-    from huggingface_hub import snapshot_download
-
     patterns = None if not subpath else [subpath, f"{subpath}/*"]
     folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline)
     return Path(folder) / subpath if subpath else Path(folder)

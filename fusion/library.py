@@ -7,6 +7,7 @@ shows a half-written entry.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import threading
@@ -164,7 +165,6 @@ class Library:
                                                         "adapter_model.bin", "studio.json", "README.md"):
                         shutil.copy2(item, tmp / item.name)
                 if role:
-                    import json
                     meta = read_json(tmp / "studio.json") if (tmp / "studio.json").is_file() else {}
                     meta["role"] = role
                     (tmp / "studio.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from .errors import FusionError
-from .safe_io import atomic_folder, first_line
+from .safe_io import atomic_folder, first_line, read_json
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -69,8 +69,6 @@ def dense_default_copy(progress=print) -> Path:
     target = cache_dir() / "smollm2-135m-instruct-dense"
     if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = embedded_gguf_path()
     progress(f"dequantizing the embedded model {gguf.name} once (about 15 s); "
              f"the dense copy is cached in {target}")
@@ -96,7 +94,6 @@ class BaseModel:
     name: str
     device: torch.device
     dtype: torch.dtype
-    load_seconds: float = 0.0
     info: dict = field(default_factory=dict)
 
     @property
@@ -132,12 +129,9 @@ def random_base_model(spec: str, dev: torch.device, torch_dtype: torch.dtype, pr
     """A randomly initialised Llama of a real model's shape (`llama-2-7b`, ...) or of a
     config.json, created directly on the device, with the embedded model's tokenizer (the
     vocabulary is sized to that tokenizer). For speed measurements only: it answers noise."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
     if spec in RANDOM_CONFIGS:
         fields = dict(RANDOM_CONFIGS[spec])
     elif Path(spec).expanduser().is_file():
-        from .safe_io import read_json
         fields = read_json(Path(spec).expanduser())
         fields = {k: v for k, v in fields.items() if k in LlamaConfig().to_dict() and k not in ("vocab_size",)}
     else:
@@ -160,14 +154,11 @@ def load_base_model(name: str = DEFAULT_MODEL, device: str | None = "cpu",
     Remote code is never trusted. Offline, a hub id that is not in the local cache
     fails with one sentence saying what to do.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    start = time.perf_counter()
     dev = resolve_device(device)
     torch_dtype = parse_dtype(dtype)
     if name and name.startswith("random:"):
         model, tokenizer = random_base_model(name.removeprefix("random:"), dev, torch_dtype, progress)
-        return _finish(model, tokenizer, name, dev, torch_dtype, start, "", progress)
+        return _finish(model, tokenizer, name, dev, torch_dtype, "", progress)
     if name in (None, "", DEFAULT_MODEL):
         folder, display = dense_default_copy(progress), DEFAULT_MODEL_NAME
     elif Path(name).expanduser().is_dir():
@@ -189,10 +180,10 @@ def load_base_model(name: str = DEFAULT_MODEL, device: str | None = "cpu",
                               "download it first (huggingface-cli download) or pass a local "
                               "folder with --model") from None
         raise FusionError(f"cannot load model {name!r}: {first_line(exc)}") from None
-    return _finish(model, tokenizer, display, dev, torch_dtype, start, str(folder), progress)
+    return _finish(model, tokenizer, display, dev, torch_dtype, str(folder), progress)
 
 
-def _finish(model, tokenizer, display, dev, torch_dtype, start, source: str, progress) -> BaseModel:
+def _finish(model, tokenizer, display, dev, torch_dtype, source: str, progress) -> BaseModel:
     if getattr(model.config, "model_type", None) not in ("llama", "mistral", "qwen2"):
         progress(f"warning: model type {model.config.model_type!r} is not Llama-family; "
                  "fusion targets q/k/v/o/gate/up/down_proj by name")
@@ -202,4 +193,4 @@ def _finish(model, tokenizer, display, dev, torch_dtype, start, source: str, pro
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return BaseModel(model=model, tokenizer=tokenizer, name=display, device=dev, dtype=torch_dtype,
-                     load_seconds=time.perf_counter() - start, info={"source": source})
+                     info={"source": source})

@@ -1,11 +1,10 @@
-"""A client for engine replicas served over HTTP (`python -m fusion serve`), shaped like `Engine`.
+"""A client for engine replicas served over HTTP (`python -m fusion serve`): a `Backend`.
 
-`RemoteEngine(url)` offers what the app uses of an engine — methods(), adapters(), fusions(),
-resolve(), stream(), generate(), base, library.errors — so `python app.py --backend URL` runs the
-same UI against a Ray Serve deployment. Only the standard library is used here: the app needs no
-Ray. Generation streams newline-delimited JSON events; a reply that breaks off because its
-replica died is asked again (replies are regenerated from scratch, so a greedy reply comes out the
-same), and a backend that stays unreachable gives one clear error.
+`RemoteEngine(url)` offers the operations of `fusion.api.Backend`, so `python app.py --backend URL`
+runs the same UI against a Ray Serve deployment. Only the standard library is used here: the app
+needs no Ray. Generation streams newline-delimited JSON events; a reply that breaks off because
+its replica died is asked again (replies are regenerated from scratch, so a greedy reply comes out
+the same), and a backend that stays unreachable gives one clear error.
 Fitting and importing write to the serving host's library and are done there.
 """
 
@@ -16,70 +15,12 @@ import json
 import threading
 import time
 import urllib.parse
-from dataclasses import asdict
 from types import SimpleNamespace
 from typing import Iterator
 
+from .api import (Backend, BaseInfo, FusionRequest, GenerationEvent, LibraryFolders, RequestInfo, Sampling,
+                  event_from_dict, request_to_dict, sampling_to_dict)
 from .errors import FusionError
-from .generate import GenerationEvent, Sampling
-from .trace import Trace
-
-NDJSON = "application/x-ndjson"
-
-
-# ---- the wire format, shared with fusion/serve.py ------------------------------------------
-def request_to_dict(request) -> dict:
-    return {"adapters": list(request.adapters), "method": request.method, "params": dict(request.params or {}),
-            "fusion": request.fusion}
-
-
-def request_from_dict(data: dict):
-    from .engine import FusionRequest
-
-    if not isinstance(data, dict):
-        raise FusionError("'request' must be an object with adapters, method, params and fusion")
-    adapters = data.get("adapters") or []
-    params = data.get("params") or {}
-    if not isinstance(adapters, list) or not all(isinstance(a, str) for a in adapters):
-        raise FusionError("'request.adapters' must be a list of adapter names")
-    if not isinstance(params, dict):
-        raise FusionError("'request.params' must be an object")
-    return FusionRequest(adapters=adapters, method=str(data.get("method") or "base"), params=params,
-                         fusion=data.get("fusion") or None)
-
-
-def sampling_from_dict(data: dict | None) -> Sampling:
-    data = dict(data or {})
-    known = set(Sampling.__dataclass_fields__)
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise FusionError(f"unknown sampling option(s): {', '.join(unknown)}")
-    if "stop" in data:
-        data["stop"] = tuple(data["stop"] or ())
-    try:
-        return Sampling(**data).validate()
-    except (TypeError, ValueError) as exc:
-        raise FusionError(f"bad sampling options: {exc}") from None
-
-
-def event_to_dict(event: GenerationEvent, with_trace: bool) -> dict:
-    data = {
-        "text": event.text, "delta": event.delta, "done": event.done, "finish_reason": event.finish_reason,
-        "token_ids": list(event.token_ids), "prompt_tokens": event.prompt_tokens,
-        "seconds_to_first_token": event.seconds_to_first_token, "tokens_per_second": event.tokens_per_second}
-    if with_trace and event.trace is not None:
-        data["trace"] = event.trace.to_dict()
-    return data
-
-
-def event_from_dict(data: dict) -> GenerationEvent:
-    trace = Trace.from_dict(data["trace"]) if data.get("trace") else None
-    return GenerationEvent(text=data["text"], delta=data["delta"], done=bool(data["done"]),
-                           finish_reason=data.get("finish_reason"), token_ids=list(data.get("token_ids") or []),
-                           prompt_tokens=int(data.get("prompt_tokens") or 0),
-                           seconds_to_first_token=data.get("seconds_to_first_token"),
-                           tokens_per_second=data.get("tokens_per_second"), trace=trace,
-                           replica=data.get("replica"))
 
 
 # ---- the client ----------------------------------------------------------------------------
@@ -87,27 +28,7 @@ class BackendUnavailable(FusionError):
     """The backend could not be reached or lost the request (worth asking again)."""
 
 
-class RemoteLibrary:
-    """What the UI reads of `Engine.library`; changes to the library happen on the serving host."""
-
-    def __init__(self, remote: "RemoteEngine"):
-        self._remote = remote
-        self.adapters_dir = f"{remote.url} (serving host)"
-        self.fusions_dir = f"{remote.url} (serving host)"
-
-    @property
-    def errors(self) -> dict:
-        return self._remote._library()["errors"]
-
-    def rescan(self) -> None:
-        self._remote._library(rescan=True)
-
-    def import_adapter(self, *args, **kwargs):
-        raise FusionError("this studio uses a remote backend: copy the adapter folder into the serving host's "
-                          "library; the replicas pick it up by themselves")
-
-
-class RemoteEngine:
+class RemoteEngine(Backend):
     def __init__(self, url: str, timeout: float = 600.0, retries: int = 3, retry_wait: float = 2.0,
                  library_ttl: float = 2.0):
         parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
@@ -118,12 +39,8 @@ class RemoteEngine:
         self.timeout, self.retries, self.retry_wait, self.library_ttl = timeout, retries, retry_wait, library_ttl
         self._cache: dict[str, tuple[float, object]] = {}
         self._lock = threading.Lock()
-        info = self._get("/info")
-        self.info = info
-        base = info["base"]
-        self.base = SimpleNamespace(name=base["name"], device=base["device"], dtype=base["dtype"],
-                                    config=SimpleNamespace(num_hidden_layers=base["num_layers"]))
-        self.library = RemoteLibrary(self)
+        self.info = self._get("/info")
+        self._base = BaseInfo.from_dict(self.info["base"])
 
     # ---- HTTP ----------------------------------------------------------------------------
     def _connection(self, timeout: float | None = None):
@@ -196,6 +113,9 @@ class RemoteEngine:
         return self._cached("library", self.library_ttl, lambda: self._get("/library"))
 
     # ---- what the engine offers ------------------------------------------------------------
+    def base_info(self) -> BaseInfo:
+        return self._base
+
     def methods(self) -> list[dict]:
         return self._cached("methods", None, lambda: self._get("/methods"))
 
@@ -205,9 +125,25 @@ class RemoteEngine:
     def fusions(self) -> list[dict]:
         return self._library()["fusions"]
 
-    def resolve(self, request):
-        """-> (method, adapters, params) with `.name` attributes, for labels; the replica validates."""
-        method, adapters, params = request.method, list(request.adapters), dict(request.params or {})
+    def library_errors(self) -> dict[str, str]:
+        return dict(self._library()["errors"])
+
+    def library_folders(self) -> LibraryFolders:
+        where = f"{self.url} (serving host)"
+        return LibraryFolders(where, where)
+
+    def rescan(self) -> None:
+        self._library(rescan=True)
+
+    def import_adapter(self, source: str, name: str | None = None, role: str | None = None,
+                       overwrite: bool = False) -> dict:
+        raise FusionError("this studio uses a remote backend: copy the adapter folder into the serving host's "
+                          "library; the replicas pick it up by themselves")
+
+    def describe(self, request: FusionRequest) -> RequestInfo:
+        """Looks up a saved fusion and checks the method's name; the replica validates the rest
+        when the request runs."""
+        method, adapters = request.method, list(request.adapters)
         if request.fusion:
             saved = {f["name"]: f for f in self.fusions()}.get(request.fusion)
             if saved is None:
@@ -217,13 +153,14 @@ class RemoteEngine:
             raise FusionError(f"unknown fusion method {method!r}")
         if method == "base":
             adapters = []
-        return (SimpleNamespace(name=method), [SimpleNamespace(name=a.split("/")[-1]) for a in adapters], params)
+        return RequestInfo(method=method, adapters=[a.split("/")[-1] for a in adapters], fusion=request.fusion)
 
-    def stream(self, request, messages, sampling: Sampling | None = None, system: str | None = None,
-               cancel: threading.Event | None = None, trace: bool = True) -> Iterator[GenerationEvent]:
+    def stream(self, request: FusionRequest, messages: list[dict] | str, sampling: Sampling | None = None,
+               system: str | None = None, cancel: threading.Event | None = None,
+               trace: bool = True) -> Iterator[GenerationEvent]:
         sampling = (sampling or Sampling()).validate()
         body = {"request": request_to_dict(request), "messages": messages, "system": system,
-                "sampling": {**asdict(sampling), "stop": list(sampling.stop)}, "trace": bool(trace)}
+                "sampling": sampling_to_dict(sampling), "trace": bool(trace)}
         for attempt in range(self.retries + 1):
             try:
                 yield from self._stream_once(body, cancel)
@@ -265,12 +202,30 @@ class RemoteEngine:
         finally:
             conn.close()
 
-    def generate(self, request, messages, sampling: Sampling | None = None, **kwargs) -> GenerationEvent:
-        event = None
-        for event in self.stream(request, messages, sampling, **kwargs):
-            pass
-        return event
-
-    def fit(self, *args, **kwargs):
+    def fit(self, method_name: str, adapters: list[str], records: list[dict] | str, params: dict | None = None,
+            train: dict | None = None, save_as: str | None = None, out: str | None = None,
+            overwrite: bool = False, system: str | None = None, on_progress=None,
+            cancel: threading.Event | None = None, **options):
         raise FusionError("this studio uses a remote backend: fit on the serving host with "
                           "`python -m fusion fit ... --save-as NAME`; the replicas pick it up by themselves")
+
+    # ---- `Engine` attributes that callers written before `Backend` still read --------------------
+    # (the same facts as base_info(), library_*() and describe(), in Engine's shapes)
+    @property
+    def base(self):
+        info = self._base
+        return SimpleNamespace(name=info.name, device=info.device, dtype=info.dtype,
+                               config=SimpleNamespace(num_hidden_layers=info.num_layers,
+                                                      hidden_size=info.hidden_size))
+
+    @property
+    def library(self):
+        folders = self.library_folders()
+        return SimpleNamespace(errors=self.library_errors(), adapters_dir=folders.adapters,
+                               fusions_dir=folders.fusions, rescan=self.rescan, import_adapter=self.import_adapter)
+
+    def resolve(self, request: FusionRequest):
+        """-> (method, adapters, params) with `.name` attributes, as `Engine.resolve` labels use them."""
+        info = self.describe(request)
+        return (SimpleNamespace(name=info.method), [SimpleNamespace(name=a) for a in info.adapters],
+                dict(request.params or {}))

@@ -9,6 +9,9 @@ threads never see each other's fusion and nothing shared is mutated.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import ALL_MODULES, ATTENTION_MODULES
+from .errors import FusionError
 
 _local = threading.local()
 
@@ -285,8 +289,8 @@ def merged_into(model: torch.nn.Module, plan: FusionPlan, reuse_buffers: bool | 
                 if buffers is None and (reuse_buffers if reuse_buffers is not None else weight.device.type == "cpu"):
                     buffers = model.__dict__.setdefault("_fusion_merge_buffers", {})
                 originals[(layer, name)] = weight
-                B, A = delta_factors(delta)
-                B, A = B.to(weight.dtype), A.to(weight.dtype)
+                A, B = delta_factors(delta)
+                A, B = A.to(weight.dtype), B.to(weight.dtype)
                 # W + B A in one addmm: no dense delta is materialised on its own.
                 if buffers is not None:
                     out = buffers.get((layer, name))
@@ -311,10 +315,6 @@ def merged_into(model: torch.nn.Module, plan: FusionPlan, reuse_buffers: bool | 
 def release_freed_memory() -> None:
     """Hand the merged weights' freed pages back to the system (glibc keeps them otherwise,
     so memory would swing by a weight copy per merged request)."""
-    import ctypes
-    import ctypes.util
-    import sys
-
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
@@ -323,10 +323,15 @@ def release_freed_memory() -> None:
 
 
 def delta_factors(delta) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) of a static delta, plain or grouped, with any per-rank factor folded into B."""
+    """(A (r, d_in), B (d_out, r)) of a static delta, plain or grouped, with any per-rank factor
+    folded into B: the update is B @ A."""
     if isinstance(delta, GroupMember):
-        return delta.B, delta.group.A[delta.start:delta.end]
-    return (delta.B if delta.coef is None else delta.B * delta.coef), delta.A
+        return delta.group.A[delta.start:delta.end], delta.B
+    if isinstance(delta, LowRankDelta):
+        if delta.slot_of_rank is not None:
+            raise FusionError("a dynamic fusion has no fixed factors")
+        return delta.A, (delta.B if delta.coef is None else delta.B * delta.coef)
+    raise FusionError(f"a delta of type {type(delta).__name__} has no low-rank factors")
 
 
 class ModelLock:

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from .errors import FusionError
 
@@ -52,8 +54,6 @@ def load_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FusionError(f"{path} is missing")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, RuntimeError, ValueError) as exc:

@@ -21,22 +21,30 @@ top of it. Needs `ray[serve]` (requirements-scale.txt).
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time.
 import json
 import os
+import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
+from .api import event_to_dict, request_from_dict, sampling_from_dict
 from .errors import FusionError
 
 REPO = Path(__file__).resolve().parent.parent
 APP_NAME = "lora-studio"
 
 try:
+    import ray
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from ray import serve
 except ImportError as exc:  # the app and the engine work without Ray; only serving needs it
     raise FusionError(f"serving replicas needs Ray Serve ({exc.name} is missing): "
                       "pip install -r requirements-scale.txt") from None
+
+import torch  # noqa: E402 - after the check above, which names what is missing
+
+from .engine import Engine  # noqa: E402
 
 api = FastAPI(title="LoRA composition studio engine")
 
@@ -52,10 +60,6 @@ class StudioEngine:
     """One engine per replica. `options`: model, device, dtype, adapters_dir, fusions_dir, threads."""
 
     def __init__(self, options: dict):
-        import torch
-
-        from .engine import Engine
-
         if options.get("threads"):
             torch.set_num_threads(int(options["threads"]))
         self.engine = Engine(model=options.get("model") or "default", device=options.get("device") or "cpu",
@@ -71,22 +75,19 @@ class StudioEngine:
     def _library_stamp(self):
         """Modification times of the library folders: a save or an import (atomic renames) on the
         serving host changes them, and every replica then rescans on its next request."""
-        lib = self.engine.library
-        return tuple(d.stat().st_mtime_ns if d.is_dir() else None for d in (lib.adapters_dir, lib.fusions_dir))
+        return tuple(d.stat().st_mtime_ns if d.is_dir() else None
+                     for d in map(Path, self.engine.library_folders()))
 
     def _refresh_library(self, force: bool = False) -> None:
         stamp = self._library_stamp()
         if force or stamp != self._seen:
             with self._scan_lock:
-                self.engine.library.rescan()
+                self.engine.rescan()
                 self._seen = stamp
 
     @api.get("/info")
     def info(self):
-        base = self.engine.base
-        return {"replica": self.replica, "pid": os.getpid(),
-                "base": {"name": base.name, "num_layers": base.config.num_hidden_layers, "device": str(base.device),
-                         "dtype": str(base.dtype).replace("torch.", "")}}
+        return {"replica": self.replica, "pid": os.getpid(), "base": self.engine.base_info().to_dict()}
 
     @api.get("/methods")
     def methods(self):
@@ -95,13 +96,11 @@ class StudioEngine:
     @api.get("/library")
     def library(self, rescan: int = 0):
         self._refresh_library(force=bool(rescan))
-        lib = self.engine.library
-        return {"adapters": self.engine.adapters(), "fusions": self.engine.fusions(), "errors": dict(lib.errors)}
+        return {"adapters": self.engine.adapters(), "fusions": self.engine.fusions(),
+                "errors": self.engine.library_errors()}
 
     @api.post("/generate")
     async def generate(self, http_request: Request):
-        from .remote import event_to_dict, request_from_dict, sampling_from_dict
-
         try:
             body = json.loads(await http_request.body())
             if not isinstance(body, dict):
@@ -112,7 +111,7 @@ class StudioEngine:
             if not isinstance(messages, (str, list)):
                 raise FusionError("'messages' must be text or a list of {role, content} objects")
             self._refresh_library()
-            self.engine.resolve(request)  # refuse a bad request before the stream starts
+            self.engine.describe(request)  # refuse a bad request before the stream starts
         except ValueError as exc:
             return _error(f"the body is not JSON: {exc}")
         except FusionError as exc:
@@ -147,8 +146,6 @@ def start(replicas: int, options: dict, host: str = "127.0.0.1", port: int = 800
           gpus_per_replica: float = 0.0, num_cpus=None) -> str:
     """Start (or join) a local Ray instance and run the deployment; returns the endpoint URL once
     every replica is up."""
-    import ray
-
     if replicas < 1:
         raise FusionError(f"--replicas must be at least 1, got {replicas}")
     if not ray.is_initialized():
@@ -167,8 +164,6 @@ def start(replicas: int, options: dict, host: str = "127.0.0.1", port: int = 800
 
 
 def stop() -> None:
-    import ray
-
     try:
         serve.shutdown()
     finally:
@@ -178,9 +173,6 @@ def stop() -> None:
 
 def main(args) -> int:
     """`python -m fusion serve`: run until interrupted (Ctrl-C or SIGTERM), then shut down."""
-    import signal
-    import time
-
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 

@@ -12,6 +12,7 @@ import torch
 
 from .errors import FusionError
 from .runtime import Run
+from .safe_io import atomic_write_text, read_json
 
 
 @dataclass
@@ -81,14 +82,12 @@ class Trace:
         return out.getvalue()
 
     def save(self, path: str | Path) -> Path:
-        from .safe_io import atomic_write_text
         path = Path(path)
         atomic_write_text(path, self.to_csv() if path.suffix == ".csv" else self.to_json())
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Trace":
-        from .safe_io import read_json
         return cls.from_dict(read_json(path))
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fusion.engine import Engine, FusionRequest
+from fusion.errors import FusionError
 from fusion.generate import Sampling
 from fusion.methods import get_method
 from fusion.methods.base import module_keys
@@ -67,6 +68,39 @@ def test_merged_equals_unmerged_and_restore_is_bit_exact(engine, method, adapter
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
     for name, p in engine.model.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+def test_using_merges_a_static_plan_only_into_an_idle_model(engine):
+    static = engine.plan(FusionRequest(["lang-a", "task-b"], "linear"))
+    dynamic = engine.plan(FusionRequest(["lang-a", "task-b"], "lora_flow"))
+    before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    ids = torch.randint(3, 90, (1, 10))
+    factors = _logits(engine, static, ids)
+    with engine.using(static) as running:  # idle: merged
+        assert running is not static and not running.deltas and running.info["merged"]
+        torch.testing.assert_close(_logits(engine, running, ids), factors, atol=1e-5, rtol=1e-5)
+        with pytest.raises(FusionError, match="busy"):
+            with engine.using(static, merge=True):
+                pass
+    for name, p in engine.model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    with engine.using(static, merge=False) as running:  # another request holds the model: factors
+        assert running is static
+        with engine.using(static) as second:
+            assert second is static
+        with pytest.raises(FusionError, match="busy"):
+            with engine.using(static, merge=True):
+                pass
+    with engine.using(dynamic) as running:
+        assert running is dynamic
+    with pytest.raises(FusionError, match="per token"):
+        with engine.using(dynamic, merge=True):
+            pass
+    engine.merge_static = "never"
+    with engine.using(static) as running:
+        assert running is static
+    with engine.using(static, merge=True) as running:  # asked for explicitly (export, benchmarks)
+        assert not running.deltas
 
 
 @pytest.mark.parametrize("reuse", [True, False])
@@ -151,7 +185,7 @@ def test_concurrent_unmerged_requests_do_not_wait(engine):
 
 
 def test_mixlora_one_token_path_equals_the_expert_loop():
-    from fusion.methods.mixlora import routed_ffn
+    from fusion.methods.mixlora_ffn import routed_ffn
 
     model = tiny_model(seed=9, layers=1)
     mlp = model.model.layers[0].mlp

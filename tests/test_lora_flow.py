@@ -192,8 +192,8 @@ def test_gate_training_lowers_loss(setup, figures):
     result = get_method("lora_flow").fit(
         engine.ctx, adapters, examples, {},
         {"train": {"epochs": 20, "lr": 0.05, "weight_decay": 0.0, "seed": TEST_SEED}, "pad_id": 0})
-    W = torch.stack([result["tensors"][f"gate.{l}.weight"] for l in range(LAYERS)])
-    b = torch.stack([result["tensors"][f"gate.{l}.bias"] for l in range(LAYERS)])
+    W = torch.stack([result.tensors[f"gate.{l}.weight"] for l in range(LAYERS)])
+    b = torch.stack([result.tensors[f"gate.{l}.bias"] for l in range(LAYERS)])
     fitted = Run(get_method("lora_flow").plan_from_gates(engine.ctx, adapters, W, b, 1.0))
     after = mean_answer_loss(engine.model, fitted, examples, 0, "cpu")
     language_only = mean_answer_loss(engine.model, Run(engine.plan(FusionRequest(["lang-a"], "single"))),

@@ -13,7 +13,7 @@ from fusion.errors import FusionError
 from fusion.methods import get_method
 from fusion.methods.base import BuildContext
 from fusion.methods import mixlora_training
-from fusion.methods.mixlora import routed_ffn
+from fusion.methods.mixlora_ffn import routed_ffn
 from fusion.methods.mixlora_checkpoint import load_mixlora
 from fusion.methods.mixlora_training import load_balancing_loss
 from fusion.runtime import Run, activate
@@ -211,9 +211,9 @@ def test_training_lowers_loss_and_reference_package_loads_the_result(tmp_path, m
                         {"train": {"lr": 1e-2, "batch_size": 4, "epochs": 10, "max_steps": 16,
                                    "warmup_ratio": 0.0, "seed": TEST_SEED}, "pad_id": 0},
                         on_progress=steps.append)
-    assert len(result["losses"]) == 16 and steps[-1].step == 16
+    assert len(result.losses) == 16 and steps[-1].step == 16
     assert len(masks) == 16 and all(m is not None for m in masks) and any((m == 0).any() for m in masks)
-    adapter = engine.library.save_adapter("trained", result["save_adapter"])
+    adapter = engine.library.save_adapter("trained", result.save_adapter)
     assert adapter.kind == "mixlora" and adapter.num_experts == 4
     after = mean_answer_loss(model, Run(engine.plan(FusionRequest(["trained"], "mixlora"))), examples, 0, "cpu")
     figures.update(loss_ratio=after / before)
@@ -234,7 +234,7 @@ def test_training_lowers_loss_and_reference_package_loads_the_result(tmp_path, m
 def test_initial_adapter_is_the_base_model(base, tmp_path):
     """B starts at zero, so before any step MixLoRA computes exactly the base model."""
     from fusion.methods.mixlora_training import config_from_params, initial_adapter
-    from fusion.methods.mixlora import plan_from_adapter
+    from fusion.methods.mixlora_ffn import plan_from_adapter
 
     model, _ = base
     engine = make_engine(model, tmp_path)

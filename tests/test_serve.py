@@ -4,6 +4,7 @@ take the client down; the app runs on the backend. Also the client's errors with
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from app_fixtures import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from fusion.api import Backend, RequestInfo  # noqa: E402
 from fusion.engine import Engine, FusionRequest  # noqa: E402
 from fusion.errors import FusionError  # noqa: E402
 from fusion.generate import Sampling  # noqa: E402
@@ -203,3 +205,77 @@ def test_app_runs_on_the_backend(backend, local):
     assert got["text"] == want.text and got["method"] == "lora_flow"
     assert got["trace"]["shape"] == list(want.trace.shape)
     assert {a["name"] for a in listing["adapters"]} >= {"lang-es", "task-math"}
+
+
+# ---- one declared interface, two implementations ----------------------------------------------------
+@pytest.fixture(params=["in-process", "remote"])
+def either(request, local):
+    """(backend, the fusions folder it serves): tests above add to the replicas' copy."""
+    if request.param == "in-process":
+        return local, FUSIONS
+    return RemoteEngine(request.getfixturevalue("backend")), request.getfixturevalue("library") / "fusions"
+
+
+def test_both_backends_implement_the_declared_interface(either):
+    either, _ = either
+    assert isinstance(either, Backend)
+    operations = [name for name, value in vars(Backend).items() if callable(value) and not name.startswith("_")]
+    assert len(operations) == 12, operations
+    for name in operations:
+        declared, implemented = getattr(Backend, name), getattr(type(either), name)
+        if name != "generate":  # the one operation written once, over stream
+            assert implemented is not declared, f"{type(either).__name__}.{name} is not implemented"
+        want = [(p.name, p.kind, p.default) for p in inspect.signature(declared).parameters.values()]
+        got = [(p.name, p.kind, p.default) for p in inspect.signature(implemented).parameters.values()]
+        assert got == want, name
+
+
+def greedy_reference(engine: Engine, prompt: str, tokens: int) -> list[int]:
+    """Greedy decoding by full forwards of the plain base model (no cache, no fusion run)."""
+    ids = torch.tensor([engine.encode_messages(prompt)])
+    out = []
+    with torch.no_grad():
+        for _ in range(tokens):
+            token = int(engine.model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+            out.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+    return out
+
+
+def test_both_backends_give_the_same_answers(either, local):
+    either, fusions = either
+    config = local.model.config
+    info = either.base_info()
+    assert (info.num_layers, info.hidden_size, info.device, info.dtype) == (
+        config.num_hidden_layers, config.hidden_size, "cpu", "float32")
+    assert info.name == local.base.name
+    assert [a["name"] for a in either.adapters()] == sorted(p.name for p in ADAPTERS.iterdir())
+    assert [f["name"] for f in either.fusions()] == sorted(p.name for p in fusions.iterdir())
+    assert either.library_errors() == {}
+    assert either.rescan() is None and len(either.fusions()) == len(list(fusions.iterdir()))
+    assert either.describe(FusionRequest(fusion="es-math-flow")) == RequestInfo(
+        "lora_flow", ["lang-es", "task-math"], "es-math-flow")
+    assert either.describe(FusionRequest(["lang-es"], "base")) == RequestInfo("base", [], None)
+    with pytest.raises(FusionError, match="no-such-method"):
+        either.describe(FusionRequest(["lang-es"], "no-such-method"))
+    with pytest.raises(FusionError, match="no-such-lora"):
+        either.generate(FusionRequest(adapters=["no-such-lora"], method="single"), PROMPT)
+
+    sampling = Sampling(max_new_tokens=8)
+    base = either.generate(FusionRequest(), PROMPT, sampling)
+    assert base.finish_reason == "length" and base.token_ids == greedy_reference(local, PROMPT, 8)
+    pieces = [e.delta for e in either.stream(FusionRequest(), PROMPT, sampling, trace=False)]
+    assert "".join(pieces) == base.text
+
+    linear = either.generate(FusionRequest(["lang-es", "task-math"], "linear"), PROMPT, sampling)
+    prompt_tokens = len(local.encode_messages(PROMPT))
+    assert linear.prompt_tokens == prompt_tokens
+    assert linear.trace.shape == (prompt_tokens + len(linear.token_ids), config.num_hidden_layers, 2)
+    assert linear.trace.slot_names == ["lang-es", "task-math"]
+    assert torch.equal(linear.trace.weights, torch.full(linear.trace.shape, 0.5))
+
+    flow_request = FusionRequest(fusion="es-math-flow")
+    flow, want = either.generate(flow_request, PROMPT, sampling), local.generate(flow_request, PROMPT, sampling)
+    assert flow.token_ids == want.token_ids and flow.text == want.text
+    assert flow.trace.kind == "gate" and flow.trace.shape == want.trace.shape
+    torch.testing.assert_close(flow.trace.weights, want.trace.weights, atol=1e-4, rtol=0)

@@ -32,8 +32,6 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
-SOURCE = (f"CPython {sys.version_info.major}.{sys.version_info.minor} standard library sources "
-          "(PSF License 2.0), Django 5.2.17 and Sphinx 9.0.4 sources (BSD)")
 _SKIP_DIRS = {"test", "tests", "idlelib", "tkinter", "lib2to3", "site-packages", "dist-packages",
               "turtledemo", "ensurepip", "encodings", "pydoc_data", "msilib", "config-3"}
 # free names allowed besides builtins: standard-library modules (imported in the prompt)

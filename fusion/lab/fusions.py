@@ -31,6 +31,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
+from ..safe_io import atomic_folder
+from .lang_data import train_examples as lang_examples
+from .math_data import train_examples as math_examples
+from .math_fit_data import fit_records
+
 FIT_LANGS = ("es", "ru", "zh")
 MIXLORA_NAME = "mixlora-multi"
 FIT_EXAMPLES = 200
@@ -96,17 +104,12 @@ def step_settings(step: Step, seed: int, epochs: int | None = None, max_steps: i
 
 def step_records(step: Step, settings: dict) -> tuple[list[dict], str]:
     """The step's training records and a one-line description of them."""
-    from .math_fit_data import fit_records
-
     seed = settings["seed"]
     if step.method != "mixlora":
         n = settings["examples"]
         return (fit_records(step.lang, n, seed),
                 f"fusion.lab.math_fit_data: {n} {step.lang} math problems (training templates, "
                 f"train-split numbers), seed {seed}")
-    from .lang_data import train_examples as lang_examples
-    from .math_data import train_examples as math_examples
-
     mix = settings["mix"]
     records = [{"messages": e.messages()} for e in math_examples(mix["math_en"], seed=seed)]
     for lang in FIT_LANGS:
@@ -120,13 +123,13 @@ def step_records(step: Step, settings: dict) -> tuple[list[dict], str]:
 
 def artifact_record(engine, step: Step) -> dict | None:
     """The build record of an existing artifact (None when absent or incomplete)."""
-    lib = engine.library
+    folders = engine.library_folders()
     if step.is_adapter:
-        path = Path(lib.adapters_dir) / step.name / "studio.json"
+        path = Path(folders.adapters) / step.name / "studio.json"
         if path.is_file():
             return json.loads(path.read_text(encoding="utf-8")).get("trained")
         return None
-    path = Path(lib.fusions_dir) / step.name / "fusion.json"
+    path = Path(folders.fusions) / step.name / "fusion.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8")).get("meta", {}).get("build")
     return None
@@ -160,8 +163,6 @@ def _progress_bar(name: str, enabled: bool, total: int):
 
 def run_step(engine, step: Step, settings: dict, progress_bar: bool = True, log=print) -> dict:
     """Fit one step and save its artifact; returns its build record."""
-    import torch
-
     records, data = step_records(step, settings)
     on_progress, close = _progress_bar(step.name, progress_bar, expected_steps(step, settings, len(records)))
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -212,24 +213,19 @@ def _readable(folder: Path) -> None:
 def _publish_mixlora(engine, fitted: Path, name: str, record: dict) -> None:
     """Ship the trained MixLoRA folder as float16 safetensors (half the size of the fp32 pickle
     the reference package writes; our loader reads both) plus studio.json, atomically."""
-    import torch
-    from safetensors.torch import save_file
-
-    from ..safe_io import atomic_folder
-
     state = torch.load(fitted / "adapter_model.bin", weights_only=True)
-    with atomic_folder(Path(engine.library.adapters_dir) / name, overwrite=True) as tmp:
+    with atomic_folder(Path(engine.library_folders().adapters) / name, overwrite=True) as tmp:
         shutil.copy2(fitted / "adapter_config.json", tmp / "adapter_config.json")
         save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()},
                   str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         studio = {"role": "other", "skill": "math+languages",
                   "description": "MixLoRA (8 experts, top-2, r 8) trained multi-task: English math, "
                                  "es/ru/zh math and es/ru/zh language pairs mixed.",
-                  "base_model": engine.base.name, "trained": record}
+                  "base_model": engine.base_info().name, "trained": record}
         (tmp / "studio.json").write_text(json.dumps(studio, indent=2, ensure_ascii=False) + "\n",
                                          encoding="utf-8")
         _readable(tmp)
-    engine.library.rescan()
+    engine.rescan()
 
 
 def build_fusions(engine, langs=FIT_LANGS, methods=("lora_flow", "cat", "lorahub"), mixlora: bool = True,

@@ -82,7 +82,7 @@ def fits_table(engine) -> str:
         if b:
             rows.append((f["name"], f["method"], b))
     for a in sorted(engine.adapters(), key=lambda a: a["name"]):
-        studio = Path(engine.library.adapters_dir) / a["name"] / "studio.json"
+        studio = Path(engine.library_folders().adapters) / a["name"] / "studio.json"
         if a.get("kind") == "mixlora" and studio.is_file():
             b = json.loads(studio.read_text(encoding="utf-8")).get("trained")
             if b:

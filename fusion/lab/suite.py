@@ -28,11 +28,19 @@ import shlex
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from ..api import FusionRequest
+from ..generate import stop_token_ids
+from ..runtime import Run, activate
+from .evaluate_code import problems as code_problems
+from .evaluate_code import program, question, run_program
+from .evaluate_math import final_number, is_correct
+from .fusions import MIXLORA_NAME
+from .math_data import _generate, eval_examples
+from .math_fit_data import FIT_TEMPLATES
 from .report import LANGS, ROWS, TARGET_LANGS, fits_table, results_block, table, write_results
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,8 +51,6 @@ SUITES = ("math",)
 
 def request_for(engine, row: str, lang: str | None, task: str = "math"):
     """(FusionRequest, None) or (None, reason the cell is empty)."""
-    from ..engine import FusionRequest
-
     adapters = {a["name"] for a in engine.adapters()}
     fusions = {f["name"] for f in engine.fusions()}
     task_lora = f"task-{task}"
@@ -53,7 +59,6 @@ def request_for(engine, row: str, lang: str | None, task: str = "math"):
     if row == "mixlora":
         if task != "math":
             return None, "not trained for code"
-        from .fusions import MIXLORA_NAME
         if MIXLORA_NAME not in adapters:
             return None, "not trained"
         return FusionRequest([MIXLORA_NAME], "mixlora"), None
@@ -97,37 +102,16 @@ def fingerprint(engine, request) -> str:
         names = artifact.adapters
     else:
         names = request.adapters
-    paths += [Path(lib.adapters_dir) / n for n in names]
-    return hashlib.sha256((request.key() + engine.base.name + _files_digest(paths)).encode()).hexdigest()[:16]
+    paths += [Path(engine.library_folders().adapters) / n for n in names]
+    return hashlib.sha256((request.key() + engine.base_info().name + _files_digest(paths)).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- generation
-@contextmanager
-def _plan_in_use(engine, plan):
-    """As Engine.stream_ids: a static plan is merged into the weights while the model is idle
-    (exact restore afterwards), anything else runs per request as low-rank factors."""
-    from .. import runtime
-
-    lock = engine._model_lock
-    if plan.is_static and plan.deltas and engine.merge_static == "auto" and lock.try_exclusive():
-        try:
-            with runtime.merged_into(engine.model, plan) as merged:
-                yield merged
-        finally:
-            lock.release_exclusive()
-    else:
-        with lock.shared():
-            yield plan
-
-
 @torch.inference_mode()
 def greedy_replies(engine, request, questions: list[str], max_new_tokens: int = 64,
                    batch_size: int = 8) -> list[str]:
     """Greedy replies to single-turn questions under a request's fusion, in left-padded batches."""
-    from transformers import DynamicCache
-
-    from ..generate import stop_token_ids
-    from ..runtime import Run, activate
+    from transformers import DynamicCache  # here: `python -m fusion --help` builds this module's arguments
 
     model, tok = engine.model, engine.tokenizer
     eos = stop_token_ids(tok, model)
@@ -135,7 +119,7 @@ def greedy_replies(engine, request, questions: list[str], max_new_tokens: int = 
     device = next(model.parameters()).device
     prompts = [engine.encode_messages(q) for q in questions]
     replies = []
-    with _plan_in_use(engine, engine.plan(request)) as plan:
+    with engine.using(engine.plan(request)) as plan:
         run = Run(plan)
         for first in range(0, len(prompts), batch_size):
             chunk = prompts[first:first + batch_size]
@@ -216,9 +200,6 @@ def _evaluate_cell(engine, cache, key, fp, request, problems, score, question, m
 
 def fit_distribution_problems(lang: str, n: int, seed: int = 0):
     """The fitting templates in `lang` with evaluation-split numbers (never fitted on)."""
-    from .math_data import _generate
-    from .math_fit_data import FIT_TEMPLATES
-
     return _generate(FIT_TEMPLATES, lang, n, seed, "eval")
 
 
@@ -232,9 +213,6 @@ def run_suite(engine, n: int = 24, langs=LANGS, rows=tuple(ROWS), seed: int = 0,
     diagnostic, the *fitting* templates of math_fit_data with evaluation-split numbers (held-out
     numbers, seen phrasing): did a fitted fusion learn what it was fitted on?"""
     from tqdm.auto import tqdm
-
-    from .evaluate_math import final_number, is_correct
-    from .math_data import eval_examples
 
     cache = Cache(cache_path)
     results = {"math": {}, "code": {}, "seconds": {}}
@@ -268,9 +246,6 @@ def run_suite(engine, n: int = 24, langs=LANGS, rows=tuple(ROWS), seed: int = 0,
         results["seconds"][f"{row}|{lang}"] = round(time.process_time() - t0, 1)
     bar.close()
     if code_n and split == "eval":
-        from .evaluate_code import problems as code_problems
-        from .evaluate_code import program, question, run_program
-
         probs = code_problems(code_n)
         for row in rows:
             if row not in CODE_ROWS:
@@ -337,6 +312,6 @@ def cmd_eval(args, engine=None, argv=None) -> int:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
     if args.out:
         write_results(args.out, results_block(results, command, args.n, args.seed, args.langs, args.code_n,
-                                              args.max_new_tokens, engine.base.name, fits_table(engine)))
+                                              args.max_new_tokens, engine.base_info().name, fits_table(engine)))
         print(f"wrote {args.out}")
     return 0

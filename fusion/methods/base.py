@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -86,6 +87,18 @@ class BuildContext:
         return self.model.config.hidden_size
 
 
+@dataclass
+class FitResult:
+    """What a method's fit learned."""
+
+    losses: list[float] = field(default_factory=list)  # one per training step (or search step)
+    params: dict = field(default_factory=dict)  # fitted parameter values, e.g. LoraHub's weights
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # saved with the fitted fusion
+    meta: dict = field(default_factory=dict)
+    param_ref: str | None = None  # the parameter that points a request at the saved tensors
+    save_adapter: Callable[[Path], None] | None = None  # methods that fit from scratch: writes the new adapter
+
+
 class FusionMethod:
     """Base class. Subclasses set the class attributes and implement `build`."""
 
@@ -137,7 +150,7 @@ class FusionMethod:
         raise NotImplementedError
 
     def fit(self, ctx: BuildContext, adapters: list, examples, params: dict, options: dict,
-            on_progress=None, cancel=None) -> dict:
+            on_progress=None, cancel=None) -> FitResult:
         raise FusionError(f"method {self.name!r} has nothing to fit")
 
 
@@ -193,13 +206,3 @@ def stacked_delta(ctx: BuildContext, adapters: list[LoraAdapter], key: tuple[int
         return LowRankDelta(A, B, slot_of_rank, coef)
     return LowRankDelta(A, B * coef, slot_of_rank, None)
 
-
-@dataclass
-class Examples:
-    """Tokenised training examples: input ids and a mask of the answer tokens."""
-
-    input_ids: list[torch.Tensor] = field(default_factory=list)
-    answer_mask: list[torch.Tensor] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)

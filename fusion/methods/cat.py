@@ -10,7 +10,7 @@ import torch
 from ..errors import FusionError
 from ..runtime import FusionPlan
 from ..training import TrainConfig, train
-from .base import BuildContext, FusionMethod, Param, module_keys, stacked_delta
+from .base import BuildContext, FitResult, FusionMethod, Param, module_keys, stacked_delta
 
 
 class CatMethod(FusionMethod):
@@ -57,13 +57,12 @@ class CatMethod(FusionMethod):
                               f"{len(names)} modules; these adapters need ({len(keys)}, {k})")
         return logits.float()
 
-    def fit(self, ctx, adapters, examples, params, options, on_progress=None, cancel=None) -> dict:
+    def fit(self, ctx, adapters, examples, params, options, on_progress=None, cancel=None) -> FitResult:
         keys = module_keys(adapters)
         logits = torch.zeros(len(keys), len(adapters), requires_grad=True)
         config = TrainConfig(**{"lr": 1e-4, "epochs": 1, "batch_size": 4, "weight_decay": 0.0,
                                 "warmup_ratio": 0.0, **options.get("train", {})})
         losses = train(ctx.model, [logits], lambda: self.plan_from_logits(ctx, adapters, keys, logits, True),
                        examples, config, options["pad_id"], ctx.device, on_progress, cancel)
-        return {"params": {}, "tensors": {"logits": logits.detach()}, "losses": losses,
-                "meta": {"modules": [f"{layer}.{module}" for layer, module in keys]},
-                "param_ref": "logits"}
+        return FitResult(losses=losses, tensors={"logits": logits.detach()},
+                         meta={"modules": [f"{layer}.{module}" for layer, module in keys]}, param_ref="logits")

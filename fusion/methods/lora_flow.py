@@ -22,7 +22,7 @@ from ..hub import resolve_ref
 from ..runtime import FusionPlan
 from ..safe_io import load_tensor_file
 from ..training import TrainConfig, train
-from .base import BuildContext, FusionMethod, Param, module_keys, stacked_delta
+from .base import BuildContext, FitResult, FusionMethod, Param, module_keys, stacked_delta
 
 _RELEASED_KEY = re.compile(r"(\d+)")
 
@@ -131,7 +131,7 @@ class LoraFlowMethod(FusionMethod):
         return FusionPlan(method=self.name, slot_names=[a.name for a in adapters], deltas=deltas,
                           layer_gate=gate, trace_kind="gate", info={"temperature": temperature})
 
-    def fit(self, ctx, adapters, examples, params, options, on_progress=None, cancel=None) -> dict:
+    def fit(self, ctx, adapters, examples, params, options, on_progress=None, cancel=None) -> FitResult:
         k = len(adapters)
         temperature = float(params.get("temperature") or 1.0)
         W = torch.zeros(ctx.num_layers, k, ctx.hidden_size, requires_grad=True)
@@ -143,6 +143,5 @@ class LoraFlowMethod(FusionMethod):
         for layer in range(ctx.num_layers):
             tensors[f"gate.{layer}.weight"] = W[layer].detach()
             tensors[f"gate.{layer}.bias"] = b[layer].detach()
-        return {"params": {}, "tensors": tensors, "losses": losses,
-                "meta": {"temperature": temperature, "slots": [a.name for a in adapters]},
-                "param_ref": "gates"}
+        return FitResult(losses=losses, tensors=tensors,
+                         meta={"temperature": temperature, "slots": [a.name for a in adapters]}, param_ref="gates")

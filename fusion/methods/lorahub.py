@@ -6,12 +6,14 @@ nevergrad's NGOpt: init 0, bounds +-1.5, budget 40, objective = few-shot cross-e
 + 0.05 * mean|w|, as in the reference implementation.
 """
 
+import time
+
 import torch
 
 from ..errors import FusionError
 from ..runtime import FusionPlan, LowRankDelta, Run
-from ..training import mean_answer_loss
-from .base import BuildContext, FusionMethod, Param, module_keys, resolve_weights, slot_weights_param
+from ..training import Progress, mean_answer_loss
+from .base import BuildContext, FitResult, FusionMethod, Param, module_keys, resolve_weights, slot_weights_param
 
 
 class LoraHubMethod(FusionMethod):
@@ -41,11 +43,8 @@ class LoraHubMethod(FusionMethod):
         return FusionPlan(method=self.name, slot_names=[a.name for a in adapters], deltas=deltas,
                           static_weights=static)
 
-    def fit(self, ctx, adapters, examples, params, options, on_progress=None, cancel=None) -> dict:
+    def fit(self, ctx, adapters, examples, params, options, on_progress=None, cancel=None) -> FitResult:
         import nevergrad as ng
-
-        from ..training import Progress
-        import time
 
         k = len(adapters)
         budget = int(options.get("budget", 40))
@@ -71,5 +70,5 @@ class LoraHubMethod(FusionMethod):
             if on_progress is not None:
                 on_progress(Progress(step + 1, budget, score, 0.0, time.perf_counter() - start, 0, losses))
         recommended = [float(v) for v in optimizer.provide_recommendation().value] if losses else best[1]
-        return {"params": {"weights": recommended}, "tensors": {}, "losses": losses,
-                "meta": {"best_score": best[0], "budget": budget}}
+        return FitResult(losses=losses, params={"weights": recommended},
+                         meta={"best_score": best[0], "budget": budget})

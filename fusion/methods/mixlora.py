@@ -1,142 +1,21 @@
 """`mixlora`: MixLoRA (Li et al. 2024), a sparse mixture of LoRA experts inside the frozen FFN.
 
-Per decoder layer l, a router R_l (E x d, no bias) reads the FFN input h of each token:
-    p = softmax(R_l h) in fp32, keep the top-k, renormalise them to p_hat (sum 1).
-Expert e adds its own LoRA deltas to the shared frozen gate/up/down projections:
-    m_e = act(W_gate h + dgate_e(h)) * (W_up h + dup_e(h))
-    y   = sum_e p_hat_e (W_down m_e + ddown_e(m_e)) = W_down(sum_e p_hat_e m_e) + sum_e p_hat_e ddown_e(m_e)
-W_gate h and W_up h are computed once for all tokens and W_down once for the mixture (it is
-linear); the reference package recomputes them per expert, with the same result. Attention
-projections carry plain, unrouted LoRAs.
-
-Checkpoints (reading, writing, validation) live in `mixlora_checkpoint`, training in
-`mixlora_training`.
+A router per decoder layer sends each token to its top-k LoRA experts, which add their deltas to
+the frozen gate/up/down projections; attention projections carry plain, unrouted LoRAs. The routed
+FFN lives in `mixlora_ffn`, checkpoints (reading, writing, validation) in `mixlora_checkpoint`,
+training in `mixlora_training`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
-
 from ..adapters import ALL_MODULES
 from ..errors import FusionError
 from ..library import register_loader
-from ..runtime import FusionPlan, LowRankDelta, Run
-from .base import BuildContext, FusionMethod, Param
-from .mixlora_checkpoint import MAX_EXPERTS, MixLoraAdapter, activation, load_mixlora
-
-
-def _lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dropout: float) -> torch.Tensor:
-    if dropout > 0:
-        x = F.dropout(x, dropout, training=True)
-    return F.linear(F.linear(x, A), B)
-
-
-def routed_ffn(x: torch.Tensor, mlp: torch.nn.Module, router: torch.Tensor,
-               experts: dict[str, tuple[torch.Tensor, torch.Tensor]], top_k: int, act,
-               dropout: float = 0.0):
-    """MixLoRA's routed FFN on x (B, T, d).
-
-    `experts` maps gate_proj/up_proj/down_proj to (A (E, r, d_in), B (E, d_out, r)) with the
-    LoRA scale folded into B. Returns y (B, T, d), router logits (N, E) fp32, probabilities
-    (N, E) fp32 and chosen expert ids (N, k), N = B*T.
-    """
-    flat = x.reshape(-1, x.shape[-1])  # (N, d)
-    logits = F.linear(flat.float(), router.float())  # (N, E)
-    probs = torch.softmax(logits, dim=-1)
-    top_p, chosen = probs.topk(top_k, dim=-1)  # (N, k)
-    top_p = (top_p / top_p.sum(dim=-1, keepdim=True)).to(flat.dtype)
-    gate = F.linear(flat, mlp.gate_proj.weight, mlp.gate_proj.bias)  # (N, f), shared by all experts
-    up = F.linear(flat, mlp.up_proj.weight, mlp.up_proj.bias)  # (N, f)
-    if flat.shape[0] == 1 and dropout == 0.0:
-        y = _one_token_ffn(flat[0], gate[0], up[0], mlp, experts, chosen[0], top_p[0], act)
-        return y.reshape(x.shape[:-1] + (y.shape[-1],)), logits, probs, chosen
-    mixed = torch.zeros_like(gate)  # (N, f): sum_e p_hat_e m_e
-    down_delta = flat.new_zeros(flat.shape[0], mlp.down_proj.out_features)  # (N, d)
-    for e in range(router.shape[0]):
-        token, pick = torch.where(chosen == e)  # (n,) tokens routed to e, and which of their k picks
-        if token.numel() == 0:
-            continue
-        weight = top_p[token, pick].unsqueeze(-1)  # (n, 1)
-        h = flat[token]  # (n, d)
-        g, u = gate[token], up[token]  # (n, f)
-        if "gate_proj" in experts:
-            g = g + _lora(h, experts["gate_proj"][0][e], experts["gate_proj"][1][e], dropout)
-        if "up_proj" in experts:
-            u = u + _lora(h, experts["up_proj"][0][e], experts["up_proj"][1][e], dropout)
-        m = act(g) * u  # (n, f)
-        mixed = mixed.index_add(0, token, weight * m)
-        if "down_proj" in experts:
-            lora = _lora(m, experts["down_proj"][0][e], experts["down_proj"][1][e], dropout)  # (n, d)
-            down_delta = down_delta.index_add(0, token, weight * lora)
-    y = F.linear(mixed, mlp.down_proj.weight, mlp.down_proj.bias) + down_delta  # (N, d)
-    return y.reshape(x.shape[:-1] + (y.shape[-1],)), logits, probs, chosen
-
-
-def _one_token_ffn(h, gate, up, mlp, experts, chosen, weights, act) -> torch.Tensor:
-    """Decoding fast path (one token): the k chosen experts' LoRAs gathered and applied as
-    batched matmuls, no per-expert Python loop or token indexing. Same value as the loop."""
-    k = chosen.shape[0]
-    g = gate.expand(k, -1)  # (k, f)
-    u = up.expand(k, -1)
-    if "gate_proj" in experts:
-        A, B = experts["gate_proj"]
-        g = g + (B[chosen] @ (A[chosen] @ h).unsqueeze(-1)).squeeze(-1)  # (k, f)
-    if "up_proj" in experts:
-        A, B = experts["up_proj"]
-        u = u + (B[chosen] @ (A[chosen] @ h).unsqueeze(-1)).squeeze(-1)
-    m = act(g) * u  # (k, f)
-    y = F.linear(weights @ m, mlp.down_proj.weight, mlp.down_proj.bias)  # (d,)
-    if "down_proj" in experts:
-        A, B = experts["down_proj"]
-        lora = (B[chosen] @ (A[chosen] @ m.unsqueeze(-1))).squeeze(-1)  # (k, d)
-        y = y + weights @ lora
-    return y
-
-
-@dataclass
-class _DropoutDelta(LowRankDelta):
-    """A plain LoRA delta with dropout on its input (training only)."""
-
-    dropout: float = 0.0
-
-    def apply(self, x, y, run, layer):
-        return super().apply(F.dropout(x, self.dropout, training=True), y, run, layer)
-
-
-def plan_from_adapter(ctx: BuildContext, adapter: MixLoraAdapter, top_k: int, training: bool = False,
-                      name: str = "mixlora") -> FusionPlan:
-    """A plan over the adapter's tensors. With `training`, LoRA inputs get dropout and each
-    layer's router logits are appended to `run.extra_losses` for the load-balance loss."""
-    config = adapter.config
-    dropout = config.lora_dropout if training else 0.0
-    deltas = {}
-    for key, f in adapter.attention.items():
-        A, B = f.A.to(ctx.device, ctx.dtype), f.B.to(ctx.device, ctx.dtype) * f.scale
-        deltas[key] = _DropoutDelta(A, B, dropout=dropout) if dropout > 0 else LowRankDelta(A, B)
-    per_layer: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-    for (layer, module), f in adapter.experts.items():
-        per_layer.setdefault(layer, {})[module] = (f.A.to(ctx.device, ctx.dtype),
-                                                   f.B.to(ctx.device, ctx.dtype) * f.scale)
-    routers = [r.to(ctx.device, torch.float32) for r in adapter.routers]
-    act = activation(config.act_fn) if config.act_fn else None
-
-    def mlp_override(layer: int, mlp: torch.nn.Module, x: torch.Tensor, run: Run) -> torch.Tensor:
-        if training and config.jitter_noise > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - config.jitter_noise, 1.0 + config.jitter_noise)
-        y, logits, probs, chosen = routed_ffn(x, mlp, routers[layer], per_layer.get(layer, {}), top_k,
-                                              act or mlp.act_fn, dropout)
-        batch, tokens = x.shape[0], x.shape[1]
-        run.on_router(layer, probs.view(batch, tokens, -1)[0], chosen.view(batch, tokens, -1)[0])
-        if training:
-            run.extra_losses.append(logits)
-        return y
-
-    return FusionPlan(method=name, slot_names=[f"expert {e}" for e in range(config.num_experts)],
-                      deltas=deltas, mlp_override=mlp_override, trace_kind="router",
-                      info={"top_k": top_k, "num_experts": config.num_experts, "training": training})
+from ..runtime import FusionPlan
+from .base import BuildContext, FitResult, FusionMethod, Param
+from .mixlora_checkpoint import MAX_EXPERTS, load_mixlora
+from .mixlora_ffn import plan_from_adapter
+from .mixlora_training import fit_mixlora
 
 
 class MixLoraMethod(FusionMethod):
@@ -176,8 +55,7 @@ class MixLoraMethod(FusionMethod):
                               f"{adapter.name!r} has only {adapter.num_experts} experts")
         return plan_from_adapter(ctx, adapter, top_k, name=self.name)
 
-    def fit(self, ctx, adapters, examples, params, options, on_progress=None, cancel=None) -> dict:
-        from .mixlora_training import fit_mixlora
+    def fit(self, ctx, adapters, examples, params, options, on_progress=None, cancel=None) -> FitResult:
         return fit_mixlora(ctx, examples, params, options, on_progress, cancel)
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers.activations import ACT2FN
 
 from ..adapters import ALL_MODULES, ATTENTION_MODULES, MLP_MODULES, LoraFactors, find_weights_file, infer_role
 from ..errors import FusionError
@@ -30,7 +31,6 @@ _KEY = re.compile(r"^mixlora\.layers\.(?P<layer>\d+)\.(?:mlp\.moe_gate\.weight|(
 
 
 def activation(name: str):
-    from transformers.activations import ACT2FN
     return ACT2FN[name]
 
 
@@ -102,7 +102,6 @@ class MixLoraConfig:
                               "['q_proj', 'gate_proj'], got {targets!r}")
         act_fn = config.get("act_fn")
         if act_fn is not None:
-            from transformers.activations import ACT2FN
             if not isinstance(act_fn, str) or act_fn not in ACT2FN:
                 raise FusionError(f"{path}: act_fn {act_fn!r} is not a transformers activation name "
                                   "(e.g. 'silu', 'gelu')")

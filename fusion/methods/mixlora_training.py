@@ -21,9 +21,9 @@ from ..adapters import ALL_MODULES, LoraFactors
 from ..errors import FusionError
 from ..runtime import Run, current_run
 from ..training import TrainConfig, train
-from .base import BuildContext
-from .mixlora import plan_from_adapter
+from .base import BuildContext, FitResult
 from .mixlora_checkpoint import ExpertFactors, MixLoraAdapter, MixLoraConfig, linear_shape, save_mixlora
+from .mixlora_ffn import plan_from_adapter
 
 # Overridable through the fit's training options.
 TRAIN_DEFAULTS = {"lr": 3e-4, "epochs": 2, "batch_size": 4, "weight_decay": 0.0, "warmup_ratio": 0.05,
@@ -111,8 +111,8 @@ def config_from_params(ctx: BuildContext, params: dict, options: dict) -> MixLor
 
 
 def fit_mixlora(ctx: BuildContext, examples, params: dict, options: dict, on_progress=None,
-                cancel=None) -> dict:
-    """Train a new MixLoRA adapter; returns losses, metadata and `save_adapter(folder)`."""
+                cancel=None) -> FitResult:
+    """Train a new MixLoRA adapter; the result writes it with `save_adapter(folder)`."""
     config = config_from_params(ctx, params, options)
     adapter = initial_adapter(ctx.model, config, params["seed"], ctx.device)
     train_config = TrainConfig(**{**TRAIN_DEFAULTS, **options.get("train", {})})
@@ -140,8 +140,8 @@ def fit_mixlora(ctx: BuildContext, examples, params: dict, options: dict, on_pro
     def save_adapter(folder: Path) -> None:
         save_mixlora(trained, Path(folder))
 
-    return {"losses": losses, "save_adapter": save_adapter, "adapter": trained,
-            "meta": {"num_experts": config.num_experts, "top_k": config.top_k, "r": config.r,
-                     "lora_alpha": config.lora_alpha, "target_modules": list(config.target_modules),
-                     "aux_loss_coef": config.router_aux_loss_coef, "seed": params["seed"],
-                     "train": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(train_config).items()}}}
+    return FitResult(losses=losses, save_adapter=save_adapter, meta={
+        "num_experts": config.num_experts, "top_k": config.top_k, "r": config.r,
+        "lora_alpha": config.lora_alpha, "target_modules": list(config.target_modules),
+        "aux_loss_coef": config.router_aux_loss_coef, "seed": params["seed"],
+        "train": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(train_config).items()}})

@@ -24,10 +24,6 @@ _METHODS: list[FusionMethod] = [
 METHODS: dict[str, FusionMethod] = {m.name: m for m in _METHODS}
 
 
-def register(method: FusionMethod) -> None:
-    METHODS[method.name] = method
-
-
 def get_method(name: str) -> FusionMethod:
     try:
         return METHODS[name]
