@@ -87,8 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=TITLE)
     parser.add_argument("--model", default="default",
                         help="base model: 'default' (embedded SmolLM2-135M-Instruct), a folder or a hub id")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, else cpu), cpu, "
+                                                          "cuda or cuda:1")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on cpu), float32, "
+                                                        "bfloat16 or float16")
     parser.add_argument("--adapters", default=None, help="adapter library folder (default: assets/adapters)")
     parser.add_argument("--fusions", default=None, help="saved fusions folder (default: assets/fusions)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
@@ -100,14 +102,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def resolved_dtype(device: str, dtype: str) -> str:
+    """bfloat16 halves a GPU's memory and time at no cost in quality here; CPUs are fastest in float32."""
+    if dtype != "auto":
+        return dtype
+    from fusion.model import resolve_device
+
+    return "bfloat16" if resolve_device(device).type == "cuda" else "float32"
+
+
 def open_engine(args: argparse.Namespace):
     """The in-process engine, or a client of remote replicas when --backend is given."""
     if args.backend:
         from fusion.remote import RemoteEngine
 
         return RemoteEngine(args.backend)
-    return Engine(model=args.model, device=args.device, dtype=args.dtype, adapters_dir=args.adapters,
-                  fusions_dir=args.fusions)
+    return Engine(model=args.model, device=args.device, dtype=resolved_dtype(args.device, args.dtype),
+                  adapters_dir=args.adapters, fusions_dir=args.fusions)
 
 
 def main(argv: list[str] | None = None) -> int:

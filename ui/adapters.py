@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import Studio, error_line
+from .common import TOAST_SECONDS, Studio, error_line
 
-HEADERS = ["name", "kind", "role", "rank", "alpha", "targets", "base model", "size (MB)", "description"]
+HEADERS = ["name", "kind", "role", "rank", "alpha", "targets", "base model", "MB", "description"]
+WIDTHS = ["13%", "8%", "8%", "5%", "5%", "20%", "15%", "6%", "20%"]
 ROLES = [("guess from the name (lang-…, task-…)", ""), ("language", "language"), ("task", "task"),
          ("other", "other")]
 
@@ -15,9 +16,20 @@ def library_rows(engine) -> list[list]:
     rows = []
     for a in engine.adapters():
         rows.append([a["name"], a.get("kind", "lora"), a.get("role", ""), a.get("rank"), a.get("alpha"),
-                     ", ".join(a.get("targets") or []), a.get("base_model") or "",
+                     ", ".join(a.get("targets") or []), base_model_name(a.get("base_model") or ""),
                      round((a.get("size_bytes") or 0) / 1e6, 2), a.get("description") or ""])
     return rows
+
+
+def base_model_name(value: str) -> str:
+    """A hub id as it is; a local folder (e.g. a cache path) by its model name only."""
+    if not value.startswith(("/", "~", ".")) and value.count("/") <= 1:
+        return value
+    parts = [p for p in value.replace("\\", "/").split("/") if p]
+    for part in reversed(parts):  # hub caches name their folders models--org--name
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/")
+    return parts[-1] if parts else value
 
 
 def fusion_rows(engine) -> list[list]:
@@ -37,8 +49,8 @@ def build_adapters_tab(studio: Studio) -> dict:
     with gr.Tab("Adapters", id="adapters"):
         gr.Markdown(f"Library folder: `{engine.library.adapters_dir}` · fitted fusions: "
                     f"`{engine.library.fusions_dir}`", elem_classes=["param-note"])
-        table = gr.Dataframe(library_rows(engine), headers=HEADERS, interactive=False, wrap=True,
-                             label="LoRA library", elem_id="adapters-table")
+        table = gr.Dataframe(library_rows(engine), headers=HEADERS, interactive=False, wrap=True, max_height=720,
+                             column_widths=WIDTHS, label="LoRA library", elem_id="adapters-table")
         fusions = gr.Dataframe(fusion_rows(engine), headers=["name", "method", "adapters", "examples", "seconds"],
                                interactive=False, label="Saved fitted fusions", elem_id="fusions-table")
         errors = gr.Markdown(errors_text(engine), elem_id="adapters-errors")
@@ -60,28 +72,33 @@ def build_adapters_tab(studio: Studio) -> dict:
             go = gr.Button("Import", variant="primary", elem_id="import-btn")
             status = gr.Markdown(elem_id="import-status", elem_classes=["status-line"])
 
-    def refreshed(message: str = ""):
-        return library_rows(engine), fusion_rows(engine), errors_text(engine), message
+    def refreshed():
+        return library_rows(engine), fusion_rows(engine), errors_text(engine)
 
     def rescan():
         engine.library.rescan()
-        return refreshed(f"Rescanned: {len(engine.adapters())} adapters, {len(engine.fusions())} fusions.")
+        return (*refreshed(), gr.skip(), gr.skip(),
+                f"Rescanned: {len(engine.adapters())} adapters, {len(engine.fusions())} fusions.")
 
     def import_adapter(folder, archive, new_name, new_role, replace):
-        source = archive or (folder or "").strip()
-        if not source:
-            gr.Warning("Give a folder path or upload a zip.")
-            return refreshed("⚠ Give a folder path or upload a zip.")
+        """Outputs: the three library views, the path box, the upload box, the status line."""
+        folder = (folder or "").strip()
+        problem = ("Give a folder path or upload a zip." if not (archive or folder) else
+                   "Give a folder path or a zip, not both: clear one of them." if archive and folder else None)
+        if problem:
+            gr.Warning(problem, duration=TOAST_SECONDS)
+            return *refreshed(), gr.skip(), gr.skip(), f"⚠ {problem}"
         try:
-            adapter = engine.library.import_adapter(source, name=(new_name or "").strip() or None,
+            adapter = engine.library.import_adapter(archive or folder, name=(new_name or "").strip() or None,
                                                     role=new_role or None, overwrite=bool(replace))
         except Exception as exc:
             line = error_line(exc)
-            gr.Warning(line)
-            return refreshed(f"⚠ {line}")
-        return refreshed(f"✔ Imported **{adapter.name}** (role {adapter.role}, rank {adapter.rank}).")
+            gr.Warning(line, duration=TOAST_SECONDS)
+            return *refreshed(), gr.skip(), gr.skip(), f"⚠ {line}"
+        # Emptied after an import, so the next one cannot silently reuse this source.
+        return *refreshed(), "", None, f"✔ Imported **{adapter.name}** (role {adapter.role}, rank {adapter.rank})."
 
-    outputs = [table, fusions, errors, status]
+    outputs = [table, fusions, errors, path, upload, status]
     refresh_event = refresh.click(rescan, None, outputs, api_visibility="private")
     import_event = go.click(import_adapter, [path, upload, name, role, overwrite], outputs, api_visibility="private",
                             concurrency_id="library")

@@ -7,6 +7,7 @@ import atexit
 import json
 import logging
 import math
+import re
 import shutil
 import tempfile
 import threading
@@ -21,14 +22,24 @@ from fusion.errors import FusionError
 from .constants import APP, NONE, PREFERRED
 
 log = logging.getLogger("lora_studio.app")
+TOAST_SECONDS = 4  # the status line keeps the message; a toast that lingers only stacks over the buttons
+
+
+# An absolute path: a slash not inside a word or a relative path, folders, then the last name.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s/'\"]+/)+([^\s/'\"]+)")
+
+
+def short_paths(text: str) -> str:
+    """Server folders are the server's business: name a file or folder by its last part."""
+    return _ABSOLUTE_PATH.sub(r"\1", text)
 
 
 def error_line(exc: BaseException) -> str:
     """One readable sentence for the UI; unexpected errors are logged with their stack trace."""
     if isinstance(exc, FusionError):
-        return str(exc)
+        return short_paths(str(exc))
     log.exception("unexpected error", exc_info=exc)
-    return f"unexpected error ({type(exc).__name__}: {exc}); the server log has the details"
+    return short_paths(f"unexpected error ({type(exc).__name__}: {exc}); the server log has the details")
 
 
 # ---- choices from the library ---------------------------------------------------------------
@@ -100,24 +111,117 @@ def parse_params(text) -> dict:
     return params
 
 
-def make_request(engine: Engine, method: str, adapters: list[str], params: dict,
-                 fusion: str | None = None) -> FusionRequest:
-    """A saved fusion brings its own method and adapters; the panel's params then only apply
-    when the method picker shows that same method."""
+def build_request(method, adapters, params, fusion=None) -> FusionRequest:
+    """The one way a tab or an endpoint turns its choices into a request.
+
+    A saved fusion supplies its own method and adapters; `params` then apply on top of its
+    fitted ones (the tabs show a fusion's own params when it is picked, so what is shown is what
+    runs). `adapters` may be a list or comma-separated text, `params` a dict or JSON text.
+    """
+    params = parse_params(params)
     if fusion and fusion != NONE:
-        saved = {f["name"]: f["method"] for f in engine.fusions()}.get(fusion)
-        return FusionRequest(fusion=fusion, params=params if saved == method else {})
-    return FusionRequest(adapters=adapters, method=method or "base", params=params)
+        return FusionRequest(fusion=str(fusion), params=params)
+    return FusionRequest(adapters=parse_adapters(adapters), method=method or "base", params=params)
+
+
+def request_label(engine: Engine, request: FusionRequest | Exception) -> str:
+    """What produced a reply, as chat bubbles, status lines and compare columns name it:
+    "es-math-flow (lora_flow) · lang-es + task-math" or "linear · lang-es + task-math"."""
+    if isinstance(request, Exception):
+        return "invalid choice"
+    try:
+        method, adapters, _ = engine.resolve(request)
+    except Exception:  # the run itself reports the problem
+        return request.fusion or request.method
+    head = f"{request.fusion} ({method.name})" if request.fusion else method.name
+    return f"{head} · {' + '.join(a.name for a in adapters)}" if adapters else head
+
+
+def saved_fusion(engine: Engine, name: str | None) -> dict | None:
+    """A saved fusion as the pickers should show it: method, adapters and the params it runs
+    with (its fitted tensors named by the fusion itself, e.g. gates = "es-math-flow")."""
+    if not name or name == NONE:
+        return None
+    for f in engine.fusions():
+        if f["name"] == name:
+            params = dict(f.get("params") or {})
+            ref = (f.get("meta") or {}).get("param_ref")
+            if ref:
+                params[ref] = name
+            return {"name": name, "method": f["method"], "adapters": list(f["adapters"]), "params": params}
+    return None
 
 
 def describe_fusion(engine: Engine, name: str | None) -> str:
     if not name or name == NONE:
         return ""
-    for f in engine.fusions():
-        if f["name"] == name:
-            return (f"Saved fusion **{name}** uses its own method (`{f['method']}`) and adapters "
-                    f"({', '.join(f['adapters']) or 'none'}); the pickers above are ignored.")
-    return f"Saved fusion **{name}** is no longer in the library."
+    fusion = saved_fusion(engine, name)
+    if fusion is None:
+        return f"Saved fusion **{name}** is no longer in the library."
+    return (f"**{name}** runs `{fusion['method']}` over {', '.join(fusion['adapters']) or 'no adapter'} with its "
+            "fitted weights, as the pickers show. Changing the method or an adapter leaves the fusion.")
+
+
+def method_spec(engine: Engine, name: str | None) -> dict:
+    return next((m for m in engine.methods() if m["name"] == name), {})
+
+
+def adapters_for(engine: Engine, method: str | None, chosen: list[str], defaults: list[str]) -> list[str]:
+    """The adapters a method can run with, starting from the chosen ones: of the kind it takes
+    (a MixLoRA adapter for MixLoRA, LoRAs otherwise), no more than it takes (the last ones: the task
+    LoRA for Single LoRA), and filled from `defaults` (then the library) when too few."""
+    spec = method_spec(engine, method)
+    if not spec or spec["name"] == "base":
+        return chosen
+    kind = spec.get("adapter_kind", "lora")
+    library = engine.adapters()
+    kinds = {a["name"]: a.get("kind", "lora") for a in library}
+    kept = [a for a in chosen if kinds.get(a) == kind]
+    wanted = max(1, spec.get("min_adapters") or 0)
+    if len(kept) < wanted:
+        kept += [a for a in defaults if kinds.get(a) == kind and a not in kept]
+        for candidate in [a["name"] for a in library]:
+            if len(kept) < wanted and kinds.get(candidate) == kind and candidate not in kept:
+                kept.append(candidate)
+        slot = {"language": 0, "task": 2}
+        roles = {a["name"]: a.get("role") for a in library}
+        kept.sort(key=lambda a: slot.get(roles.get(a), 1))  # the slot order: language first, task last
+    most = spec.get("max_adapters")
+    if most is not None and len(kept) > most:
+        kept = kept[len(kept) - most:]
+    return kept
+
+
+def check_choice(engine: Engine, request: FusionRequest) -> None:
+    """Before running: an adapter count or kind the method cannot take, said with what to do."""
+    if request.fusion:
+        return
+    spec = method_spec(engine, request.method)
+    if not spec:
+        return
+    kinds = {a["name"]: a.get("kind", "lora") for a in engine.adapters()}
+    kind, pretty = spec.get("adapter_kind", "lora"), spec.get("pretty_name") or spec["name"]
+    if spec["name"] == "base":
+        return
+    if kind != "lora":
+        offered = [name for name, k in kinds.items() if k == kind]
+        example = f" such as {offered[0]}" if offered else " (the library has none: train one in the Fit tab)"
+        if [a for a in request.adapters if kinds.get(a) == kind] != request.adapters or len(request.adapters) != 1:
+            raise FusionError(f"{pretty} needs exactly one {kind} adapter{example}: pick it under More LoRAs "
+                              "and set the language and task pickers to (none)")
+        return
+    odd = [a for a in request.adapters if kinds.get(a, "lora") != "lora"]
+    if odd:
+        raise FusionError(f"{pretty} fuses LoRAs, and {odd[0]} is a {kinds[odd[0]]} adapter: remove it from "
+                          "More LoRAs or pick the method made for it")
+    least, most = spec.get("min_adapters") or 0, spec.get("max_adapters")
+    if most is not None and len(request.adapters) > most:
+        raise FusionError(f"{pretty} applies {most} LoRA, got {len(request.adapters)}: set the language or the "
+                          "task picker to (none)" if most == 1 else
+                          f"{pretty} takes at most {most} LoRAs, got {len(request.adapters)}")
+    if len(request.adapters) < least:
+        raise FusionError(f"{pretty} needs at least {least} LoRAs, got {len(request.adapters)}: pick a language "
+                          "and a task LoRA")
 
 
 # ---- per-session cancel flags ------------------------------------------------------------------
@@ -190,9 +294,9 @@ class ParamPanel:
         self.slots: list[dict[str, gr.components.Component]] = []
         self.note: gr.Markdown | None = None
 
-    def build(self, method: str | None) -> "ParamPanel":
+    def build(self, method: str | None, values: dict | None = None) -> "ParamPanel":
         """Create the note and the pool, set up for `method` (no round trip on page load)."""
-        first = self.updates(method)
+        first = self.updates(method, values)
         self.note = gr.Markdown(first[0]["value"], elem_classes=["param-note"])
         factories = {"number": gr.Number, "slider": gr.Slider, "checkbox": gr.Checkbox,
                      "dropdown": gr.Dropdown, "textbox": gr.Textbox}
@@ -210,8 +314,9 @@ class ParamPanel:
     def components(self) -> list:
         return [slot[kind] for slot in self.slots for kind in KINDS]
 
-    def updates(self, method: str | None) -> list[dict]:
-        """gr.update()s for the note and every pool control, in `components` order."""
+    def updates(self, method: str | None, values: dict | None = None) -> list[dict]:
+        """gr.update()s for the note and every pool control, in `components` order; `values`
+        (e.g. a saved fusion's params) replace the declared defaults."""
         spec = self.methods.get(method or "", {"params": [], "description": "", "reference_url": ""})
         params = spec["params"]
         note = spec.get("description", "")
@@ -225,6 +330,8 @@ class ParamPanel:
                 if kind != chosen:
                     out.append(gr.update(visible=False))
                     continue
+                if values and param["name"] in values:
+                    param = {**param, "default": values[param["name"]]}
                 out.append(gr.update(**self._control(param, kind)))
         return out
 
@@ -252,8 +359,11 @@ class ParamPanel:
         value = "" if default is None else (", ".join(map(str, default)) if isinstance(default, list) else str(default))
         return {**common, "value": value, "placeholder": placeholder}
 
-    def collect(self, method: str | None, values: list) -> dict:
-        """The chosen method's params from the pool's values (empty means: the declared default)."""
+    def collect(self, method: str | None, values: list | dict) -> dict:
+        """The chosen method's params from the pool's values, given in `components` order or as
+        a handler's inputs keyed by component (empty means: the declared default)."""
+        if isinstance(values, dict):
+            values = [values.get(c) for c in self.components]
         spec = self.methods.get(method or "")
         if spec is None:
             return {}
@@ -312,6 +422,9 @@ CSS = """
 #stats-line p, .stats-line p { font-size: 0.85em; color: var(--body-text-color-subdued); margin: 0; }
 #chat-status p, .status-line p { margin: 0; }
 .compare-out { min-height: 6em; }
+#trace-info { flex: 1 1 260px; min-width: 260px; }
+#trace-info-row { flex-wrap: wrap; }
+#chat-send-row { flex-wrap: wrap; }
 footer { display: none !important; }
 """
 
