@@ -176,8 +176,9 @@ def test_compare_two_methods_side_by_side(page):
 
 
 # ---- what a newcomer runs into first ------------------------------------------------------------------
-def shown_value(page, dropdown: str) -> str:
-    return page.input_value(f"{dropdown} input")
+def shows(page, dropdown: str, label: str) -> None:
+    """The dropdown shows `label` (waiting for the event that sets it)."""
+    sync_api.expect(page.locator(f"{dropdown} input")).to_have_value(label, timeout=20_000)
 
 
 def wait_for_reply(page) -> None:
@@ -214,12 +215,12 @@ def test_base_model_reply_keeps_the_page_and_says_there_is_no_adapter(fresh):
 
 
 def test_picking_a_method_leaves_the_preselected_saved_fusion(fresh):
-    assert shown_value(fresh, "#fusion-dd").startswith(SAVED)  # preselected on load...
-    assert shown_value(fresh, "#method-dd").startswith("LoRA-Flow")
+    assert fresh.input_value("#fusion-dd input").startswith(SAVED)  # preselected on load...
+    assert fresh.input_value("#method-dd input").startswith("LoRA-Flow")
     assert fresh.input_value("#chat-param-0-textbox textarea") == SAVED  # its gates
     assert SAVED in fresh.inner_text("#fusion-note")  # ...and said so from the start
     pick(fresh, "#method-dd", "Linear (weighted sum of deltas)")
-    assert shown_value(fresh, "#fusion-dd") == "(none)"
+    shows(fresh, "#fusion-dd", "(none)")
     fresh.click("text=Generation")
     set_number(fresh, "#max-tokens", 4)
     fresh.fill("#chat-input textarea", "Hola")
@@ -230,17 +231,13 @@ def test_picking_a_method_leaves_the_preselected_saved_fusion(fresh):
     assert "fixed weights" in fresh.inner_text("#trace-info")
     # Picking the fusion again shows its own method and adapters.
     pick(fresh, "#lang-dd", "lang-ru")
-    pick(fresh, "#fusion-dd", next(o for o in fusion_options(fresh) if o.startswith(SAVED)))
-    assert shown_value(fresh, "#method-dd").startswith("LoRA-Flow")
-    assert shown_value(fresh, "#lang-dd") == "lang-es" and shown_value(fresh, "#task-dd") == "task-math"
+    fresh.click("#fusion-dd input")
+    fresh.locator('[role="option"]').filter(has_text=SAVED).first.click()
+    fresh.keyboard.press("Escape")
+    shows(fresh, "#method-dd", "LoRA-Flow (dynamic gates)")
+    shows(fresh, "#lang-dd", "lang-es")
+    shows(fresh, "#task-dd", "task-math")
     assert not fresh.page_errors
-
-
-def fusion_options(page) -> list[str]:
-    page.click("#fusion-dd input")
-    options = page.locator('[role="option"]').all_inner_texts()
-    page.keyboard.press("Escape")
-    return options
 
 
 def test_enter_while_a_reply_streams_starts_nothing_and_traces_match_the_chat(fresh):
@@ -299,9 +296,10 @@ def test_mixlora_from_the_default_pickers_answers_with_the_mixlora_adapter(fresh
     if "mixlora" not in {m["name"] for m in fresh_methods()}:
         pytest.skip("the engine has no mixlora method")
     pick(fresh, "#method-dd", "MixLoRA (LoRA experts)")
-    assert shown_value(fresh, "#fusion-dd") == "(none)"
-    assert shown_value(fresh, "#lang-dd") == "(none)" and shown_value(fresh, "#task-dd") == "(none)"
-    assert MIXLORA in fresh.inner_text("#extra-dd")
+    shows(fresh, "#fusion-dd", "(none)")
+    shows(fresh, "#lang-dd", "(none)")
+    shows(fresh, "#task-dd", "(none)")
+    sync_api.expect(fresh.locator("#extra-dd")).to_contain_text(MIXLORA)
     fresh.click("text=Generation")
     set_number(fresh, "#max-tokens", 4)
     fresh.fill("#chat-input textarea", "Hi")
@@ -311,9 +309,9 @@ def test_mixlora_from_the_default_pickers_answers_with_the_mixlora_adapter(fresh
     assert "per-token routing" in fresh.inner_text("#trace-info")
     # Back to a LoRA method: the language and task pickers come back, the MixLoRA adapter goes.
     pick(fresh, "#method-dd", "Single LoRA")
-    assert MIXLORA not in fresh.inner_text("#extra-dd")
-    chosen = [shown_value(fresh, "#lang-dd"), shown_value(fresh, "#task-dd")]
-    assert sorted(chosen) == ["(none)", "task-math"]
+    sync_api.expect(fresh.locator("#extra-dd")).not_to_contain_text(MIXLORA, timeout=20_000)
+    shows(fresh, "#lang-dd", "(none)")
+    shows(fresh, "#task-dd", "task-math")
     assert not fresh.page_errors
 
 
