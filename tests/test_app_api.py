@@ -118,6 +118,31 @@ def test_fit_saves_a_fusion_that_generate_can_use(client):
     assert "line 1" in api_error(client, "lora_flow", "lang-es,task-math", "not json", "x", api_name="/fit")
 
 
+def test_a_cancelled_fit_is_not_saved_and_a_finished_one_is(app_engine):
+    import threading
+
+    from ui.fit import fit_in_background
+
+    train = {"max_steps": 2, "batch_size": 1}
+    cancelled = threading.Event()
+    cancelled.set()  # Cancel pressed (or the page closed) before the first step ended
+    events = list(fit_in_background(app_engine, "lora_flow", ["lang-es", "task-math"], EXAMPLES, {}, train,
+                                    "ui-cancelled", False, cancelled))
+    assert events[-1] == ("cancelled", None)
+    assert "ui-cancelled" not in {f["name"] for f in app_engine.fusions()}
+    assert not (app_engine.library.fusions_dir / "ui-cancelled").exists()
+    kind, artifact = list(fit_in_background(app_engine, "lora_flow", ["lang-es", "task-math"], EXAMPLES, {}, train,
+                                            "ui-cancelled", False, threading.Event()))[-1]
+    try:
+        assert kind == "done" and artifact.name == "ui-cancelled" and len(artifact.meta["losses"]) == 2
+        assert "ui-cancelled" in {f["name"] for f in app_engine.fusions()}  # the name was still free
+    finally:
+        import shutil
+
+        shutil.rmtree(app_engine.library.fusions_dir / "ui-cancelled", ignore_errors=True)
+        app_engine.library.rescan()
+
+
 # ---- figures (fusion/plots.py) ---------------------------------------------------------------------
 def make_trace(kind="gate", slots=("lang-es", "task-math"), tokens=7, prompt=4, layers=3, **extra):
     from fusion.trace import Trace
@@ -164,6 +189,23 @@ def test_static_heatmap_shows_layers_by_adapter_and_modules():
     assert figure.data[0].z[0][0] == 1.0
     assert plots.module_options(static) == [plots.MEAN_MODULE, "q_proj"]
     assert plots.heatmap(make_trace("static", slots=())).data == ()
+
+
+def test_colour_scales_fit_each_kind_of_weight():
+    from fusion import plots
+
+    static = make_trace("static")  # weights in [0, 1): sequential from 0, not centred on 0
+    data = plots.heatmap(static).data[0]
+    assert (data.zmin, data.zmax, data.zmid) == (0.0, 1.0, None) and data.texttemplate == "%{z:.2f}"
+    negated = make_trace("static")
+    negated.weights[..., 0] *= -1  # a negated task vector: the sign matters
+    data = plots.heatmap(negated).data[0]
+    assert data.zmid == 0 and data.zmin == -data.zmax
+    tall = make_trace("static", layers=30)
+    assert plots.heatmap(tall).data[0].texttemplate is None  # 30 rows: values in hover only
+    router = make_trace("router", slots=("e0", "e1", "e2"), chosen=torch.zeros(7, 3, 2, dtype=torch.long))
+    data = plots.heatmap(router, plots.VIEW_ALL, slot="e1").data[0]
+    assert (data.zmin, data.zmax) == (0.0, 1.0)
 
 
 def test_token_scores_cover_the_reply_within_minus_one_to_one():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from fusion import plots
 from fusion.engine import Engine, FusionRequest
 from fusion.errors import FusionError
 
@@ -412,7 +413,9 @@ class Studio:
 
     def write_trace_files(self, trace, stem: str) -> tuple[str, str]:
         json_path, csv_path = self.files / f"{stem}.json", self.files / f"{stem}.csv"
-        json_path.write_text(trace.to_json(), encoding="utf-8")
+        # readable_tokens: the tokens as text, split characters included (see plots.readable_tokens)
+        data = {**trace.to_dict(), "readable_tokens": plots.readable_tokens(trace.tokens)}
+        json_path.write_text(json.dumps(data), encoding="utf-8")
         csv_path.write_text(trace.to_csv(), encoding="utf-8")
         return str(json_path), str(csv_path)
 
