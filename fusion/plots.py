@@ -159,7 +159,7 @@ def heatmap(trace: Trace, view: str = VIEW_TAIL, prompt_tail: int = 16, slot: st
                           zmin=-extent, zmax=extent, xgap=1, ygap=1,
                           colorbar=dict(title=dict(text=f"{trace.slot_names[1]}<br>minus<br>"
                                                         f"{trace.slot_names[0]}", side="top")))
-        title = f"Gates: red = more {trace.slot_names[1]}, blue = more {trace.slot_names[0]}"
+        title = f"Gates: red = {trace.slot_names[1]}, blue = {trace.slot_names[0]}"
     else:
         # Router probabilities lie in [0, 1]: a fixed scale keeps two replies comparable. Raw
         # LoRA-Flow gates may leave [0, 1], so their scale follows the data.

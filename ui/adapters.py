@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gradio as gr
 
+from fusion.adapters import ALL_MODULES
+
 from .common import TOAST_SECONDS, Studio, error_line
 
 HEADERS = ["name", "kind", "role", "rank", "alpha", "targets", "base model", "MB", "description"]
-WIDTHS = ["13%", "8%", "8%", "5%", "5%", "20%", "15%", "6%", "20%"]
+WIDTHS = ["12%", "7%", "8%", "5%", "5%", "13%", "16%", "6%", "28%"]
 ROLES = [("guess from the name (lang-…, task-…)", ""), ("language", "language"), ("task", "task"),
          ("other", "other")]
 
@@ -16,9 +18,15 @@ def library_rows(engine) -> list[list]:
     rows = []
     for a in engine.adapters():
         rows.append([a["name"], a.get("kind", "lora"), a.get("role", ""), a.get("rank"), a.get("alpha"),
-                     ", ".join(a.get("targets") or []), base_model_name(a.get("base_model") or ""),
+                     targets_text(a.get("targets") or []), base_model_name(a.get("base_model") or ""),
                      round((a.get("size_bytes") or 0) / 1e6, 2), a.get("description") or ""])
     return rows
+
+
+def targets_text(targets: list[str]) -> str:
+    if set(targets) == set(ALL_MODULES):
+        return "all 7 projections"
+    return ", ".join(targets)
 
 
 def base_model_name(value: str) -> str:

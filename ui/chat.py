@@ -92,9 +92,10 @@ def build_chat_tab(studio: Studio) -> dict:
                 chatbot = gr.Chatbot(label="Conversation", height=380, elem_id="chatbot",
                                      placeholder="Pick LoRAs and a method on the left, then say something.")
                 with gr.Row(elem_id="chat-send-row"):
+                    # No max_length: a box that cuts a paste short does so silently; the engine
+                    # refuses an overlong message in one sentence instead.
                     message = gr.Textbox(show_label=False, placeholder="Ask something… (Enter sends)", scale=6,
-                                         min_width=200, max_length=APP.max_prompt_chars, elem_id="chat-input",
-                                         autofocus=True)
+                                         min_width=200, elem_id="chat-input", autofocus=True)
                     send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send-btn")
                     stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="stop-btn")
                     clear = gr.Button("Clear", scale=1, min_width=80, elem_id="clear-btn")
@@ -147,6 +148,8 @@ def build_chat_tab(studio: Studio) -> dict:
                 yield shown + [reply], gr.skip(), session, stats_line(label, event) + mixed, gr.skip(), *skip
         except Exception as exc:  # FusionError: the user's to fix; anything else: logged
             line = error_line(exc)
+            if not history:  # a first message that is too long alone: there is no history to clear
+                line = line.replace(": shorten it or clear the history", ": shorten it")
             gr.Warning(line, duration=TOAST_SECONDS)
             yield session["shown"], text, session, f"⚠ {line}", idle, *skip
             return

@@ -128,11 +128,11 @@ def build_compare_tab(studio: Studio) -> dict:
                     "first token and tokens per second (columns share the CPU, so rates are per column while "
                     "all run). The columns open on the saved fitted fusions, when there are any.",
                     elem_classes=["param-note"])
-        prompt = gr.Textbox(label="Prompt", lines=2, max_length=APP.max_prompt_chars,
+        prompt = gr.Textbox(label="Prompt", lines=2,
                             placeholder="e.g. ¿Cuánto es 12 + 7?", elem_id="compare-input")
         with gr.Row(equal_height=True, elem_id="compare-controls"):
             count = gr.Radio([str(n) for n in range(2, APP.max_compare + 1)], value="2", label="Columns",
-                             scale=1, min_width=160, elem_id="compare-n")
+                             scale=1, min_width=220, elem_id="compare-n")
             max_tokens = gr.Slider(1, APP.max_new_tokens, value=min(64, APP.default_new_tokens), step=1,
                                    label="Max new tokens", scale=2, min_width=200, elem_id="compare-max-tokens")
             temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", scale=2, min_width=200,
