@@ -8,8 +8,9 @@ from fusion.adapters import ALL_MODULES
 
 from .common import TOAST_SECONDS, Studio, error_line
 
-HEADERS = ["name", "kind", "role", "rank", "alpha", "targets", "base model", "MB", "description"]
-WIDTHS = ["12%", "7%", "8%", "5%", "5%", "13%", "16%", "6%", "28%"]
+HEADERS = ["name", "kind", "role", "rank / alpha", "targets", "base model", "MB", "description"]
+# Fixed widths: a narrow window scrolls the table sideways instead of breaking words mid-letter.
+WIDTHS = ["130px", "80px", "90px", "70px", "150px", "180px", "60px", "440px"]
 ROLES = [("guess from the name (lang-…, task-…)", ""), ("language", "language"), ("task", "task"),
          ("other", "other")]
 
@@ -17,7 +18,9 @@ ROLES = [("guess from the name (lang-…, task-…)", ""), ("language", "languag
 def library_rows(engine) -> list[list]:
     rows = []
     for a in engine.adapters():
-        rows.append([a["name"], a.get("kind", "lora"), a.get("role", ""), a.get("rank"), a.get("alpha"),
+        alpha = a.get("alpha")
+        rows.append([a["name"], a.get("kind", "lora"), a.get("role", ""),
+                     f"{a.get('rank')} / {int(alpha) if alpha is not None and float(alpha).is_integer() else alpha}",
                      targets_text(a.get("targets") or []), base_model_name(a.get("base_model") or ""),
                      round((a.get("size_bytes") or 0) / 1e6, 2), a.get("description") or ""])
     return rows

@@ -428,9 +428,6 @@ CSS = """
 #trace-info { flex: 1 1 260px; min-width: 260px; }
 #trace-info-row { flex-wrap: wrap; }
 #chat-send-row { flex-wrap: wrap; }
-/* narrow windows scroll the library table sideways rather than break words mid-letter */
-#adapters-table table { min-width: 980px; }
-#adapters-table th, #adapters-table td { word-break: normal; overflow-wrap: normal; }
 footer { display: none !important; }
 """
 
