@@ -22,7 +22,7 @@ import gradio as gr  # noqa: E402
 
 from fusion.engine import Engine  # noqa: E402
 from fusion.errors import FusionError  # noqa: E402
-from ui.adapters import build_adapters_tab, fusion_rows, library_rows, errors_text  # noqa: E402
+from ui.adapters import build_adapters_tab, errors_text, fusion_rows, library_rows, removable_choices  # noqa: E402
 from ui.api import register_api  # noqa: E402
 from ui.chat import build_chat_tab  # noqa: E402
 from ui.common import CSS, Studio, theme  # noqa: E402
@@ -46,12 +46,13 @@ def build_app(engine: Engine) -> gr.Blocks:
             fit = build_fit_tab(studio)
             library = build_adapters_tab(studio)
 
-        # After a fit or an import, every picker and the library tables show the new entries.
+        # After a fit, an import or a deletion, every picker and the library tables show the change.
         pickers = studio.pickers.components()
-        tables = [library["table"], library["fusions"], library["errors"]]
+        tables = [library["table"], library["fusions"], library["errors"], library["delete"]]
 
         def refresh_all():
-            return (*studio.pickers.updates(engine), library_rows(engine), fusion_rows(engine), errors_text(engine))
+            return (*studio.pickers.updates(engine), library_rows(engine), fusion_rows(engine), errors_text(engine),
+                    gr.update(choices=removable_choices(engine)))
 
         for event in [fit["event"], *library["events"]]:
             event.then(refresh_all, None, pickers + tables, api_visibility="private", queue=False)

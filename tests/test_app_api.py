@@ -118,8 +118,10 @@ def test_fit_saves_a_fusion_that_generate_can_use(client):
     assert "line 1" in api_error(client, "lora_flow", "lang-es,task-math", "not json", "x", api_name="/fit")
 
 
-def test_a_cancelled_fit_is_not_saved_and_a_finished_one_is(app_engine):
+def test_a_cancelled_fit_is_not_saved_a_finished_one_is_and_can_be_deleted(app_engine):
     import threading
+
+    from fusion.errors import FusionError
 
     from ui.fit import fit_in_background
 
@@ -136,6 +138,13 @@ def test_a_cancelled_fit_is_not_saved_and_a_finished_one_is(app_engine):
     try:
         assert kind == "done" and artifact.name == "ui-cancelled" and len(artifact.meta["losses"]) == 2
         assert "ui-cancelled" in {f["name"] for f in app_engine.fusions()}  # the name was still free
+        with pytest.raises(FusionError, match="used by the saved fusion ui-cancelled; delete it first"):
+            app_engine.library.remove("lang-es", "adapter")
+        app_engine.library.remove("ui-cancelled", "fusion")
+        assert "ui-cancelled" not in {f["name"] for f in app_engine.fusions()}
+        assert not list(app_engine.library.fusions_dir.glob("*ui-cancelled*"))
+        with pytest.raises(FusionError, match="no fusion named 'ui-cancelled'"):
+            app_engine.library.remove("ui-cancelled", "fusion")
     finally:
         import shutil
 

@@ -48,6 +48,12 @@ def fusion_rows(engine) -> list[list]:
              f["meta"].get("seconds")] for f in engine.fusions()]
 
 
+def removable_choices(engine) -> list:
+    """(label, "kind:name") for the delete picker: fusions first, as adapters in use cannot go."""
+    return ([(f"fusion · {f['name']}", f"fusion:{f['name']}") for f in engine.fusions()]
+            + [(f"adapter · {a['name']}", f"adapter:{a['name']}") for a in engine.adapters()])
+
+
 def errors_text(engine) -> str:
     errors = engine.library.errors
     if not errors:
@@ -65,6 +71,11 @@ def build_adapters_tab(studio: Studio) -> dict:
         fusions = gr.Dataframe(fusion_rows(engine), headers=["name", "method", "adapters", "examples", "seconds"],
                                interactive=False, label="Saved fitted fusions", elem_id="fusions-table")
         errors = gr.Markdown(errors_text(engine), elem_id="adapters-errors")
+        with gr.Row(equal_height=True):
+            doomed = gr.Dropdown(removable_choices(engine), value=None, label="Delete from the library",
+                                 info="A saved fusion, or an adapter no saved fusion uses", scale=3,
+                                 elem_id="delete-dd")
+            delete = gr.Button("Delete", variant="stop", size="sm", scale=1, min_width=100, elem_id="delete-btn")
         refresh = gr.Button("Rescan the library folder", size="sm", elem_id="refresh-btn")
         with gr.Accordion("Import a peft LoRA adapter", open=True):
             gr.Markdown("A folder with `adapter_config.json` and `adapter_model.safetensors` (or `.bin`), given as a "
@@ -109,8 +120,27 @@ def build_adapters_tab(studio: Studio) -> dict:
         # Emptied after an import, so the next one cannot silently reuse this source.
         return *refreshed(), "", None, f"✔ Imported **{adapter.name}** (role {adapter.role}, rank {adapter.rank})."
 
+    def remove(choice):
+        """Outputs as import_adapter's, then the delete picker."""
+        if not choice:
+            return *refreshed(), gr.skip(), gr.skip(), "Pick what to delete first.", gr.skip()
+        kind, _, entry = str(choice).partition(":")
+        try:
+            engine.library.remove(entry, kind)
+        except Exception as exc:
+            line = error_line(exc)
+            gr.Warning(line, duration=TOAST_SECONDS)
+            return *refreshed(), gr.skip(), gr.skip(), f"⚠ {line}", gr.skip()
+        return (*refreshed(), gr.skip(), gr.skip(), f"✔ Deleted the {kind} **{entry}**.",
+                gr.update(choices=removable_choices(engine), value=None))
+
     outputs = [table, fusions, errors, path, upload, status]
     refresh_event = refresh.click(rescan, None, outputs, api_visibility="private")
+    # The browser asks first; a dismissed question sends nothing to delete.
+    delete_event = delete.click(remove, doomed, outputs + [doomed], api_visibility="private",
+                                concurrency_id="library",
+                                js="(choice) => (choice && confirm(`Delete ${choice.replace(':', ' ')}?`)) ? choice : null")
     import_event = go.click(import_adapter, [path, upload, name, role, overwrite], outputs, api_visibility="private",
                             concurrency_id="library")
-    return {"events": [refresh_event, import_event], "table": table, "fusions": fusions, "errors": errors}
+    return {"events": [refresh_event, import_event, delete_event], "table": table, "fusions": fusions,
+            "errors": errors, "delete": doomed}
