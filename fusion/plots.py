@@ -142,7 +142,7 @@ def heatmap(trace: Trace, view: str = VIEW_TAIL, prompt_tail: int = 16, slot: st
     x = list(range(len(indices)))
     readable = readable_tokens(trace.tokens)
     labels = [display_token(readable[i]) for i in indices]
-    every = max(1, len(indices) // 48)  # keep tick labels legible on long windows
+    every = max(1, len(indices) // (20 if compact else 48))  # keep tick labels legible on long windows
     if name == TOP_EXPERT:
         k = len(trace.slot_names)
         colours = [PALETTE[i % len(PALETTE)] for i in range(k)]
