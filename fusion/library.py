@@ -51,6 +51,13 @@ def load_adapter_folder(folder: Path, name: str | None, model) -> object:
     return loader(folder, name or folder.name, model)
 
 
+def some(names, shown: int = 6) -> str:
+    """A few names for an error line; a large library is not listed in full."""
+    names = [n for n in names if not Path(n).is_absolute()]
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 class Library:
     def __init__(self, model, adapters_dir: str | Path | None = None, fusions_dir: str | Path | None = None,
                  device=None, dtype=None):
@@ -109,7 +116,7 @@ class Library:
                 return self.adapters[key]
         if ref in self.errors:
             raise FusionError(self.errors[ref])
-        raise FusionError(f"adapter {ref!r} is neither in the library ({', '.join(self.adapters) or 'empty'}) "
+        raise FusionError(f"adapter {ref!r} is neither in the library ({some(self.adapters) or 'empty'}) "
                           "nor an existing folder")
 
     def get_fusion(self, ref: str) -> FusionArtifact:
@@ -120,7 +127,7 @@ class Library:
         if path.is_dir():
             return load_artifact(path)
         raise FusionError(f"fitted fusion {ref!r} is neither in the library "
-                          f"({', '.join(self.fusions) or 'none yet'}) nor an existing folder")
+                          f"({some(self.fusions) or 'none yet'}) nor an existing folder")
 
     def remove(self, name: str, kind: str) -> None:
         """Delete a saved fusion (kind "fusion") or a library adapter (kind "adapter") by name.

@@ -230,6 +230,58 @@ def test_token_scores_cover_the_reply_within_minus_one_to_one():
     assert len(plots.heatmap(short, plots.VIEW_ALL).data[0].z[0]) == 6
 
 
+# ---- what the pickers choose and refuse ----------------------------------------------------------
+def test_a_method_gets_the_adapters_it_can_take(app_engine):
+    from ui.common import adapters_for
+
+    pair = ["lang-es", "task-math"]
+    if "mixlora" in {m["name"] for m in app_engine.methods()}:
+        assert adapters_for(app_engine, "mixlora", pair, pair) == [MIXLORA]
+        assert adapters_for(app_engine, "lora_flow", [MIXLORA], pair) == pair  # back to the default pair
+    assert adapters_for(app_engine, "single", pair, pair) == ["task-math"]  # the task LoRA, alone
+    assert adapters_for(app_engine, "lora_flow", ["task-code"], pair) == ["lang-es", "task-code"]  # slot order
+    assert adapters_for(app_engine, "linear", ["lang-ru", "task-code", "task-math"], pair) == [
+        "lang-ru", "task-code", "task-math"]  # a valid choice is kept as it is
+    assert adapters_for(app_engine, "base", pair, pair) == pair
+
+
+def test_a_choice_the_method_cannot_run_says_what_to_do(app_engine):
+    from fusion.errors import FusionError
+    from ui.common import build_request, check_choice
+
+    def refusal(method, adapters):
+        with pytest.raises(FusionError) as info:
+            check_choice(app_engine, build_request(method, adapters, {}))
+        return str(info.value)
+
+    if "mixlora" in {m["name"] for m in app_engine.methods()}:
+        assert refusal("mixlora", ["lang-es", "task-math"]) == (
+            f"MixLoRA (LoRA experts) needs exactly one mixlora adapter such as {MIXLORA}: pick it under More "
+            "LoRAs and set the language and task pickers to (none)")
+        assert "is a mixlora adapter: remove it from More LoRAs" in refusal("linear", ["lang-es", MIXLORA])
+    assert refusal("single", ["lang-es", "task-math"]) == (
+        "Single LoRA applies 1 LoRA, got 2: set the language or the task picker to (none)")
+    assert refusal("lora_flow", ["task-math"]) == (
+        "LoRA-Flow (dynamic gates) needs at least 2 LoRAs, got 1: pick a language and a task LoRA")
+    check_choice(app_engine, build_request("lora_flow", "lang-es, task-math", "{}"))  # runnable: no refusal
+    check_choice(app_engine, build_request("", "", {}, fusion="any-saved-fusion"))  # a fusion brings its own
+
+
+def test_one_request_builder_for_tabs_and_endpoints(app_engine):
+    from fusion.engine import FusionRequest
+    from ui.common import build_request, request_label
+
+    assert build_request("linear", "lang-es, task-code", '{"weights": [1, 2]}') == FusionRequest(
+        ["lang-es", "task-code"], "linear", {"weights": [1, 2]})
+    # A saved fusion brings method and adapters; params given apply on top of its own.
+    assert build_request("linear", ["lang-es"], {"temperature": 2.0}, "es-gates") == FusionRequest(
+        fusion="es-gates", params={"temperature": 2.0})
+    assert build_request("linear", ["lang-es"], {}, "(none)").fusion is None
+    assert request_label(app_engine, build_request("linear", ["lang-es", "task-code"], {})) == (
+        "linear · lang-es + task-code")
+    assert request_label(app_engine, build_request("base", ["lang-es"], {})) == "base"
+
+
 # ---- controls and start-up --------------------------------------------------------------------------
 def test_param_panel_builds_controls_from_declarations(app_engine):
     from ui.common import ParamPanel, control_kind

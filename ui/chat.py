@@ -165,7 +165,8 @@ def build_chat_tab(studio: Studio) -> dict:
         panel_values = skip
         if event is not None and event.trace is not None:
             try:
-                why.add(session, event.trace, event.text, getattr(request, "session_hash", "") or "")
+                why.add(session, event.trace, event.text, getattr(request, "session_hash", "") or "",
+                        label.split(" · ")[0])
                 panel_values = why.show(session, None, data[why.view], data[why.tail], data[why.mean])
             except Exception as exc:  # the reply stands even when its trace cannot be drawn
                 log.exception("trace panel failed", exc_info=exc)

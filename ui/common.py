@@ -178,18 +178,22 @@ def adapters_for(engine: Engine, method: str | None, chosen: list[str], defaults
     library = engine.adapters()
     kinds = {a["name"]: a.get("kind", "lora") for a in library}
     kept = [a for a in chosen if kinds.get(a) == kind]
-    wanted = max(1, spec.get("min_adapters") or 0)
-    if len(kept) < wanted:
-        kept += [a for a in defaults if kinds.get(a) == kind and a not in kept]
-        for candidate in [a["name"] for a in library]:
-            if len(kept) < wanted and kinds.get(candidate) == kind and candidate not in kept:
-                kept.append(candidate)
-        slot = {"language": 0, "task": 2}
-        roles = {a["name"]: a.get("role") for a in library}
-        kept.sort(key=lambda a: slot.get(roles.get(a), 1))  # the slot order: language first, task last
     most = spec.get("max_adapters")
     if most is not None and len(kept) > most:
         kept = kept[len(kept) - most:]
+    wanted = max(1, spec.get("min_adapters") or 0)
+    if len(kept) < wanted:
+        roles = {a["name"]: a.get("role") for a in library}
+        # A default of a role not yet chosen (the task LoRA first when one adapter is enough),
+        # then anything of the right kind.
+        preferred = list(reversed(defaults)) if most == 1 else list(defaults)
+        for candidate in preferred + [a["name"] for a in library]:
+            taken = {roles.get(a) for a in kept} - {"other"}
+            if (len(kept) < wanted and kinds.get(candidate) == kind and candidate not in kept
+                    and (candidate not in defaults or roles.get(candidate) not in taken)):
+                kept.append(candidate)
+        slot = {"language": 0, "task": 2}
+        kept.sort(key=lambda a: slot.get(roles.get(a), 1))  # the slot order: language first, task last
     return kept
 
 

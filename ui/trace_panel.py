@@ -13,9 +13,9 @@ from .constants import APP
 VIEWS = [("Reply only", plots.VIEW_REPLY), ("Prompt tail + reply", plots.VIEW_TAIL), ("All tokens", plots.VIEW_ALL)]
 
 
-def reply_label(index: int, trace: Trace, text: str) -> str:
+def reply_label(index: int, source: str, text: str) -> str:
     words = " ".join(text.split())
-    return f"Reply {index + 1} · {trace.method}: {words[:40] + ('…' if len(words) > 40 else '')}"
+    return f"Reply {index + 1} · {source}: {words[:40] + ('…' if len(words) > 40 else '')}"
 
 
 def trace_info(trace: Trace, layer: int | None) -> str:
@@ -176,10 +176,11 @@ class TracePanel:
                 plots.empty_figure("Send a message to see which LoRA each layer used."), None, "",
                 gr.update(visible=False), gr.update(visible=False), intro(None))
 
-    def add(self, state: dict, trace: Trace, text: str, session: str) -> None:
-        """Keep a finished reply's trace in the session, with its download files."""
+    def add(self, state: dict, trace: Trace, text: str, session: str, source: str | None = None) -> None:
+        """Keep a finished reply's trace in the session, with its download files; `source` names
+        what produced the reply (default: the trace's method)."""
         index = len(state.setdefault("traces", []))
         state["traces"].append(trace)
-        state.setdefault("labels", []).append(reply_label(index, trace, text))
+        state.setdefault("labels", []).append(reply_label(index, source or trace.method, text))
         stem = f"trace-{(session or 'local')[:10]}-{index + 1}-{trace.method}"
         state.setdefault("files", {})[index] = self.studio.write_trace_files(trace, stem)
