@@ -323,3 +323,13 @@ def test_exposed_binding_without_auth_warns():
     assert parse_auth("me:secret") == ("me", "secret")
     with pytest.raises(SystemExit):
         parse_auth("no-colon")
+
+
+def test_device_and_dtype_default_to_the_best_available():
+    from app import parse_args, resolved_dtype
+
+    args = parse_args([])
+    assert (args.device, args.dtype) == ("auto", "auto")
+    assert resolved_dtype("auto", "auto") == ("bfloat16" if torch.cuda.is_available() else "float32")
+    assert resolved_dtype("cpu", "auto") == "float32"
+    assert resolved_dtype("cpu", "float16") == "float16"  # an explicit choice is kept
