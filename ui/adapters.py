@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from fusion.adapters import ALL_MODULES
+from fusion.errors import FusionError
 
 from .common import TOAST_SECONDS, Studio, error_line
 
@@ -126,6 +127,9 @@ def build_adapters_tab(studio: Studio) -> dict:
             return *refreshed(), gr.skip(), gr.skip(), "Pick what to delete first.", gr.skip()
         kind, _, entry = str(choice).partition(":")
         try:
+            if not hasattr(engine.library, "remove"):  # a remote backend's library lives on the serving host
+                raise FusionError("this studio uses a remote backend: delete the folder in the serving host's "
+                                  "library and rescan")
             engine.library.remove(entry, kind)
         except Exception as exc:
             line = error_line(exc)
