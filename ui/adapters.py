@@ -12,6 +12,7 @@ from .common import TOAST_SECONDS, Studio, error_line
 HEADERS = ["name", "kind", "role", "rank / alpha", "targets", "base model", "MB", "description"]
 # Fixed widths: a narrow window scrolls the table sideways instead of breaking words mid-letter.
 WIDTHS = ["130px", "80px", "90px", "70px", "150px", "180px", "60px", "440px"]
+CONFIRM_DELETE = "(choice) => (choice && confirm(`Delete ${choice.replace(':', ' ')}?`)) ? choice : null"
 ROLES = [("guess from the name (lang-…, task-…)", ""), ("language", "language"), ("task", "task"),
          ("other", "other")]
 
@@ -143,7 +144,7 @@ def build_adapters_tab(studio: Studio) -> dict:
     # The browser asks first; a dismissed question sends nothing to delete.
     delete_event = delete.click(remove, doomed, outputs + [doomed], api_visibility="private",
                                 concurrency_id="library",
-                                js="(choice) => (choice && confirm(`Delete ${choice.replace(':', ' ')}?`)) ? choice : null")
+                                js=CONFIRM_DELETE)
     import_event = go.click(import_adapter, [path, upload, name, role, overwrite], outputs, api_visibility="private",
                             concurrency_id="library")
     return {"events": [refresh_event, import_event, delete_event], "table": table, "fusions": fusions,

@@ -16,7 +16,8 @@ from fusion.engine import Engine
 from fusion.errors import FusionError
 from fusion.generate import Sampling
 
-from .common import build_request, error_line, parse_adapters, parse_params
+from .choices import build_request, parse_adapters, parse_params
+from .common import error_line
 from .compare import run_side_by_side
 from .constants import APP
 

@@ -6,9 +6,9 @@ import gradio as gr
 
 from fusion.generate import Sampling
 
-from .common import (TOAST_SECONDS, ParamPanel, Studio, adapter_choices, adapters_for, build_request,
-                     check_choice, default_selection, describe_fusion, error_line, fusion_choices, log,
-                     method_choices, request_label, saved_fusion)
+from .choices import (adapter_choices, adapters_for, build_request, check_choice, default_selection,
+                      describe_fusion, fusion_choices, method_choices, request_label, saved_fusion)
+from .common import TOAST_SECONDS, ParamPanel, Studio, error_line, log
 from .constants import APP, NONE
 from .trace_panel import TracePanel
 

@@ -8,16 +8,16 @@ from dataclasses import dataclass
 import gradio as gr
 
 from fusion import plots
-from fusion.engine import Engine, FusionRequest
+from fusion.engine import Engine
 from fusion.errors import FusionError
 from fusion.generate import Sampling
 
 from fusion.lab.evaluate_math import is_correct
 from fusion.lab.math_data import EVAL_LANGUAGES, eval_examples
 
-from .common import (TOAST_SECONDS, ParamPanel, Studio, adapter_choices, adapters_for, build_request,
-                     check_choice, default_selection, describe_fusion, error_line, fusion_choices, method_choices,
-                     method_spec, request_label, saved_fusion)
+from .choices import (adapter_choices, adapters_for, build_request, check_choice, default_selection,
+                      describe_fusion, fusion_choices, method_choices, method_spec, request_label, saved_fusion)
+from .common import TOAST_SECONDS, ParamPanel, Studio, error_line
 from .constants import APP, NONE
 
 COLUMN_METHODS = ["lora_flow", "linear", "cat", "base"]  # first choices, left to right

@@ -13,8 +13,8 @@ import gradio as gr
 from fusion import plots
 from fusion.errors import FusionError
 
-from .common import (TOAST_SECONDS, ParamPanel, Studio, adapter_choices, default_selection, error_line,
-                     method_choices, method_spec, parse_adapters)
+from .choices import adapter_choices, default_selection, method_choices, method_spec, parse_adapters
+from .common import TOAST_SECONDS, ParamPanel, Studio, error_line
 from .constants import APP
 
 EXAMPLE_JSONL = ('{"prompt": "¿Cuánto es 12 + 7?", "response": "12 + 7 = 19. La respuesta es 19."}\n'
