@@ -46,18 +46,22 @@ def build_app(engine: Engine) -> gr.Blocks:
             fit = build_fit_tab(studio)
             library = build_adapters_tab(studio)
 
-        # After a fit, an import or a deletion, every picker and the library tables show the change.
-        pickers = studio.pickers.components()
-        tables = [library["table"], library["fusions"], library["errors"], library["delete"]]
+        # After a fit, an import or a deletion, every picker and the library tables show the change;
+        # pickers that follow a method (Compare's adapters) keep offering the kind it takes.
+        by_method = studio.pickers.by_method
+        outputs = (studio.pickers.components() + [a for a, _ in by_method]
+                   + [library["table"], library["fusions"], library["errors"], library["delete"]])
 
-        def refresh_all():
-            return (*studio.pickers.updates(engine), library_rows(engine), fusion_rows(engine), errors_text(engine),
+        def refresh_all(*methods):
+            return (*studio.pickers.updates(engine), *studio.pickers.kind_updates(engine, list(methods)),
+                    library_rows(engine), fusion_rows(engine), errors_text(engine),
                     gr.update(choices=removable_choices(engine)))
 
+        methods = [m for _, m in by_method]
         for event in [fit["event"], *library["events"]]:
-            event.then(refresh_all, None, pickers + tables, api_visibility="private", queue=False)
+            event.then(refresh_all, methods, outputs, api_visibility="private", queue=False)
         # A page opened later must see fusions and adapters added since start-up.
-        demo.load(refresh_all, None, pickers + tables, api_visibility="private", queue=False)
+        demo.load(refresh_all, methods, outputs, api_visibility="private", queue=False)
     demo.queue(default_concurrency_limit=APP.concurrency, max_size=APP.queue_size)
     return demo
 

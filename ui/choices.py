@@ -22,6 +22,14 @@ def adapter_choices(engine: Engine, role: str | None = None, with_none: bool = F
     return choices
 
 
+def kind_choices(engine: Engine, method: str | None) -> list:
+    """The adapters a method can take (all of them for the base model)."""
+    spec = method_spec(engine, method)
+    kind = spec.get("adapter_kind") if spec.get("name") not in (None, "base") else None
+    kinds = {a["name"]: a.get("kind", "lora") for a in engine.adapters()}
+    return [(label, name) for label, name in adapter_choices(engine) if kind is None or kinds.get(name) == kind]
+
+
 def fusion_choices(engine: Engine) -> list:
     choices = [(NONE, NONE)]
     for f in engine.fusions():

@@ -20,7 +20,7 @@ from fusion import plots
 from fusion.engine import Engine
 from fusion.errors import FusionError
 
-from .choices import adapter_choices, fusion_choices
+from .choices import adapter_choices, fusion_choices, kind_choices
 from .constants import APP
 
 log = logging.getLogger("lora_studio.app")
@@ -205,6 +205,7 @@ class Pickers:
     task: list = field(default_factory=list)
     adapters: list = field(default_factory=list)  # multiselects over every adapter
     fusions: list = field(default_factory=list)
+    by_method: list = field(default_factory=list)  # (adapters, method): offering the kind the method takes
 
     def components(self) -> list:
         return self.language + self.task + self.adapters + self.fusions
@@ -216,6 +217,10 @@ class Pickers:
         fusions = fusion_choices(engine)
         return ([gr.update(choices=language) for _ in self.language] + [gr.update(choices=task) for _ in self.task]
                 + [gr.update(choices=every) for _ in self.adapters] + [gr.update(choices=fusions) for _ in self.fusions])
+
+    def kind_updates(self, engine: Engine, methods: list) -> list:
+        """Choices of the `by_method` pickers, given their methods' current values in order."""
+        return [gr.update(choices=kind_choices(engine, method)) for method in methods]
 
 
 @dataclass

@@ -15,8 +15,8 @@ from fusion.generate import Sampling
 from fusion.lab.evaluate_math import is_correct
 from fusion.lab.math_data import EVAL_LANGUAGES, eval_examples
 
-from .choices import (adapter_choices, adapters_for, build_request, check_choice, default_selection,
-                      describe_fusion, fusion_choices, method_choices, method_spec, request_label, saved_fusion)
+from .choices import (adapters_for, build_request, check_choice, default_selection, describe_fusion, fusion_choices,
+                      kind_choices, method_choices, request_label, saved_fusion)
 from .common import TOAST_SECONDS, ParamPanel, Studio, error_line
 from .constants import APP, NONE
 
@@ -41,14 +41,6 @@ def first_columns(engine: Engine, chosen: dict) -> list[dict]:
         if column["method"] != "base" and len(pair) < 2:  # two-LoRA methods need two LoRAs in the library
             column.update(name=NONE, method=chosen["method"], adapters=pair, params=None)
     return columns[:APP.max_compare]
-
-
-def kind_choices(engine: Engine, method: str | None) -> list:
-    """The adapters a method can take (all of them for the base model)."""
-    spec = method_spec(engine, method)
-    kind = spec.get("adapter_kind") if spec.get("name") not in (None, "base") else None
-    kinds = {a["name"]: a.get("kind", "lora") for a in engine.adapters()}
-    return [(label, name) for label, name in adapter_choices(engine) if kind is None or kinds.get(name) == kind]
 
 
 @dataclass
@@ -159,7 +151,7 @@ def build_compare_tab(studio: Studio) -> dict:
                 columns.append({"column": column, "method": method, "adapters": adapters, "fusion": fusion,
                                 "panel": panel, "stats": stats, "reply": reply, "heatmap": heatmap})
                 wire_column(engine, chosen, method, adapters, fusion, note, panel)
-                studio.pickers.adapters.append(adapters)
+                studio.pickers.by_method.append((adapters, method))
                 studio.pickers.fusions.append(fusion)
         score = build_scoring(studio, columns, count)
 
