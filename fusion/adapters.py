@@ -155,6 +155,30 @@ def parse_lora_state(state: dict[str, torch.Tensor], config: dict, path: Path
     return factors
 
 
+def check_targets(targets, modules: set[str], config_path) -> None:
+    """adapter_config.json's target_modules must describe the tensors: a config written for another
+    architecture (e.g. query_key_value, dense) over Llama-named tensors means a mixed-up folder.
+
+    `modules` are the full names the tensors adapt ("model.layers.0.self_attn.q_proj"); a list
+    entry names a module by its last parts, a string is a regular expression over the full name
+    (or "all-linear"), as in peft.
+    """
+    if targets is None or targets == "all-linear":
+        return
+    if isinstance(targets, str):
+        missed = sorted(m for m in modules if re.fullmatch(targets, m) is None)
+        shown = targets
+    elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        missed = sorted(m for m in modules if not any(m == t or m.endswith("." + t) for t in targets))
+        shown = ", ".join(targets)
+    else:
+        raise FusionError(f"{config_path}: target_modules must be a list of module names or a pattern, "
+                          f"got {targets!r}")
+    if missed:
+        raise FusionError(f"{config_path}: target_modules ({shown}) do not name {missed[0].rsplit('.', 1)[-1]}, "
+                          "which the weights adapt; the config does not describe these tensors")
+
+
 def validate_against(factors: dict[tuple[int, str], LoraFactors], model, path: str) -> None:
     """Check every tensor fits the base model; raise one sentence naming the first misfit."""
     layers = model.model.layers
@@ -189,6 +213,8 @@ def load_lora(path: str | Path, name: str | None = None, model=None) -> LoraAdap
     weights = find_weights_file(folder)
     state = load_tensor_file(weights)
     factors = parse_lora_state(state, config, weights)
+    adapted = {f"model.layers.{layer}.{'self_attn' if m in ATTENTION_MODULES else 'mlp'}.{m}" for layer, m in factors}
+    check_targets(config.get("target_modules"), adapted, folder / "adapter_config.json")
     if model is not None:
         validate_against(factors, model, str(weights))
     studio = read_json(folder / "studio.json") if (folder / "studio.json").is_file() else {}

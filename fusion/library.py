@@ -11,6 +11,7 @@ import json
 import shutil
 import tempfile
 import threading
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -49,6 +50,13 @@ def load_adapter_folder(folder: Path, name: str | None, model) -> object:
         raise FusionError(f"{folder}: adapter type {peft_type!r} is not supported "
                           f"(supported: {', '.join(ADAPTER_LOADERS)})")
     return loader(folder, name or folder.name, model)
+
+
+def some(names, shown: int = 6) -> str:
+    """A few names for an error line; a large library is not listed in full."""
+    names = [n for n in names if not Path(n).is_absolute()]
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 class Library:
@@ -109,7 +117,7 @@ class Library:
                 return self.adapters[key]
         if ref in self.errors:
             raise FusionError(self.errors[ref])
-        raise FusionError(f"adapter {ref!r} is neither in the library ({', '.join(self.adapters) or 'empty'}) "
+        raise FusionError(f"adapter {ref!r} is neither in the library ({some(self.adapters) or 'empty'}) "
                           "nor an existing folder")
 
     def get_fusion(self, ref: str) -> FusionArtifact:
@@ -120,7 +128,30 @@ class Library:
         if path.is_dir():
             return load_artifact(path)
         raise FusionError(f"fitted fusion {ref!r} is neither in the library "
-                          f"({', '.join(self.fusions) or 'none yet'}) nor an existing folder")
+                          f"({some(self.fusions) or 'none yet'}) nor an existing folder")
+
+    def remove(self, name: str, kind: str) -> None:
+        """Delete a saved fusion (kind "fusion") or a library adapter (kind "adapter") by name.
+        An adapter that saved fusions use is kept: those fusions would stop loading."""
+        check_name(name)
+        with self._lock:
+            if kind == "fusion" and name in self.fusions:
+                folder = self.fusions_dir / name
+            elif kind == "adapter" and (name in self.adapters or name in self.errors):
+                users = sorted(f.name for f in self.fusions.values() if name in f.adapters)
+                if users:
+                    raise FusionError(f"adapter {name!r} is used by the saved fusion{'s' if len(users) > 1 else ''} "
+                                      f"{', '.join(users)}; delete {'them' if len(users) > 1 else 'it'} first")
+                folder = self.adapters_dir / name
+            else:
+                raise FusionError(f"there is no {kind} named {name!r} in the library")
+            if not folder.is_dir():
+                raise FusionError(f"the {kind} {name!r} has no folder in the library to delete")
+            # Renamed aside first, so a half-deleted folder is never scanned as an entry.
+            aside = folder.with_name(f".deleting-{name}-{uuid.uuid4().hex[:8]}")
+            folder.rename(aside)
+            shutil.rmtree(aside, ignore_errors=True)
+            self.rescan()
 
     def summaries(self) -> list[dict]:
         with self._lock:

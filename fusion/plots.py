@@ -36,6 +36,19 @@ def display_token(token: str) -> str:
     return shown if len(shown) <= 16 else shown[:15] + "…"
 
 
+def readable_tokens(tokens: list[str]) -> list[str]:
+    """Token labels that read as text: a token holding only the first bytes of a character split
+    over several tokens (marked PART_OF_NEXT) shows that character after a "·", e.g. "·答", "答"."""
+    out = list(tokens)
+    following = ""
+    for i in range(len(tokens) - 1, -1, -1):
+        if tokens[i] == PART_OF_NEXT:
+            out[i] = PART_OF_NEXT + following if following else PART_OF_NEXT
+        else:
+            following = tokens[i].lstrip()[:1]
+    return out
+
+
 def _rows(trace: Trace) -> int:
     # Draw only tokens that have weights, should a trace (e.g. one loaded from a file) hold fewer rows.
     return min(len(trace.tokens), int(trace.weights.shape[0]))
@@ -127,8 +140,9 @@ def heatmap(trace: Trace, view: str = VIEW_TAIL, prompt_tail: int = 16, slot: st
     z = values.T  # (L, T)
     hover = _hover_text(trace, indices, weights, name)
     x = list(range(len(indices)))
-    labels = [display_token(trace.tokens[i]) for i in indices]
-    every = max(1, len(indices) // 48)  # keep tick labels legible on long windows
+    readable = readable_tokens(trace.tokens)
+    labels = [display_token(readable[i]) for i in indices]
+    every = max(1, len(indices) // (20 if compact else 48))  # keep tick labels legible on long windows
     if name == TOP_EXPERT:
         k = len(trace.slot_names)
         colours = [PALETTE[i % len(PALETTE)] for i in range(k)]
@@ -145,11 +159,14 @@ def heatmap(trace: Trace, view: str = VIEW_TAIL, prompt_tail: int = 16, slot: st
                           zmin=-extent, zmax=extent, xgap=1, ygap=1,
                           colorbar=dict(title=dict(text=f"{trace.slot_names[1]}<br>minus<br>"
                                                         f"{trace.slot_names[0]}", side="top")))
-        title = (f"Gate weight: red = more {trace.slot_names[1]}, blue = more {trace.slot_names[0]}")
+        title = f"Gates: red = {trace.slot_names[1]}, blue = {trace.slot_names[0]}"
     else:
+        # Router probabilities lie in [0, 1]: a fixed scale keeps two replies comparable. Raw
+        # LoRA-Flow gates may leave [0, 1], so their scale follows the data.
+        fixed = dict(zmin=0.0, zmax=1.0) if trace.kind == "router" else {}
         data = go.Heatmap(z=z.tolist(), x=x, y=list(range(layers)), text=hover,
                           hovertemplate="%{text}<extra></extra>", colorscale="Viridis", xgap=1, ygap=1,
-                          colorbar=dict(title=name))
+                          colorbar=dict(title=name), **fixed)
         title = f"{'Router probability' if trace.kind == 'router' else 'Gate weight'} of {name}"
     fig = go.Figure(data)
     first_reply = trace.prompt_tokens - indices[0] - 0.5
@@ -167,11 +184,14 @@ def _hover_text(trace: Trace, indices: list[int], weights: torch.Tensor, name: s
     layers = weights.shape[1]
     rows = []
     chosen = trace.chosen[indices] if trace.chosen is not None else None  # (T, L, top_k)
+    readable = readable_tokens(trace.tokens)
     for layer in range(layers):
         row = []
         for column, index in enumerate(indices):
             part = "reply" if index >= trace.prompt_tokens else "prompt"
-            lines = [f"token #{index} ({part}): {trace.tokens[index]!r}", f"layer {layer}"]
+            token = (f"part of {readable[index][1:]!r}" if trace.tokens[index] == PART_OF_NEXT and readable[index][1:]
+                     else repr(trace.tokens[index]))
+            lines = [f"token #{index} ({part}): {token}", f"layer {layer}"]
             w = weights[column, layer].tolist()
             lines += [f"{slot_name}: {value:.4f}" for slot_name, value in zip(trace.slot_names, w)]
             if trace.kind == "gate" and len(w) == 2:
@@ -193,15 +213,22 @@ def _static_heatmap(trace: Trace, module: str | None, compact: bool) -> go.Figur
     layers, k = per_layer.shape
     hover = [[f"layer {layer}<br>{trace.slot_names[s]}: {float(per_layer[layer, s]):.4f}"
               for s in range(k)] for layer in range(layers)]
-    extent = max(1e-6, float(per_layer.nan_to_num(0.0).abs().max()))
+    finite = per_layer.nan_to_num(0.0)
+    extent = max(1e-6, float(finite.abs().max()))
+    if float(finite.min()) >= 0:
+        # All weights non-negative (averages, CAT, LoraHub): darker = more weight, from 0, so
+        # 0.44 and 0.56 differ visibly; a sign-centred scale would show both as pale.
+        scale = dict(colorscale="Blues", zmin=0.0, zmax=max(1.0, extent))
+    else:  # negated task vectors: the sign matters
+        scale = dict(colorscale="RdBu_r", zmid=0.0, zmin=-extent, zmax=extent)
     fig = go.Figure(go.Heatmap(z=per_layer.tolist(), x=list(trace.slot_names), y=list(range(layers)),
-                               text=hover, hovertemplate="%{text}<extra></extra>", colorscale="RdBu_r",
-                               zmid=0.0, zmin=-extent, zmax=extent, xgap=2, ygap=1,
-                               texttemplate="%{z:.2f}" if layers * k <= 400 else None,
-                               colorbar=dict(title="weight")))
+                               text=hover, hovertemplate="%{text}<extra></extra>", xgap=2, ygap=1,
+                               # values in the cells only while the cells are tall enough to read them
+                               texttemplate="%{z:.2f}" if layers <= 12 and k <= 8 else None,
+                               colorbar=dict(title="weight"), **scale))
     fig.update_yaxes(title_text="layer", dtick=max(1, layers // 15))
     where = f" ({module})" if module else ""
-    title = f"{trace.method}: fixed weight per layer{where}, the same for every token"
+    title = f"{trace.method}: fixed weights{where} (every token)"
     return _layout(fig, title, _height(layers, compact), "adapter")
 
 

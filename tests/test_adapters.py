@@ -254,7 +254,27 @@ def bad_no_weights(studio, folder):
     return folder, r"no adapter_model\.safetensors or adapter_model\.bin found"
 
 
-BAD_FOLDERS = [bad_wrong_hidden, bad_too_many_layers, bad_missing_b, bad_rank_mismatch, bad_nan,
+def bad_config_of_another_architecture(studio, folder):
+    """Llama-named tensors under a config written for a model with fused attention."""
+    write_lora(folder, studio.pristine, rank=4, alpha=8, seed=31)
+    write_config(folder, target_modules=["query_key_value", "dense"])
+    return folder / "adapter_config.json", r"target_modules \(query_key_value, dense\) do not name [a-z_]+_proj"
+
+
+def bad_config_naming_fewer_modules(studio, folder):
+    write_lora(folder, studio.pristine, rank=4, alpha=8, seed=31)
+    write_config(folder, target_modules=["q_proj", "v_proj"])
+    return folder / "adapter_config.json", r"target_modules \(q_proj, v_proj\) do not name (?!q_proj|v_proj)"
+
+
+def bad_config_pattern_missing_modules(studio, folder):
+    write_lora(folder, studio.pristine, rank=4, alpha=8, seed=31)
+    write_config(folder, target_modules=r".*\.self_attn\.(q|v)_proj")
+    return folder / "adapter_config.json", r"do not name (?!q_proj|v_proj)[a-z_]+_proj"
+
+
+BAD_FOLDERS = [bad_config_of_another_architecture, bad_config_naming_fewer_modules,
+               bad_config_pattern_missing_modules, bad_wrong_hidden, bad_too_many_layers, bad_missing_b, bad_rank_mismatch, bad_nan,
                bad_integer_dtype, bad_three_d_tensor, bad_truncated_safetensors, bad_not_a_projection,
                bad_dora, bad_no_lora_tensors, bad_non_utf8_config, bad_invalid_json, bad_other_peft_type,
                bad_rank_in_config, bad_no_weights]
@@ -264,6 +284,16 @@ def library_snapshot(studio):
     adapters_dir = studio.engine.library.adapters_dir
     return (json.dumps(studio.engine.adapters(), sort_keys=True),
             sorted(p.name for p in adapters_dir.iterdir()), studio.engine.library.version)
+
+
+@pytest.mark.parametrize("targets", [list(MODULES), [f"self_attn.{m}" if m in ("q_proj", "k_proj", "v_proj", "o_proj")
+                                                   else f"mlp.{m}" for m in MODULES],
+                                     r".*\.(q|k|v|o|gate|up|down)_proj", "all-linear", None])
+def test_target_modules_that_describe_the_tensors_are_accepted(studio, tmp_path, targets):
+    folder = write_lora(tmp_path / "ok", studio.pristine, rank=4, alpha=8, seed=33)
+    write_config(folder, target_modules=targets)
+    assert len(load_lora(folder, "ok", studio.pristine).factors) == len(
+        load_lora(write_lora(tmp_path / "ref", studio.pristine, rank=4, alpha=8, seed=33), "ref").factors)
 
 
 @pytest.mark.parametrize("make", BAD_FOLDERS, ids=[f.__name__[4:] for f in BAD_FOLDERS])

@@ -118,6 +118,40 @@ def test_fit_saves_a_fusion_that_generate_can_use(client):
     assert "line 1" in api_error(client, "lora_flow", "lang-es,task-math", "not json", "x", api_name="/fit")
 
 
+def test_a_cancelled_fit_is_not_saved_a_finished_one_is_and_can_be_deleted(app_engine):
+    import threading
+
+    from fusion.errors import FusionError
+
+    from ui.fit import fit_in_background
+
+    train = {"max_steps": 2, "batch_size": 1}
+    cancelled = threading.Event()
+    cancelled.set()  # Cancel pressed (or the page closed) before the first step ended
+    events = list(fit_in_background(app_engine, "lora_flow", ["lang-es", "task-math"], EXAMPLES, {}, train,
+                                    "ui-cancelled", False, cancelled))
+    assert events[-1] == ("cancelled", None)
+    assert "ui-cancelled" not in {f["name"] for f in app_engine.fusions()}
+    assert not (app_engine.library.fusions_dir / "ui-cancelled").exists()
+    kind, artifact = list(fit_in_background(app_engine, "lora_flow", ["lang-es", "task-math"], EXAMPLES, {}, train,
+                                            "ui-cancelled", False, threading.Event()))[-1]
+    try:
+        assert kind == "done" and artifact.name == "ui-cancelled" and len(artifact.meta["losses"]) == 2
+        assert "ui-cancelled" in {f["name"] for f in app_engine.fusions()}  # the name was still free
+        with pytest.raises(FusionError, match=r"is used by the saved fusions? (.*, )?ui-cancelled(, .*)?; delete"):
+            app_engine.library.remove("lang-es", "adapter")
+        app_engine.library.remove("ui-cancelled", "fusion")
+        assert "ui-cancelled" not in {f["name"] for f in app_engine.fusions()}
+        assert not list(app_engine.library.fusions_dir.glob("*ui-cancelled*"))
+        with pytest.raises(FusionError, match="no fusion named 'ui-cancelled'"):
+            app_engine.library.remove("ui-cancelled", "fusion")
+    finally:
+        import shutil
+
+        shutil.rmtree(app_engine.library.fusions_dir / "ui-cancelled", ignore_errors=True)
+        app_engine.library.rescan()
+
+
 # ---- figures (fusion/plots.py) ---------------------------------------------------------------------
 def make_trace(kind="gate", slots=("lang-es", "task-math"), tokens=7, prompt=4, layers=3, **extra):
     from fusion.trace import Trace
@@ -166,6 +200,23 @@ def test_static_heatmap_shows_layers_by_adapter_and_modules():
     assert plots.heatmap(make_trace("static", slots=())).data == ()
 
 
+def test_colour_scales_fit_each_kind_of_weight():
+    from fusion import plots
+
+    static = make_trace("static")  # weights in [0, 1): sequential from 0, not centred on 0
+    data = plots.heatmap(static).data[0]
+    assert (data.zmin, data.zmax, data.zmid) == (0.0, 1.0, None) and data.texttemplate == "%{z:.2f}"
+    negated = make_trace("static")
+    negated.weights[..., 0] *= -1  # a negated task vector: the sign matters
+    data = plots.heatmap(negated).data[0]
+    assert data.zmid == 0 and data.zmin == -data.zmax
+    tall = make_trace("static", layers=30)
+    assert plots.heatmap(tall).data[0].texttemplate is None  # 30 rows: values in hover only
+    router = make_trace("router", slots=("e0", "e1", "e2"), chosen=torch.zeros(7, 3, 2, dtype=torch.long))
+    data = plots.heatmap(router, plots.VIEW_ALL, slot="e1").data[0]
+    assert (data.zmin, data.zmax) == (0.0, 1.0)
+
+
 def test_token_scores_cover_the_reply_within_minus_one_to_one():
     from fusion import plots
 
@@ -177,6 +228,58 @@ def test_token_scores_cover_the_reply_within_minus_one_to_one():
     short = make_trace()
     short.weights = short.weights[:-1]  # fewer weight rows than tokens still draws
     assert len(plots.heatmap(short, plots.VIEW_ALL).data[0].z[0]) == 6
+
+
+# ---- what the pickers choose and refuse ----------------------------------------------------------
+def test_a_method_gets_the_adapters_it_can_take(app_engine):
+    from ui.choices import adapters_for
+
+    pair = ["lang-es", "task-math"]
+    if "mixlora" in {m["name"] for m in app_engine.methods()}:
+        assert adapters_for(app_engine, "mixlora", pair, pair) == [MIXLORA]
+        assert adapters_for(app_engine, "lora_flow", [MIXLORA], pair) == pair  # back to the default pair
+    assert adapters_for(app_engine, "single", pair, pair) == ["task-math"]  # the task LoRA, alone
+    assert adapters_for(app_engine, "lora_flow", ["task-code"], pair) == ["lang-es", "task-code"]  # slot order
+    assert adapters_for(app_engine, "linear", ["lang-ru", "task-code", "task-math"], pair) == [
+        "lang-ru", "task-code", "task-math"]  # a valid choice is kept as it is
+    assert adapters_for(app_engine, "base", pair, pair) == pair
+
+
+def test_a_choice_the_method_cannot_run_says_what_to_do(app_engine):
+    from fusion.errors import FusionError
+    from ui.choices import build_request, check_choice
+
+    def refusal(method, adapters):
+        with pytest.raises(FusionError) as info:
+            check_choice(app_engine, build_request(method, adapters, {}))
+        return str(info.value)
+
+    if "mixlora" in {m["name"] for m in app_engine.methods()}:
+        assert refusal("mixlora", ["lang-es", "task-math"]) == (
+            f"MixLoRA (LoRA experts) needs exactly one mixlora adapter such as {MIXLORA}: pick it under More "
+            "LoRAs and set the language and task pickers to (none)")
+        assert "is a mixlora adapter: remove it from More LoRAs" in refusal("linear", ["lang-es", MIXLORA])
+    assert refusal("single", ["lang-es", "task-math"]) == (
+        "Single LoRA applies 1 LoRA, got 2: set the language or the task picker to (none)")
+    assert refusal("lora_flow", ["task-math"]) == (
+        "LoRA-Flow (dynamic gates) needs at least 2 LoRAs, got 1: pick a language and a task LoRA")
+    check_choice(app_engine, build_request("lora_flow", "lang-es, task-math", "{}"))  # runnable: no refusal
+    check_choice(app_engine, build_request("", "", {}, fusion="any-saved-fusion"))  # a fusion brings its own
+
+
+def test_one_request_builder_for_tabs_and_endpoints(app_engine):
+    from fusion.engine import FusionRequest
+    from ui.choices import build_request, request_label
+
+    assert build_request("linear", "lang-es, task-code", '{"weights": [1, 2]}') == FusionRequest(
+        ["lang-es", "task-code"], "linear", {"weights": [1, 2]})
+    # A saved fusion brings method and adapters; params given apply on top of its own.
+    assert build_request("linear", ["lang-es"], {"temperature": 2.0}, "es-gates") == FusionRequest(
+        fusion="es-gates", params={"temperature": 2.0})
+    assert build_request("linear", ["lang-es"], {}, "(none)").fusion is None
+    assert request_label(app_engine, build_request("linear", ["lang-es", "task-code"], {})) == (
+        "linear · lang-es + task-code")
+    assert request_label(app_engine, build_request("base", ["lang-es"], {})) == "base"
 
 
 # ---- controls and start-up --------------------------------------------------------------------------
@@ -220,3 +323,13 @@ def test_exposed_binding_without_auth_warns():
     assert parse_auth("me:secret") == ("me", "secret")
     with pytest.raises(SystemExit):
         parse_auth("no-colon")
+
+
+def test_device_and_dtype_default_to_the_best_available():
+    from app import parse_args, resolved_dtype
+
+    args = parse_args([])
+    assert (args.device, args.dtype) == ("auto", "auto")
+    assert resolved_dtype("auto", "auto") == ("bfloat16" if torch.cuda.is_available() else "float32")
+    assert resolved_dtype("cpu", "auto") == "float32"
+    assert resolved_dtype("cpu", "float16") == "float16"  # an explicit choice is kept

@@ -1,17 +1,23 @@
 """The web app in a real headless Chromium: chat with two LoRAs under LoRA-Flow, watch the reply
-stream in and the gate heatmap appear (one row per layer), stop a long reply, compare two methods.
+stream in and the gate heatmap appear (one row per layer), stop a long reply, compare two methods;
+then what a newcomer runs into first: the base model, a preselected saved fusion, Enter while a
+reply streams, importing by path after an upload, and MixLoRA from the default pickers.
 
 Screenshots go to artifacts/ (git-ignored) for a look after a run.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from app_fixtures import LAYERS, app_engine, app_url  # noqa: F401  (fixtures)
+from app_fixtures import LAYERS, MIXLORA, app_engine, app_url  # noqa: F401  (fixtures)
+from helpers import lora_state, write_lora
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword)")
 CHROMIUM = "/usr/bin/chromium"
@@ -26,20 +32,54 @@ if not os.path.exists(CHROMIUM):
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
 
+SAVED = "es-math-flow"  # the name of the shipped fitted fusion the app preselects for lang-es + task-math
+EXAMPLES = "\n".join(json.dumps({"prompt": f"¿Cuánto es {a} + {b}?", "response": f"{a} + {b} = {a + b}."})
+                     for a, b in [(3, 4), (10, 5)])
+
+
 @pytest.fixture(scope="module")
-def page(app_url):
+def saved_fusion(app_engine):
+    """A fitted LoRA-Flow fusion under the shipped name, in the library before the app is built."""
+    artifact = app_engine.fit("lora_flow", ["lang-es", "task-math"], EXAMPLES, {},
+                              train={"max_steps": 1, "batch_size": 2}, save_as=SAVED)
+    yield artifact
+    shutil.rmtree(artifact.path, ignore_errors=True)
+    app_engine.library.rescan()
+
+
+@pytest.fixture(scope="module")
+def browser(saved_fusion, app_url):
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            tab = browser.new_page(viewport={"width": 1400, "height": 1000})
-            errors: list[str] = []
-            tab.on("pageerror", lambda exc: errors.append(str(exc)))
-            tab.goto(app_url)
-            tab.wait_for_selector("#chat-input", timeout=TIMEOUT_MS)
-            tab.page_errors = errors
-            yield tab
+            yield chromium
         finally:
-            browser.close()
+            chromium.close()
+
+
+def open_page(browser, app_url):
+    tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    tab.goto(app_url)
+    tab.wait_for_selector("#chat-input", timeout=TIMEOUT_MS)
+    tab.page_errors = errors
+    return tab
+
+
+@pytest.fixture(scope="module")
+def page(browser, app_url):
+    tab = open_page(browser, app_url)
+    yield tab
+    tab.close()
+
+
+@pytest.fixture()
+def fresh(browser, app_url):
+    """A page of its own, as a newcomer opens it: the default choices, an empty conversation."""
+    tab = open_page(browser, app_url)
+    yield tab
+    tab.close()
 
 
 def shot(page, name: str) -> None:
@@ -126,9 +166,156 @@ def test_compare_two_methods_side_by_side(page):
                            "'#compare-heatmap-' + i + ' .js-plotly-plot'); return p && p.data && p.data.length })",
                            timeout=TIMEOUT_MS)
     stats = [page.inner_text(f"#compare-stats-{i}") for i in (0, 1)]
-    assert stats[0].startswith("lora_flow") and stats[1].startswith("linear")
+    # The first column opens on the saved fitted fusion, the next on a plain method.
+    assert stats[0].startswith(f"{SAVED} (lora_flow)") and stats[1].startswith("linear")
     assert all("first token" in s for s in stats)
     assert all(page.inner_text(f"#compare-out-{i}").strip() for i in (0, 1))
     assert [heatmap_rows(page, f"#compare-heatmap-{i}") for i in (0, 1)] == [LAYERS, LAYERS]
     shot(page, "compare.png")
     assert not page.page_errors
+
+
+# ---- what a newcomer runs into first ------------------------------------------------------------------
+def shows(page, dropdown: str, label: str) -> None:
+    """The dropdown shows `label` (waiting for the event that sets it)."""
+    sync_api.expect(page.locator(f"{dropdown} input")).to_have_value(label, timeout=20_000)
+
+
+def wait_for_reply(page) -> None:
+    page.wait_for_function("() => document.querySelector('#chat-status').innerText.includes('new tokens')"
+                           " && !document.querySelector('#send-btn').disabled", timeout=TIMEOUT_MS)
+
+
+def reply_options(page) -> list[str]:
+    page.click("#trace-reply-dd input")
+    options = page.locator('[role="option"]').all_inner_texts()
+    page.keyboard.press("Escape")
+    return options
+
+
+def error_badges(page) -> int:
+    return page.locator(".error, .validation-error, [class*='error-badge']").filter(has_text="Error").count()
+
+
+def test_base_model_reply_keeps_the_page_and_says_there_is_no_adapter(fresh):
+    pick(fresh, "#fusion-dd", "(none)")
+    pick(fresh, "#method-dd", "Base model")
+    fresh.click("text=Generation")
+    set_number(fresh, "#max-tokens", 6)
+    fresh.fill("#chat-input textarea", "¿Cuánto es 12 + 7?")
+    fresh.click("#send-btn")
+    wait_for_reply(fresh)
+    fresh.wait_for_function("() => document.querySelector('#trace-info').innerText.includes('no adapter')",
+                            timeout=20_000)
+    assert fresh.locator("#chatbot .bot-row").last.inner_text().strip()
+    assert "base" in fresh.inner_text("#chat-status")
+    assert "no adapter" in fresh.locator("#heatmap").inner_text()
+    assert error_badges(fresh) == 0
+    assert not fresh.page_errors
+
+
+def test_picking_a_method_leaves_the_preselected_saved_fusion(fresh):
+    assert fresh.input_value("#fusion-dd input").startswith(SAVED)  # preselected on load...
+    assert fresh.input_value("#method-dd input").startswith("LoRA-Flow")
+    assert fresh.input_value("#chat-param-0-textbox textarea") == SAVED  # its gates
+    assert SAVED in fresh.inner_text("#fusion-note")  # ...and said so from the start
+    pick(fresh, "#method-dd", "Linear (weighted sum of deltas)")
+    shows(fresh, "#fusion-dd", "(none)")
+    fresh.click("text=Generation")
+    set_number(fresh, "#max-tokens", 4)
+    fresh.fill("#chat-input textarea", "Hola")
+    fresh.click("#send-btn")
+    wait_for_reply(fresh)
+    status = fresh.inner_text("#chat-status")
+    assert status.startswith("linear") and SAVED not in status and "lora_flow" not in status
+    assert "fixed weights" in fresh.inner_text("#trace-info")
+    # Picking the fusion again shows its own method and adapters.
+    pick(fresh, "#lang-dd", "lang-ru")
+    fresh.click("#fusion-dd input")
+    fresh.locator('[role="option"]').filter(has_text=SAVED).first.click()
+    fresh.keyboard.press("Escape")
+    shows(fresh, "#method-dd", "LoRA-Flow (dynamic gates)")
+    shows(fresh, "#lang-dd", "lang-es")
+    shows(fresh, "#task-dd", "task-math")
+    assert not fresh.page_errors
+
+
+def test_enter_while_a_reply_streams_starts_nothing_and_traces_match_the_chat(fresh):
+    fresh.click("text=Generation")
+    set_number(fresh, "#max-tokens", 60)
+    fresh.fill("#chat-input textarea", "Tell me a story about a lighthouse.")
+    fresh.click("#send-btn")
+    fresh.wait_for_function("() => { const r = document.querySelectorAll('#chatbot .bot-row');"
+                            " return r.length === 1 && r[0].innerText.trim().length > 0 }", timeout=TIMEOUT_MS)
+    assert fresh.locator("#send-btn").is_disabled()
+    fresh.fill("#chat-input textarea", "And another one.")
+    fresh.press("#chat-input textarea", "Enter")
+    fresh.click("#send-btn", force=True)
+    wait_for_reply(fresh)
+    fresh.wait_for_timeout(3000)  # a second reply, if one was started, would have had time to show
+    assert fresh.locator("#chatbot .bot-row").count() == 1
+    assert fresh.input_value("#chat-input textarea") == "And another one."  # kept for the next turn
+    assert len(reply_options(fresh)) == 1
+    assert not fresh.page_errors
+
+
+def test_import_by_path_after_an_upload_imports_the_path(fresh, app_engine, tmp_path):
+    zipped, folder = tmp_path / "zipped", tmp_path / "by-path"
+    write_lora(zipped, app_engine.model, rank=4, seed=11, state=lora_state(app_engine.model, rank=4, seed=11))
+    write_lora(folder, app_engine.model, rank=8, seed=12, state=lora_state(app_engine.model, rank=8, seed=12))
+    archive = tmp_path / "zipped.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in zipped.iterdir():
+            z.write(f, f.name)
+    added = ["ui-zip", "ui-path"]
+    try:
+        fresh.click("button[role=tab]:has-text('Adapters')")
+        fresh.set_input_files("#import-zip input[type=file]", str(archive))
+        fresh.wait_for_function("() => document.querySelector('#import-zip').innerText.includes('zipped.zip')",
+                                timeout=TIMEOUT_MS)
+        fresh.fill("#import-name textarea", added[0])
+        fresh.click("#import-btn")
+        fresh.wait_for_function(f"() => document.querySelector('#import-status').innerText.includes('{added[0]}')",
+                                timeout=TIMEOUT_MS)
+        assert "rank 4" in fresh.inner_text("#import-status")
+        fresh.fill("#import-path textarea", str(folder))
+        fresh.fill("#import-name textarea", added[1])
+        fresh.click("#import-btn")
+        fresh.wait_for_function(f"() => document.querySelector('#import-status').innerText.includes('{added[1]}')",
+                                timeout=TIMEOUT_MS)
+        assert "rank 8" in fresh.inner_text("#import-status")  # the typed folder, not the earlier zip
+        assert app_engine.library.get_adapter(added[1]).rank == 8
+        assert not fresh.page_errors
+    finally:
+        for name in added:
+            shutil.rmtree(app_engine.library.adapters_dir / name, ignore_errors=True)
+        app_engine.library.rescan()
+
+
+def test_mixlora_from_the_default_pickers_answers_with_the_mixlora_adapter(fresh):
+    if "mixlora" not in {m["name"] for m in fresh_methods()}:
+        pytest.skip("the engine has no mixlora method")
+    pick(fresh, "#method-dd", "MixLoRA (LoRA experts)")
+    shows(fresh, "#fusion-dd", "(none)")
+    shows(fresh, "#lang-dd", "(none)")
+    shows(fresh, "#task-dd", "(none)")
+    sync_api.expect(fresh.locator("#extra-dd")).to_contain_text(MIXLORA)
+    fresh.click("text=Generation")
+    set_number(fresh, "#max-tokens", 4)
+    fresh.fill("#chat-input textarea", "Hi")
+    fresh.click("#send-btn")
+    wait_for_reply(fresh)
+    assert fresh.inner_text("#chat-status").startswith("mixlora")
+    assert "per-token routing" in fresh.inner_text("#trace-info")
+    # Back to a LoRA method: the language and task pickers come back, the MixLoRA adapter goes.
+    pick(fresh, "#method-dd", "Single LoRA")
+    sync_api.expect(fresh.locator("#extra-dd")).not_to_contain_text(MIXLORA, timeout=20_000)
+    shows(fresh, "#lang-dd", "(none)")
+    shows(fresh, "#task-dd", "task-math")
+    assert not fresh.page_errors
+
+
+def fresh_methods() -> list[dict]:
+    from fusion.methods import METHODS
+
+    return [m.describe() for m in METHODS.values()]

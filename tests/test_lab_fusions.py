@@ -210,7 +210,7 @@ def test_eval_command_writes_table_and_resumes(tiny_engine, tmp_path, monkeypatc
 
 def test_app_default_uses_fitted_gates(tiny_engine):
     from fusion.lab.fusions import build_fusions
-    from ui.common import default_selection
+    from ui.choices import default_selection
 
     before = default_selection(tiny_engine)
     assert (before["language"], before["task"], before["method"]) == ("lang-es", "task-math", "lora_flow")

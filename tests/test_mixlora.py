@@ -277,6 +277,7 @@ def _router_shape(config, state):
     (_drop("mlp.up_proj.experts.3.lora_B"),
      r"tensor mixlora\.layers\.0\.mlp\.up_proj\.experts\.3\.lora_B\.weight is missing \(expected shape \(72, 4\)\)"),
     (_set(num_experts=3, top_k=2), r"expert 3 .* num_experts is 3"),
+    (_set(target_modules=["query_key_value", "dense"]), r"target_modules name query_key_value, dense, which are not"),
 ])
 def test_bad_checkpoints_fail_with_one_sentence(base, tmp_path, change, message):
     model, folder = base

@@ -50,3 +50,19 @@ def test_highlighted_reply_leaves_partial_tokens_empty():
     scores = token_scores(trace)
     assert [text for text, _ in scores] == ["", "答"]
     assert [s for _, s in scores] == [0.6, -0.8]  # task minus language weight
+
+
+def test_split_characters_read_as_text_on_the_heatmap_axis_and_in_hover():
+    import torch
+
+    from fusion import plots
+    from fusion.trace import Trace
+
+    tokens = ["Q", PART_OF_NEXT, "答", PART_OF_NEXT, PART_OF_NEXT, "案是", "О", "т"]
+    assert plots.readable_tokens(tokens) == ["Q", "·答", "答", "·案", "·案", "案是", "О", "т"]
+    assert plots.readable_tokens([PART_OF_NEXT]) == [PART_OF_NEXT]  # never completed: left as it was
+    trace = Trace(torch.rand(len(tokens), 2, 2), tokens, ["lang-zh", "task-math"], "gate", "lora_flow",
+                  prompt_tokens=1)
+    figure = plots.heatmap(trace, plots.VIEW_ALL)
+    assert list(figure.layout.xaxis.ticktext) == ["Q", "·答", "答", "·案", "·案", "案是", "О", "т"]
+    assert "part of '案'" in figure.data[0].text[0][3]

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import Studio, error_line
+from fusion.adapters import ALL_MODULES
+from fusion.errors import FusionError
 
-HEADERS = ["name", "kind", "role", "rank", "alpha", "targets", "base model", "size (MB)", "description"]
+from .common import TOAST_SECONDS, Studio, error_line
+
+HEADERS = ["name", "kind", "role", "rank / alpha", "targets", "base model", "MB", "description"]
+# Fixed widths: a narrow window scrolls the table sideways instead of breaking words mid-letter.
+WIDTHS = ["130px", "80px", "90px", "70px", "150px", "180px", "60px", "440px"]
+CONFIRM_DELETE = "(choice) => (choice && confirm(`Delete ${choice.replace(':', ' ')}?`)) ? choice : null"
 ROLES = [("guess from the name (lang-…, task-…)", ""), ("language", "language"), ("task", "task"),
          ("other", "other")]
 
@@ -14,15 +20,40 @@ ROLES = [("guess from the name (lang-…, task-…)", ""), ("language", "languag
 def library_rows(engine) -> list[list]:
     rows = []
     for a in engine.adapters():
-        rows.append([a["name"], a.get("kind", "lora"), a.get("role", ""), a.get("rank"), a.get("alpha"),
-                     ", ".join(a.get("targets") or []), a.get("base_model") or "",
+        alpha = a.get("alpha")
+        rows.append([a["name"], a.get("kind", "lora"), a.get("role", ""),
+                     f"{a.get('rank')} / {int(alpha) if alpha is not None and float(alpha).is_integer() else alpha}",
+                     targets_text(a.get("targets") or []), base_model_name(a.get("base_model") or ""),
                      round((a.get("size_bytes") or 0) / 1e6, 2), a.get("description") or ""])
     return rows
+
+
+def targets_text(targets: list[str]) -> str:
+    if set(targets) == set(ALL_MODULES):
+        return "all 7 projections"
+    return ", ".join(targets)
+
+
+def base_model_name(value: str) -> str:
+    """A hub id as it is; a local folder (e.g. a cache path) by its model name only."""
+    if not value.startswith(("/", "~", ".")) and value.count("/") <= 1:
+        return value
+    parts = [p for p in value.replace("\\", "/").split("/") if p]
+    for part in reversed(parts):  # hub caches name their folders models--org--name
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/")
+    return parts[-1] if parts else value
 
 
 def fusion_rows(engine) -> list[list]:
     return [[f["name"], f["method"], ", ".join(f["adapters"]), f["meta"].get("examples"),
              f["meta"].get("seconds")] for f in engine.fusions()]
+
+
+def removable_choices(engine) -> list:
+    """(label, "kind:name") for the delete picker: fusions first, as adapters in use cannot go."""
+    return ([(f"fusion · {f['name']}", f"fusion:{f['name']}") for f in engine.fusions()]
+            + [(f"adapter · {a['name']}", f"adapter:{a['name']}") for a in engine.adapters()])
 
 
 def errors_text(engine) -> str:
@@ -37,11 +68,16 @@ def build_adapters_tab(studio: Studio) -> dict:
     with gr.Tab("Adapters", id="adapters"):
         gr.Markdown(f"Library folder: `{engine.library.adapters_dir}` · fitted fusions: "
                     f"`{engine.library.fusions_dir}`", elem_classes=["param-note"])
-        table = gr.Dataframe(library_rows(engine), headers=HEADERS, interactive=False, wrap=True,
-                             label="LoRA library", elem_id="adapters-table")
+        table = gr.Dataframe(library_rows(engine), headers=HEADERS, interactive=False, wrap=True, max_height=720,
+                             column_widths=WIDTHS, label="LoRA library", elem_id="adapters-table")
         fusions = gr.Dataframe(fusion_rows(engine), headers=["name", "method", "adapters", "examples", "seconds"],
                                interactive=False, label="Saved fitted fusions", elem_id="fusions-table")
         errors = gr.Markdown(errors_text(engine), elem_id="adapters-errors")
+        with gr.Row(equal_height=True):
+            doomed = gr.Dropdown(removable_choices(engine), value=None, label="Delete from the library",
+                                 info="A saved fusion, or an adapter no saved fusion uses", scale=3,
+                                 elem_id="delete-dd")
+            delete = gr.Button("Delete", variant="stop", size="sm", scale=1, min_width=100, elem_id="delete-btn")
         refresh = gr.Button("Rescan the library folder", size="sm", elem_id="refresh-btn")
         with gr.Accordion("Import a peft LoRA adapter", open=True):
             gr.Markdown("A folder with `adapter_config.json` and `adapter_model.safetensors` (or `.bin`), given as a "
@@ -60,29 +96,56 @@ def build_adapters_tab(studio: Studio) -> dict:
             go = gr.Button("Import", variant="primary", elem_id="import-btn")
             status = gr.Markdown(elem_id="import-status", elem_classes=["status-line"])
 
-    def refreshed(message: str = ""):
-        return library_rows(engine), fusion_rows(engine), errors_text(engine), message
+    def refreshed():
+        return library_rows(engine), fusion_rows(engine), errors_text(engine)
 
     def rescan():
         engine.library.rescan()
-        return refreshed(f"Rescanned: {len(engine.adapters())} adapters, {len(engine.fusions())} fusions.")
+        return (*refreshed(), gr.skip(), gr.skip(),
+                f"Rescanned: {len(engine.adapters())} adapters, {len(engine.fusions())} fusions.")
 
     def import_adapter(folder, archive, new_name, new_role, replace):
-        source = archive or (folder or "").strip()
-        if not source:
-            gr.Warning("Give a folder path or upload a zip.")
-            return refreshed("⚠ Give a folder path or upload a zip.")
+        """Outputs: the three library views, the path box, the upload box, the status line."""
+        folder = (folder or "").strip()
+        problem = ("Give a folder path or upload a zip." if not (archive or folder) else
+                   "Give a folder path or a zip, not both: clear one of them." if archive and folder else None)
+        if problem:
+            gr.Warning(problem, duration=TOAST_SECONDS)
+            return *refreshed(), gr.skip(), gr.skip(), f"⚠ {problem}"
         try:
-            adapter = engine.library.import_adapter(source, name=(new_name or "").strip() or None,
+            adapter = engine.library.import_adapter(archive or folder, name=(new_name or "").strip() or None,
                                                     role=new_role or None, overwrite=bool(replace))
         except Exception as exc:
             line = error_line(exc)
-            gr.Warning(line)
-            return refreshed(f"⚠ {line}")
-        return refreshed(f"✔ Imported **{adapter.name}** (role {adapter.role}, rank {adapter.rank}).")
+            gr.Warning(line, duration=TOAST_SECONDS)
+            return *refreshed(), gr.skip(), gr.skip(), f"⚠ {line}"
+        # Emptied after an import, so the next one cannot silently reuse this source.
+        return *refreshed(), "", None, f"✔ Imported **{adapter.name}** (role {adapter.role}, rank {adapter.rank})."
 
-    outputs = [table, fusions, errors, status]
+    def remove(choice):
+        """Outputs as import_adapter's, then the delete picker."""
+        if not choice:
+            return *refreshed(), gr.skip(), gr.skip(), "Pick what to delete first.", gr.skip()
+        kind, _, entry = str(choice).partition(":")
+        try:
+            if not hasattr(engine.library, "remove"):  # a remote backend's library lives on the serving host
+                raise FusionError("this studio uses a remote backend: delete the folder in the serving host's "
+                                  "library and rescan")
+            engine.library.remove(entry, kind)
+        except Exception as exc:
+            line = error_line(exc)
+            gr.Warning(line, duration=TOAST_SECONDS)
+            return *refreshed(), gr.skip(), gr.skip(), f"⚠ {line}", gr.skip()
+        return (*refreshed(), gr.skip(), gr.skip(), f"✔ Deleted the {kind} **{entry}**.",
+                gr.update(choices=removable_choices(engine), value=None))
+
+    outputs = [table, fusions, errors, path, upload, status]
     refresh_event = refresh.click(rescan, None, outputs, api_visibility="private")
+    # The browser asks first; a dismissed question sends nothing to delete.
+    delete_event = delete.click(remove, doomed, outputs + [doomed], api_visibility="private",
+                                concurrency_id="library",
+                                js=CONFIRM_DELETE)
     import_event = go.click(import_adapter, [path, upload, name, role, overwrite], outputs, api_visibility="private",
                             concurrency_id="library")
-    return {"events": [refresh_event, import_event], "table": table, "fusions": fusions, "errors": errors}
+    return {"events": [refresh_event, import_event, delete_event], "table": table, "fusions": fusions,
+            "errors": errors, "delete": doomed}

@@ -12,20 +12,14 @@ import threading
 import gradio as gr
 
 from fusion import plots
-from fusion.engine import Engine, FusionRequest
+from fusion.engine import Engine
 from fusion.errors import FusionError
 from fusion.generate import Sampling
 
-from .common import error_line, parse_adapters, parse_params
+from .choices import build_request, parse_adapters, parse_params
+from .common import error_line
 from .compare import run_side_by_side
 from .constants import APP
-
-
-def as_request(method, adapters, params, fusion=None) -> FusionRequest:
-    """A saved fusion supplies method and adapters; params then apply to it."""
-    if fusion:
-        return FusionRequest(fusion=str(fusion), params=parse_params(params))
-    return FusionRequest(adapters=parse_adapters(adapters), method=method or "base", params=parse_params(params))
 
 
 def plain(value):
@@ -61,7 +55,7 @@ def register_api(engine: Engine) -> None:
         `params`: JSON object of the method's parameters; `fusion`: a saved fusion (overrides method
         and adapters). Returns text, timings and a trace summary {shape, slot_names, kind}."""
         try:
-            request = as_request(method, adapters, params, fusion)
+            request = build_request(method, adapters, params, fusion)
             sampling = Sampling(max_new_tokens=int(max_new_tokens), temperature=float(temperature))
             event = engine.generate(request, prompt, sampling, system=system or None)
             resolved, chosen, _ = engine.resolve(request)
@@ -86,7 +80,7 @@ def register_api(engine: Engine) -> None:
                 if not isinstance(spec, dict):
                     raise FusionError("each column must be a JSON object with method, adapters and params")
                 try:
-                    requests.append(as_request(spec.get("method", "base"), spec.get("adapters"), spec.get("params"),
+                    requests.append(build_request(spec.get("method", "base"), spec.get("adapters"), spec.get("params"),
                                                spec.get("fusion")))
                 except FusionError as exc:
                     requests.append(exc)

@@ -6,8 +6,9 @@ import gradio as gr
 
 from fusion.generate import Sampling
 
-from .common import (ParamPanel, Studio, adapter_choices, default_selection, describe_fusion, error_line,
-                     fusion_choices, make_request, method_choices, parse_adapters)
+from .choices import (adapter_choices, adapters_for, build_request, check_choice, default_selection,
+                      describe_fusion, fusion_choices, method_choices, request_label, saved_fusion)
+from .common import TOAST_SECONDS, ParamPanel, Studio, error_line, log
 from .constants import APP, NONE
 from .trace_panel import TracePanel
 
@@ -16,7 +17,9 @@ STOPPED = " [stopped]"  # shown after a reply cut short; never sent back to the 
 
 
 def new_session() -> dict:
-    return {"history": [], "traces": [], "labels": [], "files": {}}
+    """history: what the model is sent; shown: the same turns as displayed, replies labelled
+    with what produced them; replies: those labels, one per reply."""
+    return {"history": [], "shown": [], "replies": [], "traces": [], "labels": [], "files": {}}
 
 
 def stats_line(method_label: str, event) -> str:
@@ -32,36 +35,39 @@ def stats_line(method_label: str, event) -> str:
     return " · ".join(p for p in parts if p)
 
 
-def request_label(engine, request) -> str:
-    try:
-        method, adapters, _ = engine.resolve(request)
-    except Exception:  # the run itself reports the problem
-        return request.method
-    names = " + ".join(a.name for a in adapters)
-    fused = f"**{request.fusion}** ({method.name})" if request.fusion else f"**{method.name}**"
-    return f"{fused} over {names}" if names else fused
+def labelled(label: str, text: str) -> str:
+    """A reply as the chat shows it: what produced it on top, then the text."""
+    return f"*{label}*\n\n{text}"
 
 
-def matching_kind(engine, method_name: str, adapters: list[str]) -> list[str]:
-    """The pickers may hold LoRAs while the method wants a MixLoRA adapter (or the reverse): keep
-    the adapters of the kind the method declares, when there are any."""
-    wanted = next((m["adapter_kind"] for m in engine.methods() if m["name"] == method_name), None)
-    kinds = {a["name"]: a.get("kind", "lora") for a in engine.adapters()}
-    kept = [a for a in adapters if kinds.get(a, wanted) == wanted]
-    return kept or adapters
+def split_pickers(engine, adapters: list[str]) -> tuple[str, list[str], str]:
+    """(language, more, task) pickers showing `adapters` in slot order: the first goes to the
+    language picker when it is a language LoRA, the last to the task picker when it is a task LoRA."""
+    roles = {a["name"]: a.get("role") for a in engine.adapters()}
+    rest = list(adapters)
+    language = rest.pop(0) if rest and roles.get(rest[0]) == "language" else NONE
+    task = rest.pop() if rest and roles.get(rest[-1]) == "task" else NONE
+    return language, rest, task
 
 
 def build_chat_tab(studio: Studio) -> dict:
     engine = studio.engine
     chosen = default_selection(engine)
+    start = saved_fusion(engine, chosen["fusion"])
     base = engine.base
     with gr.Tab("Chat", id="chat"):
         gr.Markdown(f"**Base model:** {base.name} · {base.config.num_hidden_layers} layers · "
                     f"{base.device} {str(base.dtype).replace('torch.', '')} — loaded once, never reloaded; "
                     "every message fuses its LoRAs for that request only.", elem_id="base-model")
         state = gr.State(new_session())
-        with gr.Row(equal_height=False):
+        with gr.Row(equal_height=False, elem_id="chat-layout"):
             with gr.Column(scale=1, min_width=300):
+                fusion = gr.Dropdown(fusion_choices(engine), value=chosen["fusion"], label="Saved fitted fusion",
+                                     info="Made in the Fit tab; picking one shows its method and adapters below. "
+                                          "(none): compose one below",
+                                     elem_id="fusion-dd")
+                fusion_note = gr.Markdown(describe_fusion(engine, chosen["fusion"]), elem_id="fusion-note",
+                                          elem_classes=["param-note"])
                 language = gr.Dropdown(adapter_choices(engine, "language", True), value=chosen["language"],
                                        label="Language LoRA", info="Slot 1 (LoRA-Flow: language first)",
                                        elem_id="lang-dd")
@@ -73,11 +79,7 @@ def build_chat_tab(studio: Studio) -> dict:
                 method = gr.Dropdown(method_choices(engine), value=chosen["method"], label="Fusion method",
                                      elem_id="method-dd")
                 with gr.Accordion("Method parameters", open=True):
-                    panel = ParamPanel(engine, "chat").build(chosen["method"])
-                fusion = gr.Dropdown(fusion_choices(engine), value=chosen["fusion"], label="…or a saved fitted fusion",
-                                     info="Made in the Fit tab; brings its own method and adapters",
-                                     elem_id="fusion-dd")
-                fusion_note = gr.Markdown(elem_classes=["param-note"])
+                    panel = ParamPanel(engine, "chat").build(chosen["method"], start["params"] if start else None)
                 with gr.Accordion("Generation", open=False):
                     system = gr.Textbox(label="System prompt", lines=2, placeholder="empty = the model's default",
                                         max_length=APP.max_prompt_chars, elem_id="system-prompt")
@@ -86,12 +88,14 @@ def build_chat_tab(studio: Studio) -> dict:
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", elem_id="top-p")
                     max_tokens = gr.Slider(1, APP.max_new_tokens, value=APP.default_new_tokens, step=1,
                                            label="Max new tokens", elem_id="max-tokens")
-            with gr.Column(scale=3):
+            with gr.Column(scale=3, min_width=480):  # below ~820 px the two columns stack
                 chatbot = gr.Chatbot(label="Conversation", height=380, elem_id="chatbot",
                                      placeholder="Pick LoRAs and a method on the left, then say something.")
-                with gr.Row():
+                with gr.Row(elem_id="chat-send-row"):
+                    # No max_length: a box that cuts a paste short does so silently; the engine
+                    # refuses an overlong message in one sentence instead.
                     message = gr.Textbox(show_label=False, placeholder="Ask something… (Enter sends)", scale=6,
-                                         max_length=APP.max_prompt_chars, elem_id="chat-input", autofocus=True)
+                                         min_width=200, elem_id="chat-input", autofocus=True)
                     send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send-btn")
                     stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="stop-btn")
                     clear = gr.Button("Clear", scale=1, min_width=80, elem_id="clear-btn")
@@ -102,68 +106,117 @@ def build_chat_tab(studio: Studio) -> dict:
     studio.pickers.task.append(task)
     studio.pickers.adapters.append(extras)
     studio.pickers.fusions.append(fusion)
+    pickers = [language, extras, task]
 
-    def respond(request: gr.Request, text, session, lang, task_name, more, method_name, fusion_name, system_text,
-                temp, p, limit, view, tail, mean, *pool):
-        """Stream one reply; the last yield adds its trace to the session and the panel."""
-        history = list(session["history"])
-        text = (text or "").strip()
-        if not text:
-            yield gr.skip(), gr.skip(), session, "Type a message first.", *[gr.skip()] * len(why.outputs)
-            return
-        shown = history + [{"role": "user", "content": text}]
+    def respond(data: dict, request: gr.Request):
+        """Stream one reply; the last yield adds its trace to the session and the panel.
+
+        Outputs: chatbot, message, state, status, send, then the trace panel's."""
+        session = data[state]
+        text = (data[message] or "").strip()
         skip = [gr.skip()] * len(why.outputs)
-        adapters = matching_kind(engine, method_name, parse_adapters([lang] + list(more or []) + [task_name]))
-        request_ = make_request(engine, method_name, adapters, panel.collect(method_name, list(pool)), fusion_name)
-        label = request_label(engine, request_)
-        flag = studio.flags.start(request, "chat")
+        if not text:
+            yield gr.skip(), gr.skip(), session, "Type a message first.", gr.skip(), *skip
+            return
+        history = list(session["history"])
+        shown = list(session["shown"]) + [{"role": "user", "content": text}]
+        said = history + [{"role": "user", "content": text}]
+        idle = gr.update(interactive=True)
+        method_name = data[method]
+        adapters = [data[language], *(data[extras] or []), data[task]]
         try:
-            yield shown, "", session, f"{label} · thinking…", *skip
-            sampling = Sampling(max_new_tokens=int(limit), temperature=float(temp), top_p=float(p))
-            event = None
-            said = [{"role": m["role"], "content": m["content"].removesuffix(STOPPED)} for m in shown]
-            for event in engine.stream(request_, said, sampling, system=(system_text or "").strip() or None,
+            request_ = build_request(method_name, adapters, panel.collect(method_name, data), data[fusion])
+            check_choice(engine, request_)
+        except Exception as exc:
+            line = error_line(exc)
+            gr.Warning(line, duration=TOAST_SECONDS)
+            yield gr.skip(), gr.skip(), session, f"⚠ {line}", idle, *skip
+            return
+        label = request_label(engine, request_)
+        earlier = sorted({r for r in session["replies"] if r != label})
+        mixed = (f" · earlier replies came from {', '.join(earlier)}: Clear for a fair comparison, or use Compare"
+                 if earlier else "")
+        flag = studio.flags.start(request, "chat")
+        event = None
+        try:
+            yield shown, "", session, f"{label} · thinking…{mixed}", gr.update(interactive=False), *skip
+            sampling = Sampling(max_new_tokens=int(data[max_tokens]), temperature=float(data[temperature]),
+                                top_p=float(data[top_p]))
+            for event in engine.stream(request_, said, sampling, system=(data[system] or "").strip() or None,
                                        cancel=flag):
-                reply = {"role": "assistant", "content": event.text}
-                yield shown + [reply], gr.skip(), session, stats_line(label, event), *skip
+                reply = {"role": "assistant", "content": labelled(label, event.text)}
+                yield shown + [reply], gr.skip(), session, stats_line(label, event) + mixed, gr.skip(), *skip
         except Exception as exc:  # FusionError: the user's to fix; anything else: logged
             line = error_line(exc)
-            gr.Warning(line)
-            yield history, text, session, f"⚠ {line}", *skip
+            if not history:  # a first message that is too long alone: there is no history to clear
+                line = line.replace(": shorten it or clear the history", ": shorten it")
+            gr.Warning(line, duration=TOAST_SECONDS)
+            yield session["shown"], text, session, f"⚠ {line}", idle, *skip
             return
         finally:
             studio.flags.finish(request, "chat", flag)
         reply_text = event.text if event is not None else ""
         if event is not None and event.finish_reason == "cancelled":
             reply_text += STOPPED
-        session["history"] = shown + [{"role": "assistant", "content": reply_text}]
+        session["history"] = said + [{"role": "assistant", "content": reply_text.removesuffix(STOPPED)}]
+        session["shown"] = shown + [{"role": "assistant", "content": labelled(label, reply_text)}]
+        session["replies"].append(label)
+        line = stats_line(label, event) + mixed if event is not None else label
+        panel_values = skip
         if event is not None and event.trace is not None:
-            why.add(session, event.trace, event.text, getattr(request, "session_hash", "") or "")
-            panel_values = why.show(session, None, view, tail, mean)
-        else:
-            panel_values = skip
-        yield session["history"], gr.skip(), session, stats_line(label, event), *panel_values
+            try:
+                why.add(session, event.trace, event.text, getattr(request, "session_hash", "") or "",
+                        label.split(" · ")[0])
+                panel_values = why.show(session, None, data[why.view], data[why.tail], data[why.mean])
+            except Exception as exc:  # the reply stands even when its trace cannot be drawn
+                log.exception("trace panel failed", exc_info=exc)
+                line += " · the trace could not be shown (the server log has the details)"
+        yield session["shown"], gr.skip(), session, line, idle, *panel_values
 
     def stop_generation(request: gr.Request):
         studio.flags.cancel(request, "chat")
 
     def clear_chat(request: gr.Request):
         studio.flags.cancel(request, "chat")
-        session = new_session()
-        return [], "", session, "", *why.cleared()
+        return [], "", new_session(), "", gr.update(interactive=True), *why.cleared()
 
-    inputs = [message, state, language, task, extras, method, fusion, system, temperature, top_p, max_tokens,
-              why.view, why.tail, why.mean, *panel.components]
-    outputs = [chatbot, message, state, status, *why.outputs]
-    sent = [send.click(respond, inputs, outputs, api_visibility="private", show_progress="minimal",
-                       concurrency_id="generate"),
-            message.submit(respond, inputs, outputs, api_visibility="private", show_progress="minimal",
-                           concurrency_id="generate")]
+    inputs = {message, state, language, task, extras, method, fusion, system, temperature, top_p, max_tokens,
+              why.view, why.tail, why.mean, *panel.components}
+    outputs = [chatbot, message, state, status, send, *why.outputs]
+    # One event for Send and Enter: while a reply runs, both are ignored ("once") and Send is
+    # disabled, so every reply in the chat has its trace and no reply runs unseen.
+    sent = gr.on([send.click, message.submit], respond, inputs, outputs, api_visibility="private",
+                 show_progress="minimal", concurrency_id="generate", trigger_mode="once")
     stop.click(stop_generation, None, None, api_visibility="private", queue=False)
     # Clear also ends a reply in progress, so its last update cannot bring the old history back.
-    clear.click(clear_chat, None, outputs, api_visibility="private", queue=False, cancels=sent)
-    method.change(panel.updates, method, [panel.note] + panel.components, api_visibility="private", queue=False)
-    fusion.change(lambda name: describe_fusion(engine, name), fusion, fusion_note, api_visibility="private",
-                  queue=False)
+    clear.click(clear_chat, None, outputs, api_visibility="private", queue=False, cancels=[sent])
+
+    # The pickers always show what a message will run: picking a method or an adapter leaves a
+    # saved fusion, and picking a saved fusion shows its own method, adapters and params.
+    def on_method(data: dict):
+        name = data[method]
+        current = [data[language], *(data[extras] or []), data[task]]
+        chosen_now = [a for a in current if a and a != NONE]
+        defaults = [a for a in (chosen["language"], chosen["task"]) if a != NONE]
+        lang, more, task_name = split_pickers(engine, adapters_for(engine, name, chosen_now, defaults))
+        return [NONE, "", lang, more, task_name, *panel.updates(name)]
+
+    def on_adapters():
+        return NONE, ""
+
+    def on_fusion(data: dict):
+        picked = saved_fusion(engine, data[fusion])
+        if picked is None:
+            return [describe_fusion(engine, data[fusion])] + [gr.skip()] * (4 + 1 + len(panel.components))
+        lang, more, task_name = split_pickers(engine, picked["adapters"])
+        return [describe_fusion(engine, picked["name"]), picked["method"], lang, more, task_name,
+                *panel.updates(picked["method"], picked["params"])]
+
+    method.input(on_method, {method, *pickers}, [fusion, fusion_note, *pickers, panel.note, *panel.components],
+                 api_visibility="private", queue=False)
+    for picker in pickers:
+        picker.input(on_adapters, None, [fusion, fusion_note], api_visibility="private", queue=False)
+    fusion.input(on_fusion, {fusion}, [fusion_note, method, *pickers, panel.note, *panel.components],
+                 api_visibility="private", queue=False)
     why.wire(state)
     return {"language": language, "task": task, "method": method, "fusion": fusion, "chatbot": chatbot}

@@ -1,5 +1,5 @@
-"""What the tabs share: choices from the library, the generic parameter panel, cancel flags,
-request building and error lines. Nothing here holds a per-user choice."""
+"""What the tabs share: the generic parameter panel, cancel flags, error lines and the app-wide
+state (choices and requests are in `ui.choices`). Nothing here holds a per-user choice."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import atexit
 import json
 import logging
 import math
+import re
 import shutil
 import tempfile
 import threading
@@ -15,109 +16,32 @@ from pathlib import Path
 
 import gradio as gr
 
-from fusion.engine import Engine, FusionRequest
+from fusion import plots
+from fusion.engine import Engine
 from fusion.errors import FusionError
 
-from .constants import APP, NONE, PREFERRED
+from .choices import adapter_choices, fusion_choices, kind_choices
+from .constants import APP
 
 log = logging.getLogger("lora_studio.app")
+TOAST_SECONDS = 4  # the status line keeps the message; a toast that lingers only stacks over the buttons
+
+
+# An absolute path: a slash not inside a word or a relative path, folders, then the last name.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s/'\"]+/)+([^\s/'\"]+)")
+
+
+def short_paths(text: str) -> str:
+    """Server folders are the server's business: name a file or folder by its last part."""
+    return _ABSOLUTE_PATH.sub(r"\1", text)
 
 
 def error_line(exc: BaseException) -> str:
     """One readable sentence for the UI; unexpected errors are logged with their stack trace."""
     if isinstance(exc, FusionError):
-        return str(exc)
+        return short_paths(str(exc))
     log.exception("unexpected error", exc_info=exc)
-    return f"unexpected error ({type(exc).__name__}: {exc}); the server log has the details"
-
-
-# ---- choices from the library ---------------------------------------------------------------
-def adapter_choices(engine: Engine, role: str | None = None, with_none: bool = False) -> list:
-    """(label, name) pairs; `role` filters, "(none)" first when asked."""
-    rows = [a for a in engine.adapters() if role is None or a["role"] == role]
-    choices = [(NONE, NONE)] if with_none else []
-    for a in rows:
-        label = a["name"] if a.get("kind", "lora") == "lora" else f"{a['name']} ({a['kind']})"
-        choices.append((label, a["name"]))
-    return choices
-
-
-def fusion_choices(engine: Engine) -> list:
-    choices = [(NONE, NONE)]
-    for f in engine.fusions():
-        choices.append((f"{f['name']}  ·  {f['method']} over {' + '.join(f['adapters']) or 'new adapter'}", f["name"]))
-    return choices
-
-
-def method_choices(engine: Engine, fittable: bool = False) -> list:
-    return [(m["pretty_name"] or m["name"], m["name"]) for m in engine.methods()
-            if m["fittable"] or not fittable]
-
-
-def preferred(choices: list, wanted: str | None, fallback_index: int | None = 0):
-    names = [value for _, value in choices if value != NONE]
-    if wanted in names:
-        return wanted
-    if fallback_index is None or not names:
-        return NONE if any(v == NONE for _, v in choices) else None
-    return names[min(fallback_index, len(names) - 1)]
-
-
-def default_selection(engine: Engine) -> dict:
-    """Sensible first choices: lang-es + task-math + LoRA-Flow when the library has them, with the
-    fitted es-math-flow gates when shipped."""
-    lang = preferred(adapter_choices(engine, "language", True), PREFERRED["language"])
-    task = preferred(adapter_choices(engine, "task", True), PREFERRED["task"])
-    chosen = [a for a in (lang, task) if a not in (None, NONE)]
-    methods = {m["name"] for m in engine.methods()}
-    method = (PREFERRED["method"] if len(chosen) == 2 and PREFERRED["method"] in methods else
-              "single" if len(chosen) == 1 and "single" in methods else "base")
-    fitted = f"{(lang or '').removeprefix('lang-')}-math-flow"  # the shipped gates for this pair, if fitted
-    fusion = fitted if method == "lora_flow" and task == "task-math" and fitted in {f["name"] for f in engine.fusions()} else NONE
-    return {"language": lang or NONE, "task": task or NONE, "adapters": chosen, "method": method, "fusion": fusion}
-
-
-def parse_adapters(value) -> list[str]:
-    """A list of names, or one comma-separated string."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = value.split(",")
-    return [str(v).strip() for v in value if str(v).strip() and str(v).strip() != NONE]
-
-
-def parse_params(text) -> dict:
-    if isinstance(text, dict):
-        return text
-    if text is None or not str(text).strip():
-        return {}
-    try:
-        params = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise FusionError(f"params must be a JSON object such as {{\"temperature\": 1.0}} ({exc.msg})") from None
-    if not isinstance(params, dict):
-        raise FusionError("params must be a JSON object such as {\"temperature\": 1.0}")
-    return params
-
-
-def make_request(engine: Engine, method: str, adapters: list[str], params: dict,
-                 fusion: str | None = None) -> FusionRequest:
-    """A saved fusion brings its own method and adapters; the panel's params then only apply
-    when the method picker shows that same method."""
-    if fusion and fusion != NONE:
-        saved = {f["name"]: f["method"] for f in engine.fusions()}.get(fusion)
-        return FusionRequest(fusion=fusion, params=params if saved == method else {})
-    return FusionRequest(adapters=adapters, method=method or "base", params=params)
-
-
-def describe_fusion(engine: Engine, name: str | None) -> str:
-    if not name or name == NONE:
-        return ""
-    for f in engine.fusions():
-        if f["name"] == name:
-            return (f"Saved fusion **{name}** uses its own method (`{f['method']}`) and adapters "
-                    f"({', '.join(f['adapters']) or 'none'}); the pickers above are ignored.")
-    return f"Saved fusion **{name}** is no longer in the library."
+    return short_paths(f"unexpected error ({type(exc).__name__}: {exc}); the server log has the details")
 
 
 # ---- per-session cancel flags ------------------------------------------------------------------
@@ -190,9 +114,9 @@ class ParamPanel:
         self.slots: list[dict[str, gr.components.Component]] = []
         self.note: gr.Markdown | None = None
 
-    def build(self, method: str | None) -> "ParamPanel":
+    def build(self, method: str | None, values: dict | None = None) -> "ParamPanel":
         """Create the note and the pool, set up for `method` (no round trip on page load)."""
-        first = self.updates(method)
+        first = self.updates(method, values)
         self.note = gr.Markdown(first[0]["value"], elem_classes=["param-note"])
         factories = {"number": gr.Number, "slider": gr.Slider, "checkbox": gr.Checkbox,
                      "dropdown": gr.Dropdown, "textbox": gr.Textbox}
@@ -210,8 +134,9 @@ class ParamPanel:
     def components(self) -> list:
         return [slot[kind] for slot in self.slots for kind in KINDS]
 
-    def updates(self, method: str | None) -> list[dict]:
-        """gr.update()s for the note and every pool control, in `components` order."""
+    def updates(self, method: str | None, values: dict | None = None) -> list[dict]:
+        """gr.update()s for the note and every pool control, in `components` order; `values`
+        (e.g. a saved fusion's params) replace the declared defaults."""
         spec = self.methods.get(method or "", {"params": [], "description": "", "reference_url": ""})
         params = spec["params"]
         note = spec.get("description", "")
@@ -225,6 +150,8 @@ class ParamPanel:
                 if kind != chosen:
                     out.append(gr.update(visible=False))
                     continue
+                if values and param["name"] in values:
+                    param = {**param, "default": values[param["name"]]}
                 out.append(gr.update(**self._control(param, kind)))
         return out
 
@@ -252,8 +179,11 @@ class ParamPanel:
         value = "" if default is None else (", ".join(map(str, default)) if isinstance(default, list) else str(default))
         return {**common, "value": value, "placeholder": placeholder}
 
-    def collect(self, method: str | None, values: list) -> dict:
-        """The chosen method's params from the pool's values (empty means: the declared default)."""
+    def collect(self, method: str | None, values: list | dict) -> dict:
+        """The chosen method's params from the pool's values, given in `components` order or as
+        a handler's inputs keyed by component (empty means: the declared default)."""
+        if isinstance(values, dict):
+            values = [values.get(c) for c in self.components]
         spec = self.methods.get(method or "")
         if spec is None:
             return {}
@@ -275,6 +205,7 @@ class Pickers:
     task: list = field(default_factory=list)
     adapters: list = field(default_factory=list)  # multiselects over every adapter
     fusions: list = field(default_factory=list)
+    by_method: list = field(default_factory=list)  # (adapters, method): offering the kind the method takes
 
     def components(self) -> list:
         return self.language + self.task + self.adapters + self.fusions
@@ -286,6 +217,10 @@ class Pickers:
         fusions = fusion_choices(engine)
         return ([gr.update(choices=language) for _ in self.language] + [gr.update(choices=task) for _ in self.task]
                 + [gr.update(choices=every) for _ in self.adapters] + [gr.update(choices=fusions) for _ in self.fusions])
+
+    def kind_updates(self, engine: Engine, methods: list) -> list:
+        """Choices of the `by_method` pickers, given their methods' current values in order."""
+        return [gr.update(choices=kind_choices(engine, method)) for method in methods]
 
 
 @dataclass
@@ -302,7 +237,9 @@ class Studio:
 
     def write_trace_files(self, trace, stem: str) -> tuple[str, str]:
         json_path, csv_path = self.files / f"{stem}.json", self.files / f"{stem}.csv"
-        json_path.write_text(trace.to_json(), encoding="utf-8")
+        # readable_tokens: the tokens as text, split characters included (see plots.readable_tokens)
+        data = {**trace.to_dict(), "readable_tokens": plots.readable_tokens(trace.tokens)}
+        json_path.write_text(json.dumps(data), encoding="utf-8")
         csv_path.write_text(trace.to_csv(), encoding="utf-8")
         return str(json_path), str(csv_path)
 
@@ -312,6 +249,9 @@ CSS = """
 #stats-line p, .stats-line p { font-size: 0.85em; color: var(--body-text-color-subdued); margin: 0; }
 #chat-status p, .status-line p { margin: 0; }
 .compare-out { min-height: 6em; }
+#trace-info { flex: 1 1 260px; min-width: 260px; }
+#trace-info-row { flex-wrap: wrap; }
+#chat-send-row { flex-wrap: wrap; }
 footer { display: none !important; }
 """
 

@@ -8,15 +8,39 @@ from dataclasses import dataclass
 import gradio as gr
 
 from fusion import plots
-from fusion.engine import Engine, FusionRequest
+from fusion.engine import Engine
 from fusion.errors import FusionError
 from fusion.generate import Sampling
 
-from .common import (ParamPanel, Studio, adapter_choices, default_selection, error_line, fusion_choices,
-                     make_request, method_choices, parse_adapters)
+from fusion.lab.evaluate_math import is_correct
+from fusion.lab.math_data import EVAL_LANGUAGES, eval_examples
+
+from .choices import (adapters_for, build_request, check_choice, default_selection, describe_fusion, fusion_choices,
+                      kind_choices, method_choices, request_label, saved_fusion)
+from .common import TOAST_SECONDS, ParamPanel, Studio, error_line
 from .constants import APP, NONE
 
 COLUMN_METHODS = ["lora_flow", "linear", "cat", "base"]  # first choices, left to right
+FITTED_FIRST = ["lora_flow", "cat", "lorahub"]  # saved fusions over the default pair open the columns
+
+
+def first_columns(engine: Engine, chosen: dict) -> list[dict]:
+    """What each column opens on: the saved fitted fusions over the default pair (so the columns
+    differ from the start: untrained gates or logits answer like a plain average), then methods."""
+    pair = chosen["adapters"]
+    fitted = {f["method"]: f["name"] for f in engine.fusions() if f["adapters"] == pair and len(pair) == 2}
+    known = {m["name"] for m in engine.methods()}
+    columns = [saved_fusion(engine, fitted[m]) for m in FITTED_FIRST if m in fitted]
+    for wanted in COLUMN_METHODS:
+        if wanted in known and wanted not in fitted:
+            columns.append({"name": NONE, "method": wanted, "adapters": pair, "params": None})
+    while len(columns) < APP.max_compare:
+        columns.append(columns[-1] if columns else {"name": NONE, "method": chosen["method"], "adapters": pair,
+                                                    "params": None})
+    for column in columns:
+        if column["method"] != "base" and len(pair) < 2:  # two-LoRA methods need two LoRAs in the library
+            column.update(name=NONE, method=chosen["method"], adapters=pair, params=None)
+    return columns[:APP.max_compare]
 
 
 @dataclass
@@ -38,22 +62,11 @@ class ColumnResult:
                 "trace": plots.trace_summary(self.trace)}
 
 
-def column_label(engine: Engine, request: FusionRequest | Exception) -> str:
-    if isinstance(request, Exception):
-        return "invalid choice"
-    try:
-        method, adapters, _ = engine.resolve(request)
-    except FusionError:
-        return request.fusion or request.method
-    head = f"{request.fusion} ({method.name})" if request.fusion else method.name
-    return f"{head} · {' + '.join(a.name for a in adapters)}" if adapters else head
-
-
 def run_side_by_side(engine: Engine, requests: list, prompt: str, sampling: Sampling, system: str | None,
                      cancel: threading.Event):
     """Advance every column's stream in turn (one generator, as an arena does); yields the results
     after each step. A column whose request fails shows its error and the others go on."""
-    results = [ColumnResult(column_label(engine, r)) for r in requests]
+    results = [ColumnResult(request_label(engine, r)) for r in requests]
     streams = {}
     for i, request in enumerate(requests):
         if isinstance(request, Exception):
@@ -101,47 +114,44 @@ def stats_text(result: ColumnResult) -> str:
 def build_compare_tab(studio: Studio) -> dict:
     engine = studio.engine
     chosen = default_selection(engine)
-    known = {m["name"] for m in engine.methods()}
     columns = []
     with gr.Tab("Compare", id="compare"):
         gr.Markdown("One prompt, several fusions at once. Each column streams its own reply with time to "
                     "first token and tokens per second (columns share the CPU, so rates are per column while "
-                    "all run).", elem_classes=["param-note"])
-        prompt = gr.Textbox(label="Prompt", lines=2, max_length=APP.max_prompt_chars,
+                    "all run). The columns open on the saved fitted fusions, when there are any.",
+                    elem_classes=["param-note"])
+        prompt = gr.Textbox(label="Prompt", lines=2,
                             placeholder="e.g. ¿Cuánto es 12 + 7?", elem_id="compare-input")
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=True, elem_id="compare-controls"):
             count = gr.Radio([str(n) for n in range(2, APP.max_compare + 1)], value="2", label="Columns",
-                             scale=1, elem_id="compare-n")
+                             scale=1, min_width=220, elem_id="compare-n")
             max_tokens = gr.Slider(1, APP.max_new_tokens, value=min(64, APP.default_new_tokens), step=1,
-                                   label="Max new tokens", scale=2, elem_id="compare-max-tokens")
-            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", scale=2,
+                                   label="Max new tokens", scale=2, min_width=200, elem_id="compare-max-tokens")
+            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", scale=2, min_width=200,
                                     elem_id="compare-temperature")
             with gr.Column(scale=1, min_width=160):
                 run = gr.Button("Compare", variant="primary", elem_id="compare-btn")
                 stop = gr.Button("Stop", variant="stop", elem_id="compare-stop-btn")
-        with gr.Row(equal_height=False):
-            for i in range(APP.max_compare):
-                wanted = COLUMN_METHODS[i % len(COLUMN_METHODS)]
-                if wanted not in known or (wanted != "base" and len(chosen["adapters"]) < 2):
-                    wanted = chosen["method"]  # two-LoRA methods need two LoRAs in the library
+        with gr.Row(equal_height=False, elem_id="compare-columns"):
+            for i, first in enumerate(first_columns(engine, chosen)):
                 with gr.Column(visible=i < 2, min_width=260) as column:
-                    method = gr.Dropdown(method_choices(engine), value=wanted, label=f"Method {i + 1}",
+                    method = gr.Dropdown(method_choices(engine), value=first["method"], label=f"Method {i + 1}",
                                          elem_id=f"compare-method-{i}")
-                    adapters = gr.Dropdown(adapter_choices(engine), value=chosen["adapters"], multiselect=True,
-                                           label="Adapters (in slot order)", elem_id=f"compare-adapters-{i}")
-                    fusion = gr.Dropdown(fusion_choices(engine), value=NONE, label="…or a saved fusion",
+                    adapters = gr.Dropdown(kind_choices(engine, first["method"]), value=first["adapters"],
+                                           multiselect=True, label="Adapters (in slot order)",
+                                           elem_id=f"compare-adapters-{i}")
+                    fusion = gr.Dropdown(fusion_choices(engine), value=first["name"], label="…or a saved fusion",
                                          elem_id=f"compare-fusion-{i}")
+                    note = gr.Markdown(describe_fusion(engine, first["name"]), elem_classes=["param-note"])
                     with gr.Accordion("Parameters", open=False):
-                        panel = ParamPanel(engine, f"compare-{i}").build(wanted)
+                        panel = ParamPanel(engine, f"compare-{i}").build(first["method"], first["params"])
                     stats = gr.Markdown(elem_id=f"compare-stats-{i}", elem_classes=["stats-line"])
                     reply = gr.Markdown(elem_id=f"compare-out-{i}", elem_classes=["compare-out"], container=True)
-                    heatmap = gr.Plot(None, show_label=False,
-                                      elem_id=f"compare-heatmap-{i}")
+                    heatmap = gr.Plot(None, show_label=False, elem_id=f"compare-heatmap-{i}")
                 columns.append({"column": column, "method": method, "adapters": adapters, "fusion": fusion,
                                 "panel": panel, "stats": stats, "reply": reply, "heatmap": heatmap})
-                method.change(panel.updates, method, [panel.note] + panel.components, api_visibility="private",
-                              queue=False)
-                studio.pickers.adapters.append(adapters)
+                wire_column(engine, chosen, method, adapters, fusion, note, panel)
+                studio.pickers.by_method.append((adapters, method))
                 studio.pickers.fusions.append(fusion)
         score = build_scoring(studio, columns, count)
 
@@ -150,14 +160,15 @@ def build_compare_tab(studio: Studio) -> dict:
 
     count.change(shown, count, [c["column"] for c in columns], api_visibility="private", queue=False)
 
-    def compare(request: gr.Request, text, n, limit, temp, *values):
-        n = int(n)
-        requests = column_requests(engine, columns, values, n)
+    def compare(data: dict, request: gr.Request):
+        n = int(data[count])
+        requests = column_requests(engine, columns[:n], data)
         outputs = [c[key] for c in columns[:n] for key in ("stats", "reply", "heatmap")]
         blank = [gr.skip()] * (3 * (APP.max_compare - n))
         flag = studio.flags.start(request, "compare")
         try:
-            sampling = Sampling(max_new_tokens=int(limit), temperature=float(temp)).validate()
+            sampling = Sampling(max_new_tokens=int(data[max_tokens]), temperature=float(data[temperature])).validate()
+            text = data[prompt]
             if not (text or "").strip():
                 raise FusionError("type a prompt to compare")
             drawn = set()
@@ -171,17 +182,16 @@ def build_compare_tab(studio: Studio) -> dict:
                     out += [stats_text(result), result.text, figure]
                 yield *out, *blank
         except Exception as exc:
-            gr.Warning(error_line(exc))
+            gr.Warning(error_line(exc), duration=TOAST_SECONDS)
             yield *[gr.skip()] * len(outputs), *blank
         finally:
             studio.flags.finish(request, "compare", flag)
 
-    inputs = [prompt, count, max_tokens, temperature] + column_inputs(columns)
+    inputs = {prompt, count, max_tokens, temperature, *column_inputs(columns)}
     outputs = [c[key] for c in columns for key in ("stats", "reply", "heatmap")]
-    run.click(compare, inputs, outputs, api_visibility="private", show_progress="hidden",
-              concurrency_id="generate")
-    prompt.submit(compare, inputs, outputs, api_visibility="private", show_progress="hidden",
-                  concurrency_id="generate")
+    gr.on([run.click, prompt.submit], compare, inputs, outputs, api_visibility="private", show_progress="hidden",
+          concurrency_id="generate", trigger_mode="once")
+
     def stop_all(request: gr.Request):
         studio.flags.cancel(request, "compare")
 
@@ -189,55 +199,74 @@ def build_compare_tab(studio: Studio) -> dict:
     return {"prompt": prompt, "columns": columns, "score": score}
 
 
+def wire_column(engine: Engine, chosen: dict, method, adapters, fusion, note, panel: ParamPanel) -> None:
+    """A column shows what it will run: a method offers the adapters of its kind and leaves a
+    saved fusion; a saved fusion shows its own method, adapters and params."""
+    defaults = chosen["adapters"]
+
+    def on_method(data: dict):
+        name = data[method]
+        kept = adapters_for(engine, name, list(data[adapters] or []), defaults)
+        return [NONE, "", gr.update(choices=kind_choices(engine, name), value=kept), *panel.updates(name)]
+
+    def on_fusion(data: dict):
+        picked = saved_fusion(engine, data[fusion])
+        if picked is None:
+            return [describe_fusion(engine, data[fusion])] + [gr.skip()] * (2 + 1 + len(panel.components))
+        return [describe_fusion(engine, picked["name"]), picked["method"],
+                gr.update(choices=kind_choices(engine, picked["method"]), value=picked["adapters"]),
+                *panel.updates(picked["method"], picked["params"])]
+
+    method.input(on_method, {method, adapters}, [fusion, note, adapters, panel.note, *panel.components],
+                 api_visibility="private", queue=False)
+    adapters.input(lambda: (NONE, ""), None, [fusion, note], api_visibility="private", queue=False)
+    fusion.input(on_fusion, {fusion}, [note, method, adapters, panel.note, *panel.components],
+                 api_visibility="private", queue=False)
+
+
 def column_inputs(columns: list[dict]) -> list:
     return [comp for c in columns for comp in [c["method"], c["adapters"], c["fusion"], *c["panel"].components]]
 
 
-def column_requests(engine: Engine, columns: list[dict], values: tuple, n: int) -> list:
-    """FusionRequests (or the FusionError to show) of the first n columns from their controls' values."""
-    requests, position = [], 0
+def column_requests(engine: Engine, columns: list[dict], data: dict) -> list:
+    """FusionRequests (or the FusionError to show) of the given columns, from a handler's inputs."""
+    requests = []
     for c in columns:
-        width = 3 + len(c["panel"].components)
-        method, adapters, fusion, *pool = values[position:position + width]
-        position += width
-        if len(requests) < n:
-            try:
-                requests.append(make_request(engine, method, parse_adapters(adapters), c["panel"].collect(method, pool),
-                                             fusion))
-            except FusionError as exc:
-                requests.append(exc)
+        method = data[c["method"]]
+        try:
+            request = build_request(method, data[c["adapters"]], c["panel"].collect(method, data), data[c["fusion"]])
+            check_choice(engine, request)
+            requests.append(request)
+        except FusionError as exc:
+            requests.append(exc)
     return requests
 
 
-def build_scoring(studio: Studio, columns: list[dict], count: gr.Radio) -> dict | None:
+def build_scoring(studio: Studio, columns: list[dict], count: gr.Radio) -> dict:
     """Score the shown columns on a few templated math problems (exact final number)."""
-    try:
-        from fusion.lab.evaluate_math import is_correct
-        from fusion.lab.math_data import EVAL_LANGUAGES, eval_examples
-    except ImportError:  # the evaluation set is optional
-        return None
     engine = studio.engine
     with gr.Accordion("Score these columns on math problems", open=False, elem_id="score-panel"):
         with gr.Row():
             language = gr.Dropdown(list(EVAL_LANGUAGES), value="es" if "es" in EVAL_LANGUAGES else EVAL_LANGUAGES[0],
-                                   label="Problem language", elem_id="score-lang")
-            size = gr.Slider(1, APP.max_score_problems, value=8, step=1, label="Problems", elem_id="score-n")
-            limit = gr.Slider(8, 256, value=64, step=8, label="Max new tokens per answer", elem_id="score-max-tokens")
-            go = gr.Button("Score", elem_id="score-btn")
+                                   label="Problem language", min_width=160, elem_id="score-lang")
+            size = gr.Slider(1, APP.max_score_problems, value=8, step=1, label="Problems", min_width=200,
+                             elem_id="score-n")
+            limit = gr.Slider(8, 256, value=64, step=8, label="Max new tokens per answer", min_width=200,
+                              elem_id="score-max-tokens")
+            go = gr.Button("Score", min_width=120, elem_id="score-btn")
         table = gr.Dataframe(headers=["column", "correct", "problems", "accuracy"], interactive=False,
                              elem_id="score-table")
 
-    def score(request: gr.Request, progress=gr.Progress(), *values):
-        lang, n, tokens, shown_count, *rest = values
-        requests = column_requests(engine, columns, tuple(rest), int(shown_count))
-        problems = eval_examples(lang, int(n))
+    def score(data: dict, request: gr.Request, progress=gr.Progress()):
+        requests = column_requests(engine, columns[:int(data[count])], data)
+        problems = eval_examples(data[language], int(data[size]))
         flag = studio.flags.start(request, "compare")
         rows = []
         total = len(problems) * len(requests)
         done = 0
         try:
             for request_ in requests:
-                label = column_label(engine, request_)
+                label = request_label(engine, request_)
                 if isinstance(request_, Exception):
                     rows.append([label, None, len(problems), error_line(request_)])
                     continue
@@ -245,8 +274,8 @@ def build_scoring(studio: Studio, columns: list[dict], count: gr.Radio) -> dict 
                 try:
                     for number, problem in enumerate(problems, 1):
                         progress(done / total, desc=f"{label}: problem {number}/{len(problems)}")
-                        event = engine.generate(request_, problem.question, Sampling(max_new_tokens=int(tokens)),
-                                                cancel=flag, trace=False)
+                        event = engine.generate(request_, problem.question,
+                                                Sampling(max_new_tokens=int(data[limit])), cancel=flag, trace=False)
                         correct += is_correct(event.text, problem.value)
                         done += 1
                         if flag.is_set():
@@ -260,6 +289,6 @@ def build_scoring(studio: Studio, columns: list[dict], count: gr.Radio) -> dict 
             studio.flags.finish(request, "compare", flag)
         return rows
 
-    go.click(score, [language, size, limit, count] + column_inputs(columns), table, api_visibility="private",
+    go.click(score, {language, size, limit, count, *column_inputs(columns)}, table, api_visibility="private",
              concurrency_id="generate")
     return {"button": go, "table": table}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -12,7 +13,8 @@ import gradio as gr
 from fusion import plots
 from fusion.errors import FusionError
 
-from .common import ParamPanel, Studio, adapter_choices, default_selection, error_line, method_choices, parse_adapters
+from .choices import adapter_choices, default_selection, method_choices, method_spec, parse_adapters
+from .common import TOAST_SECONDS, ParamPanel, Studio, error_line
 from .constants import APP
 
 EXAMPLE_JSONL = ('{"prompt": "¿Cuánto es 12 + 7?", "response": "12 + 7 = 19. La respuesta es 19."}\n'
@@ -50,14 +52,31 @@ def check_free_name(engine, name: str, overwrite: bool, method: str) -> None:
 
 
 def fit_in_background(engine, method, adapters, examples, params, train, name, overwrite, flag):
-    """Run engine.fit on a thread; yields ("progress", Progress) then ("done", artifact) or ("error", line)."""
+    """Run engine.fit on a thread; yields ("progress", Progress) then ("done", artifact),
+    ("cancelled", None) or ("error", line).
+
+    The result is saved only when the fit ran to its end: a cancelled fit (Cancel, or the page
+    closed) leaves nothing behind, so the name stays free for the next try.
+    """
     events: queue.Queue = queue.Queue()
+    from_scratch = method_spec(engine, method).get("fit_from_scratch", False)
 
     def work():
         try:
-            artifact = engine.fit(method, adapters, examples, params, train=train, save_as=name,
-                                  overwrite=overwrite, on_progress=lambda p: events.put(("progress", p)),
-                                  cancel=flag)
+            with tempfile.TemporaryDirectory(prefix="lora-studio-fit-") as scratch:
+                out = str(Path(scratch) / name) if from_scratch else None
+                artifact = engine.fit(method, adapters, examples, params, train=train, out=out,
+                                      on_progress=lambda p: events.put(("progress", p)), cancel=flag)
+                if flag.is_set():
+                    events.put(("cancelled", None))
+                    return
+                if from_scratch:  # a new adapter: checked against the base model like any import
+                    engine.library.import_adapter(out, name=name, overwrite=overwrite)
+                    artifact.name, artifact.adapters = name, [name]
+                    artifact.path = str(engine.library.adapters_dir / name)
+                else:
+                    artifact.name = name
+                    artifact = engine.library.save_fusion(artifact, overwrite=overwrite)
             events.put(("done", artifact))
         except Exception as exc:
             events.put(("error", error_line(exc)))
@@ -74,7 +93,7 @@ def fit_in_background(engine, method, adapters, examples, params, train, name, o
                     return
                 continue
             yield kind, payload
-            if kind in ("done", "error"):
+            if kind in ("done", "cancelled", "error"):
                 return
     finally:  # the browser went away or the caller stopped early: stop the thread after its step
         if worker.is_alive():
@@ -86,9 +105,8 @@ def finished_line(artifact, seconds: float) -> str:
     losses = meta.get("losses") or []
     steps = f"{len(losses)} steps" + (f", final loss {losses[-1]:.4f}" if losses else "")
     what = "adapter" if artifact.adapters == [artifact.name] else "fusion"
-    cancelled = " (cancelled early: what was learnt so far is saved)" if meta.get("cancelled") else ""
     return (f"✔ Saved {what} **{artifact.name}** — `{artifact.method}` over {', '.join(artifact.adapters)}; "
-            f"{steps} in {seconds:.1f} s{cancelled}. It is now in the Chat and Compare pickers.")
+            f"{steps} in {seconds:.1f} s. It is now in the Chat and Compare pickers.")
 
 
 def build_fit_tab(studio: Studio) -> dict:
@@ -123,11 +141,14 @@ def build_fit_tab(studio: Studio) -> dict:
                                    elem_id="fit-lr")
                 with gr.Row():
                     batch = gr.Number(value=4, precision=0, minimum=1, label="Batch size", elem_id="fit-batch")
-                    max_steps = gr.Number(value=0, precision=0, minimum=0, label="Max steps", info="0 = epochs decide",
+                    max_steps = gr.Number(value=0, precision=0, minimum=0, label="Max steps",
+                                          info="a cap: the epochs end sooner on few examples (0 = no cap)",
                                           elem_id="fit-max-steps")
                 name = gr.Textbox(label="Save as", placeholder="e.g. es-math-gates", elem_id="fit-name")
                 overwrite = gr.Checkbox(value=False, label="Replace a saved fusion of that name",
                                         elem_id="fit-overwrite")
+                gr.Markdown("**Cancel** stops after the current step; a cancelled fit is not saved.",
+                            elem_classes=["param-note"])
                 with gr.Row():
                     train = gr.Button("Train", variant="primary", elem_id="fit-btn")
                     cancel = gr.Button("Cancel", variant="stop", elem_id="fit-cancel-btn")
@@ -149,52 +170,56 @@ def build_fit_tab(studio: Studio) -> dict:
         spec = panel.methods.get(name_ or "", {})
         return [gr.update(visible=not spec.get("fit_from_scratch", False))] + panel.updates(name_)
 
-    def run_fit(request: gr.Request, progress=gr.Progress(), *values):
-        text, method_name, chosen_adapters, save_as, replace, n_epochs, rate, size, steps, *pool = values
+    def run_fit(data: dict, request: gr.Request, progress=gr.Progress()):
+        method_name, save_as = data[method], (data[name] or "").strip()
         flag = studio.flags.start(request, "fit")
         start = time.perf_counter()
         try:
-            if not (save_as or "").strip():
+            if not save_as:
                 raise FusionError("give the fit a name under 'Save as' (letters, digits, '-', '_' or '.')")
-            if not (text or "").strip():
+            if not (data[examples] or "").strip():
                 raise FusionError("paste or upload some JSONL examples first")
-            options = train_options(n_epochs, rate, size, steps)
-            check_free_name(engine, save_as.strip(), bool(replace), method_name)
+            options = train_options(data[epochs], data[lr], data[batch], data[max_steps])
+            check_free_name(engine, save_as, bool(data[overwrite]), method_name)
             spec = panel.methods.get(method_name or "", {})
-            chosen_list = [] if spec.get("fit_from_scratch") else parse_adapters(chosen_adapters)
+            chosen_list = [] if spec.get("fit_from_scratch") else parse_adapters(data[adapters])
             progress(0, desc="preparing…")
             yield "preparing…", gr.skip()
-            for kind, payload in fit_in_background(engine, method_name, chosen_list, text,
-                                                   panel.collect(method_name, pool), options, save_as.strip(),
-                                                   bool(replace), flag):
+            for kind, payload in fit_in_background(engine, method_name, chosen_list, data[examples],
+                                                   panel.collect(method_name, data), options, save_as,
+                                                   bool(data[overwrite]), flag):
                 if kind == "progress":
                     p = payload
                     progress(p.step / max(1, p.total_steps), desc=f"step {p.step}/{p.total_steps}")
-                    yield (f"step {p.step}/{p.total_steps} · loss {p.loss:.4f} · {p.seconds:.0f} s",
+                    stopping = " · stopping after this step…" if flag.is_set() else ""
+                    yield (f"step {p.step}/{p.total_steps} · loss {p.loss:.4f} · {p.seconds:.0f} s{stopping}",
                            plots.loss_figure(list(p.losses), p.total_steps))
                 elif kind == "done":
                     losses = payload.meta.get("losses") or []
                     yield finished_line(payload, time.perf_counter() - start), (
                         plots.loss_figure(losses) if losses else gr.skip())
+                elif kind == "cancelled":
+                    yield f"Cancelled after {time.perf_counter() - start:.0f} s: nothing was saved.", gr.skip()
                 else:
                     raise FusionError(payload)
         except Exception as exc:
             line = error_line(exc)
-            gr.Warning(line)
+            gr.Warning(line, duration=TOAST_SECONDS)
             yield f"⚠ {line}", gr.skip()
         finally:
             studio.flags.finish(request, "fit", flag)
 
     def cancel_fit(request: gr.Request):
         if studio.flags.cancel(request, "fit"):
-            gr.Info("Stopping after the current step…")
+            return "Stopping after the current step… nothing will be saved."
+        return gr.skip()
 
     upload.upload(load_upload, upload, examples, api_visibility="private")
     method.change(on_method, method, [adapters, panel.note] + panel.components, api_visibility="private",
                   queue=False)
     studio.pickers.adapters.append(adapters)
-    fit_event = train.click(run_fit, [examples, method, adapters, name, overwrite, epochs, lr, batch, max_steps,
-                                      *panel.components], [status, loss], api_visibility="private",
+    fit_event = train.click(run_fit, {examples, method, adapters, name, overwrite, epochs, lr, batch, max_steps,
+                                      *panel.components}, [status, loss], api_visibility="private",
                             show_progress_on=[status], concurrency_limit=1, concurrency_id="fit")
-    cancel.click(cancel_fit, None, None, api_visibility="private", queue=False)
+    cancel.click(cancel_fit, None, status, api_visibility="private", queue=False)
     return {"event": fit_event, "status": status}

@@ -13,12 +13,14 @@ from .constants import APP
 VIEWS = [("Reply only", plots.VIEW_REPLY), ("Prompt tail + reply", plots.VIEW_TAIL), ("All tokens", plots.VIEW_ALL)]
 
 
-def reply_label(index: int, trace: Trace, text: str) -> str:
+def reply_label(index: int, source: str, text: str) -> str:
     words = " ".join(text.split())
-    return f"Reply {index + 1} · {trace.method}: {words[:40] + ('…' if len(words) > 40 else '')}"
+    return f"Reply {index + 1} · {source}: {words[:40] + ('…' if len(words) > 40 else '')}"
 
 
 def trace_info(trace: Trace, layer: int | None) -> str:
+    if not trace.slot_names:
+        return f"`{trace.method}` · no adapter is applied, so there are no weights to show"
     where = "mean over layers" if layer is None else f"layer {layer}"
     kind = {"gate": "per-token gates", "router": "per-token routing", "static": "fixed weights"}[trace.kind]
     tokens, layers, slots = trace.shape
@@ -26,13 +28,43 @@ def trace_info(trace: Trace, layer: int | None) -> str:
             f"{slots} slots ({', '.join(trace.slot_names) or 'none'}) · highlight: {where}")
 
 
+def diverging(trace: Trace, slot: str | None) -> bool:
+    """Only LoRA-Flow's two-slot difference has a sign; every other score is a weight or a probability."""
+    return trace.kind == "gate" and len(trace.slot_names) == 2 and slot in (None, plots.DIFFERENCE)
+
+
 def highlight_label(trace: Trace, slot: str | None) -> str:
+    if not trace.slot_names:
+        return "Reply tokens (no adapter is applied, so there is nothing to score)"
     if trace.kind == "router" and slot in (None, plots.TOP_EXPERT):
-        return "Reply tokens (score: the top expert's router probability)"
-    if slot in (None, plots.DIFFERENCE) and len(trace.slot_names) == 2:
+        return "Reply tokens (score 0…1: the top expert's router probability)"
+    if diverging(trace, slot):
         return (f"Reply tokens (score in [-1, 1]: + leans to {trace.slot_names[1]}, "
                 f"− to {trace.slot_names[0]})")
+    if trace.kind == "router":
+        return f"Reply tokens (score 0…1: the router probability of {slot})"
     return f"Reply tokens (score: the weight of {slot or trace.slot_names[-1]}, clipped to [-1, 1])"
+
+
+def intro(trace: Trace | None) -> str:
+    """What the panel shows for this reply's method, in a sentence or two."""
+    if trace is None:
+        return ("Send a message: each reply's trace shows, layer by layer and token by token, how much each "
+                "LoRA (or expert) was used. Hover a cell for every exact weight.")
+    if not trace.slot_names:
+        return f"`{trace.method}` applies no adapter: the reply is the base model's own."
+    if trace.kind == "gate":
+        if len(trace.slot_names) == 2:
+            return (f"`{trace.method}`: per-token gates. Rows are layers, columns tokens; the colour is "
+                    f"{trace.slot_names[1]}'s weight minus {trace.slot_names[0]}'s (red: more "
+                    f"{trace.slot_names[1]}, blue: more {trace.slot_names[0]}). Hover a cell for every exact weight.")
+        return (f"`{trace.method}`: per-token gates over {len(trace.slot_names)} LoRAs; *Colour by* picks the "
+                "LoRA whose weight is shown. Hover a cell for every exact weight.")
+    if trace.kind == "router":
+        return (f"`{trace.method}`: a router picks experts per token and layer. The colour is the top-1 expert; "
+                "*Colour by* an expert shows its probability (0…1). Hover a cell for the top-k chosen.")
+    return (f"`{trace.method}`: fixed weights, the same for every token, so the heatmap is layers × LoRAs "
+            "(darker = more weight). Hover a cell for the exact value.")
 
 
 class TracePanel:
@@ -41,10 +73,8 @@ class TracePanel:
 
     def build(self) -> "TracePanel":
         with gr.Accordion("Why it answered so", open=True, elem_id="why-panel"):
-            gr.Markdown("Rows are the model's layers, columns are tokens. For two LoRAs the colour is the task "
-                        "LoRA's weight minus the language LoRA's; hover a cell for every exact weight.",
-                        elem_classes=["param-note"])
-            with gr.Row():
+            self.intro = gr.Markdown(intro(None), elem_id="trace-intro", elem_classes=["param-note"])
+            with gr.Row(elem_id="trace-controls"):
                 self.reply = gr.Dropdown(label="Reply", choices=[], value=None, scale=3, elem_id="trace-reply-dd")
                 self.view = gr.Radio(VIEWS, value=plots.VIEW_TAIL, label="Tokens shown", scale=3, elem_id="trace-view")
                 self.tail = gr.Number(value=APP.prompt_tail, precision=0, minimum=0, maximum=4096, scale=1,
@@ -58,10 +88,9 @@ class TracePanel:
                 self.mean = gr.Checkbox(value=True, label="Average over layers", scale=1, elem_id="highlight-mean")
                 self.layer = gr.Slider(0, 29, value=0, step=1, label="Layer to highlight by", scale=3,
                                        elem_id="highlight-layer")
-            self.tokens = gr.HighlightedText(label="Reply tokens (score in [-1, 1]: + leans to the task LoRA, "
-                                                   "− to the language LoRA)", show_legend=True,
+            self.tokens = gr.HighlightedText(label="Reply tokens", show_legend=False,
                                              combine_adjacent=False, elem_id="token-highlight")
-            with gr.Row():
+            with gr.Row(elem_id="trace-info-row"):
                 self.info = gr.Markdown(elem_id="trace-info", elem_classes=["stats-line"])
                 self.json_file = gr.DownloadButton("Trace JSON", visible=False, size="sm", scale=0,
                                                    elem_id="trace-json-btn")
@@ -77,7 +106,7 @@ class TracePanel:
     def outputs(self) -> list:
         """Everything a new or re-selected trace updates."""
         return [self.reply, self.slot, self.module, self.layer, self.heatmap, self.tokens, self.info,
-                self.json_file, self.csv_file]
+                self.json_file, self.csv_file, self.intro]
 
     def wire(self, state: gr.State) -> None:
         self.reply.input(self.select, [state, self.reply, self.view, self.tail, self.mean],
@@ -104,7 +133,8 @@ class TracePanel:
     def figures(self, trace: Trace, view, tail, slot, module, mean, layer) -> tuple:
         chosen_layer = None if mean else int(layer or 0)
         figure = plots.heatmap(trace, view or plots.VIEW_TAIL, int(tail or 0), slot, module)
-        tokens = gr.update(value=plots.token_scores(trace, chosen_layer, slot), label=highlight_label(trace, slot))
+        tokens = gr.update(value=plots.token_scores(trace, chosen_layer, slot), label=highlight_label(trace, slot),
+                           show_legend=diverging(trace, slot))
         return figure, tokens, trace_info(trace, chosen_layer)
 
     def redraw(self, state, reply, view, tail, slot, module, mean, layer):
@@ -131,23 +161,26 @@ class TracePanel:
         files = state.get("files", {}).get(index)
         labels = state.get("labels", [])
         return (gr.update(choices=[(label, i) for i, label in enumerate(labels)], value=index),
-                gr.update(choices=plots.slot_options(trace), value=slot),
+                # A static trace is layers × LoRAs already: there is nothing to colour by.
+                gr.update(choices=plots.slot_options(trace), value=slot, visible=trace.kind != "static"),
                 gr.update(choices=modules, value=modules[0] if modules else None, visible=bool(modules)),
                 gr.update(maximum=max(1, layers - 1), value=0),
                 figure, tokens, info,
                 gr.update(value=files[0], visible=True) if files else gr.update(visible=False),
-                gr.update(value=files[1], visible=True) if files else gr.update(visible=False))
+                gr.update(value=files[1], visible=True) if files else gr.update(visible=False),
+                intro(trace))
 
     def cleared(self) -> tuple:
         return (gr.update(choices=[], value=None), gr.update(choices=[], value=None),
                 gr.update(choices=[], value=None, visible=False), gr.update(value=0),
                 plots.empty_figure("Send a message to see which LoRA each layer used."), None, "",
-                gr.update(visible=False), gr.update(visible=False))
+                gr.update(visible=False), gr.update(visible=False), intro(None))
 
-    def add(self, state: dict, trace: Trace, text: str, session: str) -> None:
-        """Keep a finished reply's trace in the session, with its download files."""
+    def add(self, state: dict, trace: Trace, text: str, session: str, source: str | None = None) -> None:
+        """Keep a finished reply's trace in the session, with its download files; `source` names
+        what produced the reply (default: the trace's method)."""
         index = len(state.setdefault("traces", []))
         state["traces"].append(trace)
-        state.setdefault("labels", []).append(reply_label(index, trace, text))
+        state.setdefault("labels", []).append(reply_label(index, source or trace.method, text))
         stem = f"trace-{(session or 'local')[:10]}-{index + 1}-{trace.method}"
         state.setdefault("files", {})[index] = self.studio.write_trace_files(trace, stem)

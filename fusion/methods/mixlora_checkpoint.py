@@ -100,6 +100,10 @@ class MixLoraConfig:
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise FusionError(f"{path}: 'target_modules' must be a list of projection names like "
                               "['q_proj', 'gate_proj'], got {targets!r}")
+        unknown = [t for t in targets if t not in ALL_MODULES]
+        if unknown:  # a config for another architecture: its tensors would be silently ignored
+            raise FusionError(f"{path}: target_modules name {', '.join(unknown)}, which are not projections "
+                              f"of a decoder layer ({', '.join(ALL_MODULES)})")
         act_fn = config.get("act_fn")
         if act_fn is not None:
             if not isinstance(act_fn, str) or act_fn not in ACT2FN:
