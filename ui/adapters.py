@@ -73,11 +73,11 @@ def build_adapters_tab(studio: Studio) -> dict:
         fusions = gr.Dataframe(fusion_rows(engine), headers=["name", "method", "adapters", "examples", "seconds"],
                                interactive=False, label="Saved fitted fusions", elem_id="fusions-table")
         errors = gr.Markdown(errors_text(engine), elem_id="adapters-errors")
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=False):
             doomed = gr.Dropdown(removable_choices(engine), value=None, label="Delete from the library",
                                  info="A saved fusion, or an adapter no saved fusion uses", scale=3,
                                  elem_id="delete-dd")
-            delete = gr.Button("Delete", variant="stop", size="sm", scale=1, min_width=100, elem_id="delete-btn")
+            delete = gr.Button("Delete", variant="stop", scale=0, min_width=120, elem_id="delete-btn")
         refresh = gr.Button("Rescan the library folder", size="sm", elem_id="refresh-btn")
         with gr.Accordion("Import a peft LoRA adapter", open=True):
             gr.Markdown("A folder with `adapter_config.json` and `adapter_model.safetensors` (or `.bin`), given as a "
