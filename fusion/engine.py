@@ -16,13 +16,14 @@ import torch
 from . import runtime
 from .artifacts import FusionArtifact, save_artifact
 from .errors import FusionError
-from .generate import GenerationEvent, Sampling, stream_tokens
+from .generate import GenerationEvent, Sampling
 from .library import Library, check_name
 from .limits import LIMITS
 from .methods import METHODS, BuildContext, get_method
 from .model import DEFAULT_MODEL, load_base_model
 from .runtime import FusionPlan, Run, activate
 from .safe_io import atomic_folder
+from .scheduler import Scheduler
 from .training import TrainConfig, encode_chat, parse_records, tokenize_records
 
 
@@ -55,9 +56,9 @@ def clean_text(text: str, what: str = "message") -> str:
 class Engine:
     def __init__(self, model: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str = "float32",
                  adapters_dir=None, fusions_dir=None, progress=print, base=None, merge_static: str = "auto"):
-        """merge_static: "auto" merges a static fusion into the weights for the duration of a
-        request when no other request is using the model (exact restore afterwards); "never"
-        always applies it per request as low-rank factors."""
+        """merge_static: "auto" merges a static fusion into the weights while it is the only
+        fusion decoding and no one else uses the model (exact restore afterwards); "never"
+        always applies it as low-rank factors."""
         if merge_static not in ("auto", "never"):
             raise FusionError(f"merge_static must be 'auto' or 'never', got {merge_static!r}")
         self.merge_static = merge_static
@@ -70,6 +71,9 @@ class Engine:
         self.ctx = BuildContext(self.model, self.base.device, self.base.dtype, self.library.get_fusion)
         self._plans: OrderedDict[tuple, FusionPlan] = OrderedDict()
         self._plans_lock = threading.Lock()
+        # Every generation decodes in one continuous batch, whatever its fusion.
+        self.scheduler = Scheduler(self.model, self.tokenizer, self._model_lock, merge_static == "auto",
+                                   LIMITS.max_batch_rows, LIMITS.kv_budget_mb * 2**20)
 
     # ---- what is available -------------------------------------------------------------
     def methods(self) -> list[dict]:
@@ -147,17 +151,7 @@ class Engine:
 
     def stream_ids(self, request: FusionRequest, prompt_ids: list[int], sampling: Sampling,
                    cancel: threading.Event | None = None, trace: bool = True) -> Iterator[GenerationEvent]:
-        plan = self.plan(request)
-        if plan.is_static and plan.deltas and self.merge_static == "auto" and self._model_lock.try_exclusive():
-            try:
-                with runtime.merged_into(self.model, plan) as merged:
-                    yield from stream_tokens(self.model, self.tokenizer, Run(merged), prompt_ids, sampling,
-                                             cancel, trace)
-            finally:
-                self._model_lock.release_exclusive()
-            return
-        with self._model_lock.shared():
-            yield from stream_tokens(self.model, self.tokenizer, Run(plan), prompt_ids, sampling, cancel, trace)
+        yield from self.scheduler.stream(self.plan(request), prompt_ids, sampling, cancel, trace)
 
     def generate(self, request: FusionRequest, messages, sampling: Sampling | None = None, **kwargs
                  ) -> GenerationEvent:

@@ -47,6 +47,7 @@ class GenerationEvent:
     tokens_per_second: float | None = None
     trace: Trace | None = None
     replica: str | None = None  # the serving replica, when generated through fusion.remote
+    queued: int = 0  # > 0: the request waits for room in the running batch, at this place in the queue
 
 
 def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:

@@ -129,7 +129,7 @@ def plan_from_adapter(ctx: BuildContext, adapter: MixLoraAdapter, top_k: int, tr
         y, logits, probs, chosen = routed_ffn(x, mlp, routers[layer], per_layer.get(layer, {}), top_k,
                                               act or mlp.act_fn, dropout)
         batch, tokens = x.shape[0], x.shape[1]
-        run.on_router(layer, probs.view(batch, tokens, -1)[0], chosen.view(batch, tokens, -1)[0])
+        run.on_router(layer, probs.view(batch, tokens, -1), chosen.view(batch, tokens, -1))
         if training:
             run.extra_losses.append(logits)
         return y
