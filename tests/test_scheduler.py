@@ -217,6 +217,7 @@ def test_queue_beyond_the_row_cap(studio, requests):
     place), then runs once a row leaves; results are unchanged."""
     engine = studio.engine
     scheduler = Scheduler(engine.model, engine.tokenizer, max_rows=2)
+    scheduler.eos = set()  # the blocking rows must not end by themselves
     plan = engine.plan(requests["flow2"])
     ids = prompt(studio, 5, seed=3)
     expected = collect(stream_tokens(engine.model, engine.tokenizer, Run(plan), ids, Sampling(max_new_tokens=6)))[0]
@@ -241,6 +242,7 @@ def test_kv_budget_queues_rows_that_do_not_fit(studio, requests):
     engine = studio.engine
     one_row = RowCache.bytes_for(engine.model.config, 5 + 40 + 1, torch.float32)
     scheduler = Scheduler(engine.model, engine.tokenizer, kv_budget_bytes=one_row + one_row // 2)
+    scheduler.eos = set()
     plan = engine.plan(requests["base"])
     ids = prompt(studio, 5, seed=4)
     gate = threading.Event()
@@ -252,24 +254,35 @@ def test_kv_budget_queues_rows_that_do_not_fit(studio, requests):
     gate.set()
     assert list(first)[-1].finish_reason == "cancelled"
     final = list(second)[-1]
-    assert final.done and final.finish_reason in ("length", "eos") and final.queued == 0
+    assert final.done and final.finish_reason == "length" and len(final.token_ids) == 40
 
 
-def test_merge_only_while_one_static_fusion_is_alone(studio, requests):
+def test_merge_only_while_one_static_fusion_is_alone(studio, requests, monkeypatch):
     """A lone static fusion runs merged; while another fusion decodes beside it, both run
     unmerged; at the end the weights are the originals bit for bit."""
     engine = studio.engine
     model = engine.model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     scheduler = Scheduler(engine.model, engine.tokenizer, lock=engine._model_lock, merge_static=True)
+    import fusion.scheduler as module
+
+    seen = []  # (rows in the step, merged fusion)
+    original = module.decode_step
+
+    def step(model, layout, tokens, *args):
+        seen.append((tokens.shape[0], scheduler.status()["merged"]))
+        return original(model, layout, tokens, *args)
+
+    monkeypatch.setattr(module, "decode_step", step)
     ids = prompt(studio, 6, seed=5)
     hold = threading.Event()
     lone = scheduler.stream(engine.plan(requests["linear"]), ids, Sampling(max_new_tokens=100), hold)
     next(lone)
     assert scheduler.status()["merged"] == "linear"
     other = scheduler.stream(engine.plan(requests["flow2"]), ids, Sampling(max_new_tokens=3))
-    merged_while_both = {scheduler.status()["merged"] for event in other if not event.done}
-    assert merged_while_both == {None}
+    assert list(other)[-1].finish_reason == "length"
+    assert {merged for rows, merged in seen if rows == 2} == {None}
+    assert seen[0] == (1, "linear")
     hold.set()
     list(lone)
     deadline = time.time() + 10
