@@ -72,7 +72,7 @@ class Engine:
         self._plans: OrderedDict[tuple, FusionPlan] = OrderedDict()
         self._plans_lock = threading.Lock()
         # Every generation decodes in one continuous batch, whatever its fusion.
-        self.scheduler = Scheduler(self.model, self.tokenizer, self._model_lock, merge_static == "auto",
+        self.scheduler = Scheduler(self.model, lambda: self.tokenizer, self._model_lock, merge_static == "auto",
                                    LIMITS.max_batch_rows, LIMITS.kv_budget_mb * 2**20)
 
     # ---- what is available -------------------------------------------------------------

@@ -64,14 +64,17 @@ class _Row:
 class Scheduler:
     def __init__(self, model, tokenizer, lock: ModelLock | None = None, merge_static: bool = True,
                  max_rows: int = 16, kv_budget_bytes: int | None = None):
-        self.model, self.tokenizer = model, tokenizer
+        """tokenizer: the tokenizer, or a function giving the current one (an engine's may change)."""
+        self.model = model
+        self._tokenizer = tokenizer if callable(tokenizer) and not hasattr(tokenizer, "decode") else (lambda: tokenizer)
         self.lock = lock or ModelLock()
         self.merge_static = merge_static
         self.max_rows = max(1, int(max_rows))
         self.kv_budget = kv_budget_bytes
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
-        self.eos = stop_token_ids(tokenizer, model)
+        self.eos: set[int] | None = None  # on first use: engines without a tokenizer never generate
+        self._eos_of = None
         self._cond = threading.Condition()
         self._pending: deque[_Row] = deque()
         self._running: list[_Row] = []
@@ -82,10 +85,16 @@ class Scheduler:
         self._layout: tuple[tuple, Layout] | None = None
         self.steps = 0  # decode forwards so far (each serves every running row)
 
+    @property
+    def tokenizer(self):
+        return self._tokenizer()
+
     # ---- the callers' side ---------------------------------------------------------------------
     def submit(self, plan: FusionPlan, prompt_ids: list[int], sampling: Sampling,
                cancel: threading.Event | None = None, record_trace: bool = True) -> Ticket:
         sampling.validate()
+        if self._eos_of is not self.tokenizer:
+            self.eos, self._eos_of = stop_token_ids(self.tokenizer, self.model), self.tokenizer
         ticket = Ticket()
         row = _Row(ticket, plan, prompt_ids, sampling, record_trace, cancel)
         row.kv_bytes = RowCache.bytes_for(self.model.config, len(prompt_ids) + sampling.max_new_tokens + 1,

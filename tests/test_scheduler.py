@@ -212,12 +212,17 @@ def test_seeded_sampling_and_cancel_of_one_row(studio, requests):
         assert final.text == expected.text
 
 
+def never_ending(scheduler):
+    """No stop tokens: the rows that block the others must not end by themselves."""
+    scheduler.eos, scheduler._eos_of = set(), scheduler.tokenizer
+
+
 def test_queue_beyond_the_row_cap(studio, requests):
     """With room for two rows, the third request waits (its caller sees queued events with its
     place), then runs once a row leaves; results are unchanged."""
     engine = studio.engine
     scheduler = Scheduler(engine.model, engine.tokenizer, max_rows=2)
-    scheduler.eos = set()  # the blocking rows must not end by themselves
+    never_ending(scheduler)
     plan = engine.plan(requests["flow2"])
     ids = prompt(studio, 5, seed=3)
     expected = collect(stream_tokens(engine.model, engine.tokenizer, Run(plan), ids, Sampling(max_new_tokens=6)))[0]
@@ -242,8 +247,8 @@ def test_kv_budget_queues_rows_that_do_not_fit(studio, requests):
     engine = studio.engine
     one_row = RowCache.bytes_for(engine.model.config, 5 + 40 + 1, torch.float32)
     scheduler = Scheduler(engine.model, engine.tokenizer, kv_budget_bytes=one_row + one_row // 2)
-    scheduler.eos = set()
     plan = engine.plan(requests["base"])
+    never_ending(scheduler)
     ids = prompt(studio, 5, seed=4)
     gate = threading.Event()
     first = scheduler.stream(plan, ids, Sampling(max_new_tokens=40), gate)
