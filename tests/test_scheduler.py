@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from app_fixtures import app_engine  # noqa: F401  (fixture)
 from conftest import HIDDEN, LAYERS
 from fusion.batched import Layout, RowCache, decode_step
 from fusion.engine import FusionRequest
@@ -67,29 +68,25 @@ def solo_logits(model, plan, prompt_ids: list[int], tokens: list[int]):
     return torch.stack(out), run
 
 
-def test_mixed_batch_logits_and_traces_equal_solo_runs(studio, requests):
-    """Nine fusions with prompts of 3 to 19 tokens; two rows join after 3 steps. Every step's
-    logits of every row equal its solo run within 1e-4, its gate/router record within 1e-5."""
-    engine, model = studio.engine, studio.engine.model
-    names = list(requests)
-    plans = {n: engine.plan(requests[n]) for n in names}
-    steps = 6
+def assert_batched_equals_solo(model, plans: dict, prompts: dict, steps: int, late: set, layers: int):
+    """Rows decode teacher-forced random tokens in one batch, the `late` ones joining after 3
+    steps; every step's logits of every row equal its solo run within 1e-4, its gate/router
+    record within 1e-5."""
+    from transformers import DynamicCache
+
+    names = list(plans)
     rows = {}
     for i, name in enumerate(names):
-        ids = prompt(studio, 3 + 2 * i, seed=i)
         tokens = torch.randint(3, 90, (steps,), generator=torch.Generator().manual_seed(40 + i)).tolist()
-        rows[name] = (ids, tokens, *solo_logits(model, plans[name], ids, tokens))
-    late = {"flow3", "cat"}  # join after 3 steps
-    state = {}  # name -> (cache, run, fed, logits seen)
+        rows[name] = (tokens, *solo_logits(model, plans[name], prompts[name], tokens))
+    state = {}  # name -> [cache, run, tokens fed, logits]
 
     def join(name):
-        from transformers import DynamicCache
-
-        ids = rows[name][0]
         cache, run = DynamicCache(config=model.config), Run(plans[name], record=True)
         with torch.inference_mode(), activate(run):
-            first = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0, -1]
-        state[name] = [RowCache(cache, len(ids) + steps + 1), run, 0, [first]]
+            first = model(input_ids=torch.tensor([prompts[name]]), past_key_values=cache,
+                          use_cache=True).logits[0, -1]
+        state[name] = [RowCache(cache, len(prompts[name]) + steps + 1), run, 0, [first]]
 
     for name in names:
         if name not in late:
@@ -102,26 +99,50 @@ def test_mixed_batch_logits_and_traces_equal_solo_runs(studio, requests):
         if not active:
             break
         layout = Layout(model, [plans[n] for n in active])
-        tokens = torch.tensor([rows[n][1][state[n][2]] for n in active])
+        tokens = torch.tensor([rows[n][0][state[n][2]] for n in active])
         logits = decode_step(model, layout, tokens, [state[n][0] for n in active], [state[n][1] for n in active])
         for i, n in enumerate(active):
             state[n][2] += 1
             state[n][3].append(logits[i])
     for name in names:
-        ids, tokens, solo, solo_run = rows[name]
+        _, solo, solo_run = rows[name]
         got = torch.stack(state[name][3])
         assert got.shape == solo.shape
         torch.testing.assert_close(got, solo, atol=1e-4, rtol=0, msg=f"{name}: logits differ from its solo run")
         run = state[name][1]
         assert len(run.steps) == len(solo_run.steps) and len(run.router_steps) == len(solo_run.router_steps)
         for mine, theirs in zip(run.steps, solo_run.steps):
-            for layer in range(LAYERS):
+            for layer in range(layers):
                 torch.testing.assert_close(mine[layer], theirs[layer], atol=1e-5, rtol=0)
         for mine, theirs in zip(run.router_steps, solo_run.router_steps):
             for layer in theirs:
                 torch.testing.assert_close(mine[layer][0], theirs[layer][0], atol=1e-5, rtol=0)
                 assert torch.equal(mine[layer][1], theirs[layer][1])
-    assert any(rows[n][3].steps for n in names) and any(rows[n][3].router_steps for n in names)
+    assert any(rows[n][2].steps for n in names) and any(rows[n][2].router_steps for n in names)
+
+
+def test_mixed_batch_logits_and_traces_equal_solo_runs(studio, requests):
+    """Nine fusions with prompts of 3 to 19 tokens; CAT and LoRA-Flow k=3 join after 3 steps."""
+    engine = studio.engine
+    plans = {n: engine.plan(r) for n, r in requests.items()}
+    prompts = {n: prompt(studio, 3 + 2 * i, seed=i) for i, n in enumerate(requests)}
+    assert_batched_equals_solo(engine.model, plans, prompts, 6, {"flow3", "cat"}, LAYERS)
+
+
+def test_mixed_batch_on_the_embedded_model(app_engine):
+    """The same on the embedded model (30 layers) with LoRAs of its shape: base, linear,
+    LoRA-Flow and MixLoRA, prompts of different lengths, LoRA-Flow joining mid-way."""
+    from app_fixtures import LAYERS as EMBEDDED_LAYERS, MIXLORA
+
+    engine = app_engine
+    if MIXLORA not in {a["name"] for a in engine.adapters()}:
+        pytest.skip("this engine has no mixlora method")
+    requests = {"base": FusionRequest(), "linear": FusionRequest(["lang-es", "task-math"], "linear"),
+                "flow": FusionRequest(["lang-ru", "task-math"], "lora_flow"),
+                "mixlora": FusionRequest([MIXLORA], "mixlora")}
+    plans = {n: engine.plan(r) for n, r in requests.items()}
+    prompts = {n: engine.encode_messages("Count to " + "three " * (1 + 4 * i)) for i, n in enumerate(requests)}
+    assert_batched_equals_solo(engine.model, plans, prompts, 3, {"flow"}, EMBEDDED_LAYERS)
 
 
 def test_an_adapter_shared_by_fusions_is_one_table_entry(studio, requests):
