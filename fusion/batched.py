@@ -6,8 +6,8 @@ factors of every adapter the batch uses, stacked once (an adapter shared by seve
 read once), and each row's fusion becomes a row of coefficients over that table: fixed for
 static methods, times the row's per-token gate weight for LoRA-Flow. Fused factors that belong
 to no adapter (TIES, DARE, LoraHub, MixLoRA's attention LoRAs) are table entries of their own.
-LoRA-Flow gates of all rows are one batched matmul per layer; MixLoRA rows go through their
-routed FFN together. Attention is per row over the row's own cache, so no row is padded to
+LoRA-Flow gates of all rows are one batched matmul per layer; MixLoRA rows share the FFN's
+base matmuls with every other row and add their experts' mixture. Attention is per row over the row's own cache, so no row is padded to
 another's length. The math is the patched model's (`runtime`), term by term.
 """
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .methods.mixlora import expert_mixture
 from .runtime import SHARED_INPUTS, FusionPlan, GroupMember, delta_factors
 
 GROUPS = SHARED_INPUTS[:1] + (("o_proj",),) + SHARED_INPUTS[1:] + (("down_proj",),)
@@ -138,19 +139,12 @@ class Layout:
         moe = [i for i, p in enumerate(plans) if p.mlp_override is not None]
         self.moe_groups: list[tuple[FusionPlan, torch.Tensor, list[int]]] = []
         for plan in {id(plans[i]): plans[i] for i in moe}.values():
+            if plan.experts is None:
+                raise ValueError(f"method {plan.method!r} replaces the FFN but has no expert tensors to batch")
             members = [i for i in moe if plans[i] is plan]
             self.moe_groups.append((plan, torch.tensor(members, dtype=torch.long, device=device), members))
-        plain = [i for i in range(self.n) if i not in moe]
-        self.plain_rows = None if len(plain) == self.n else torch.tensor(plain, dtype=torch.long, device=device)
-        self.tables: list[list[Table | None]] = []
-        for layer in range(layers):
-            per_layer = []
-            for names in GROUPS:
-                rows_plans = plans
-                if names[0] in ("gate_proj", "down_proj") and self.plain_rows is not None:
-                    rows_plans = [plans[i] for i in plain]
-                per_layer.append(build_table(layer, names, rows_plans, device, dtype))
-            self.tables.append(per_layer)
+        # MixLoRA plans carry no FFN deltas, so their rows are in no FFN table.
+        self.tables = [[build_table(layer, names, plans, device, dtype) for names in GROUPS] for layer in range(layers)]
         self.flow = [i for i, p in enumerate(plans) if p.layer_gate is not None]
         self.gates = None
         if self.flow:
@@ -194,10 +188,9 @@ class Layout:
 
 
 class _RouterSink:
-    """Stands in for a Run inside a MixLoRA plan's FFN: keeps every row's routing."""
+    """One step's routing of a MixLoRA group's rows, per layer."""
 
     def __init__(self):
-        self.extra_losses: list = []
         self.seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def on_router(self, layer: int, probs: torch.Tensor, chosen: torch.Tensor) -> None:
@@ -261,29 +254,29 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mlp(mlp, layer: int, h: torch.Tensor, tables, gates, layout: Layout, sinks) -> torch.Tensor:
-    """h (N, d) -> (N, d): the plain FFN with deltas for most rows, routed FFNs for MixLoRA rows."""
-    rows = layout.plain_rows
-    hp = h if rows is None else h.index_select(0, rows)
-    gp = gates if rows is None or gates is None else gates.index_select(0, rows)
-    out = None
-    if hp.shape[0]:
-        ys = {name: F.linear(hp, getattr(mlp, name).weight, getattr(mlp, name).bias) for name in ("gate_proj", "up_proj")}
-        if tables[2] is not None:
-            tables[2].apply(hp, ys, gp)
-        m = mlp.act_fn(ys["gate_proj"]) * ys["up_proj"]
-        ys = {"down_proj": F.linear(m, mlp.down_proj.weight, mlp.down_proj.bias)}
-        if tables[3] is not None:
-            tables[3].apply(m, ys, gp)
-        out = ys["down_proj"]
-    if rows is None:
-        return out
-    full = h.new_zeros(h.shape)
-    if out is not None:
-        full.index_copy_(0, rows, out)
-    for (plan, members, _), sink in zip(layout.moe_groups, sinks):
-        y = plan.mlp_override(layer, mlp, h.index_select(0, members).unsqueeze(1), sink)  # (n, 1, d)
-        full.index_copy_(0, members, y.squeeze(1))
-    return full
+    """h (N, d) -> (N, d). W_gate h, W_up h and W_down m run once for all rows; plain rows add
+    their deltas, MixLoRA rows replace their m by their experts' mixture (W_down is linear)."""
+    ys = {name: F.linear(h, getattr(mlp, name).weight, getattr(mlp, name).bias) for name in ("gate_proj", "up_proj")}
+    if tables[2] is not None:
+        tables[2].apply(h, ys, gates)
+    m = mlp.act_fn(ys["gate_proj"]) * ys["up_proj"]  # (N, f)
+    extra = []
+    for (plan, rows, _), sink in zip(layout.moe_groups, sinks):
+        routers, experts, top_k, act = plan.experts
+        mixed, down, _, probs, chosen = expert_mixture(
+            h.index_select(0, rows), ys["gate_proj"].index_select(0, rows), ys["up_proj"].index_select(0, rows),
+            routers[layer], experts.get(layer, {}), top_k, act or mlp.act_fn)
+        m.index_copy_(0, rows, mixed)
+        sink.on_router(layer, probs.unsqueeze(1), chosen.unsqueeze(1))
+        if down is not None:
+            extra.append((rows, down))
+    ys = {"down_proj": F.linear(m, mlp.down_proj.weight, mlp.down_proj.bias)}
+    if tables[3] is not None:
+        tables[3].apply(m, ys, gates)
+    y = ys["down_proj"]
+    for rows, down in extra:
+        y.index_add_(0, rows, down)
+    return y
 
 
 def _record(layout: Layout, runs: list, gate_log: list, sinks: list) -> None:

@@ -152,6 +152,9 @@ class FusionPlan:
     # LoRA-Flow's gate as tensors, so batched decoding can stack the gates of many plans:
     # (W (L, k, d), b (L, 1, k), temperature).
     gate_tensors: tuple | None = None
+    # MixLoRA's routed FFN as tensors, for the same reason: (routers per layer (E, d), layer ->
+    # {module: (A (E, r, d_in), B (E, d_out, r))}, top_k, activation or None = the model's).
+    experts: tuple | None = None
     info: dict = field(default_factory=dict)
 
     @property
