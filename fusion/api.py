@@ -65,6 +65,7 @@ class GenerationEvent:
     tokens_per_second: float | None = None
     trace: Trace | None = None
     replica: str | None = None  # the serving replica, when generated through fusion.remote
+    queued: int = 0  # > 0: the request waits for room in the running batch, at this place in the queue
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,8 @@ def event_to_dict(event: GenerationEvent, with_trace: bool) -> dict:
     data = {
         "text": event.text, "delta": event.delta, "done": event.done, "finish_reason": event.finish_reason,
         "token_ids": list(event.token_ids), "prompt_tokens": event.prompt_tokens,
-        "seconds_to_first_token": event.seconds_to_first_token, "tokens_per_second": event.tokens_per_second}
+        "seconds_to_first_token": event.seconds_to_first_token, "tokens_per_second": event.tokens_per_second,
+        "queued": event.queued}
     if with_trace and event.trace is not None:
         data["trace"] = event.trace.to_dict()
     return data
@@ -215,4 +217,4 @@ def event_from_dict(data: dict) -> GenerationEvent:
                            prompt_tokens=int(data.get("prompt_tokens") or 0),
                            seconds_to_first_token=data.get("seconds_to_first_token"),
                            tokens_per_second=data.get("tokens_per_second"), trace=trace,
-                           replica=data.get("replica"))
+                           replica=data.get("replica"), queued=int(data.get("queued") or 0))

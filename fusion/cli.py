@@ -192,6 +192,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.concurrency:
+        from .batch_bench import main as batch_bench_main
+
+        return batch_bench_main(args)
     from .bench import main as bench_main
 
     return bench_main(args)
@@ -266,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--references", default="all", help="'all', 'none' or a subset of peft,xlora,mixlora")
+    p.add_argument("--concurrency", default=None,
+                   help="e.g. 1,8,16: concurrent streams, each its own fusion, scheduler vs thread per request")
+    p.add_argument("--stream-tokens", default="64,128", help="with --concurrency: new tokens per stream, min,max")
+    p.add_argument("--rank", type=int, default=8, help="with --concurrency: rank of the random LoRAs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

@@ -17,13 +17,13 @@ from . import runtime
 from .api import Backend, BaseInfo, FusionRequest, GenerationEvent, LibraryFolders, RequestInfo, Sampling
 from .artifacts import FusionArtifact, save_artifact
 from .errors import FusionError
-from .generate import stream_tokens
 from .library import Library, check_name
 from .limits import LIMITS
 from .methods import METHODS, BuildContext, FitResult, get_method
 from .model import DEFAULT_MODEL, load_base_model
 from .runtime import FusionPlan, Run, activate
 from .safe_io import atomic_folder
+from .scheduler import Scheduler
 from .training import TrainConfig, encode_chat, parse_records, tokenize_records
 
 
@@ -45,9 +45,9 @@ class Engine(Backend):
 
     def __init__(self, model: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str = "float32",
                  adapters_dir=None, fusions_dir=None, progress=print, base=None, merge_static: str = "auto"):
-        """merge_static: "auto" merges a static fusion into the weights for the duration of a
-        request when no other request is using the model (exact restore afterwards); "never"
-        always applies it per request as low-rank factors."""
+        """merge_static: "auto" merges a static fusion into the weights while it is the only
+        fusion decoding and no one else uses the model (exact restore afterwards); "never"
+        always applies it as low-rank factors."""
         if merge_static not in ("auto", "never"):
             raise FusionError(f"merge_static must be 'auto' or 'never', got {merge_static!r}")
         self.merge_static = merge_static
@@ -60,6 +60,9 @@ class Engine(Backend):
         self.ctx = BuildContext(self.model, self.base.device, self.base.dtype, self.library.get_fusion)
         self._plans: OrderedDict[tuple, FusionPlan] = OrderedDict()
         self._plans_lock = threading.Lock()
+        # Every generation decodes in one continuous batch, whatever its fusion.
+        self.scheduler = Scheduler(self.model, lambda: self.tokenizer, self._model_lock, merge_static == "auto",
+                                   LIMITS.max_batch_rows, LIMITS.kv_budget_mb * 2**20)
 
     # ---- what is available -------------------------------------------------------------
     def methods(self) -> list[dict]:
@@ -191,8 +194,7 @@ class Engine(Backend):
 
     def stream_ids(self, request: FusionRequest, prompt_ids: list[int], sampling: Sampling,
                    cancel: threading.Event | None = None, trace: bool = True) -> Iterator[GenerationEvent]:
-        with self.using(self.plan(request)) as plan:
-            yield from stream_tokens(self.model, self.tokenizer, Run(plan), prompt_ids, sampling, cancel, trace)
+        yield from self.scheduler.stream(self.plan(request), prompt_ids, sampling, cancel, trace)
 
     @torch.no_grad()
     def logits(self, request: FusionRequest, input_ids: torch.Tensor, record: bool = False):

@@ -19,6 +19,8 @@ class Limits:
     max_adapters: int = int_env("LORA_STUDIO_MAX_ADAPTERS", 8)
     max_fit_examples: int = int_env("LORA_STUDIO_MAX_FIT_EXAMPLES", 20_000)
     max_compare: int = 4
+    max_batch_rows: int = int_env("LORA_STUDIO_MAX_BATCH_ROWS", 32)  # requests decoding together; more wait
+    kv_budget_mb: int = int_env("LORA_STUDIO_KV_BUDGET_MB", 4096)  # KV memory of the running rows
 
 
 LIMITS = Limits()

@@ -62,6 +62,9 @@ class LowRankDelta:
     B: torch.Tensor  # (d_out, R); static scales are folded in here
     slot_of_rank: torch.Tensor | None = None  # (R,) long: slot whose dynamic weight scales each rank
     coef: torch.Tensor | None = None  # (R,) optional per-rank factor kept separate (needs grad)
+    # Where the stacked ranks come from, in order: (LoraFactors, coefficient incl. its scale, slot).
+    # Batched decoding shares one table of the adapters' own factors among many plans through it.
+    parts: tuple = ()
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, run: "Run", layer: int) -> torch.Tensor:
         h = F.linear(x, self.A)  # (..., R)
@@ -90,6 +93,7 @@ class GroupMember:
     start: int
     end: int
     B: torch.Tensor  # (d_out, end - start), static scales folded in
+    parts: tuple = ()  # as LowRankDelta.parts
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, run: "Run", layer: int) -> torch.Tensor:
         cached = run.group_inputs.get(self.group.key)
@@ -128,7 +132,7 @@ def group_shared_inputs(deltas: dict) -> dict:
             start = 0
             for name, d in members:
                 end = start + d.A.shape[0]
-                out[(layer, name)] = GroupMember(group, start, end, d.B)
+                out[(layer, name)] = GroupMember(group, start, end, d.B, d.parts)
                 start = end
     return out
 
@@ -149,6 +153,12 @@ class FusionPlan:
     # Optional per-module static weights for traces: module name -> (layers, k).
     module_weights: dict[str, torch.Tensor] | None = None
     trace_kind: str = "static"  # static | gate | router
+    # LoRA-Flow's gate as tensors, so batched decoding can stack the gates of many plans:
+    # (W (L, k, d), b (L, 1, k), temperature).
+    gate_tensors: tuple | None = None
+    # MixLoRA's routed FFN as tensors, for the same reason: (routers per layer (E, d), layer ->
+    # {module: (A (E, r, d_in), B (E, d_out, r))}, top_k, activation or None = the model's).
+    experts: tuple | None = None
     info: dict = field(default_factory=dict)
 
     @property
@@ -197,9 +207,9 @@ class Run:
             self._weights_now[layer] = weights[0].detach().float().cpu()
 
     def on_router(self, layer: int, probs: torch.Tensor, chosen: torch.Tensor) -> None:
-        """probs (N, E) router probabilities of batch 0's tokens, chosen (N, k) expert ids."""
+        """probs (B, T, E) router probabilities, chosen (B, T, k) expert ids; batch 0 is recorded."""
         if self.record:
-            self._router_now[layer] = (probs.detach().float().cpu(), chosen.detach().cpu())
+            self._router_now[layer] = (probs[0].detach().float().cpu(), chosen[0].detach().cpu())
 
 
 def _linear_forward(linear: torch.nn.Linear, layer: int, name: str):
@@ -346,16 +356,22 @@ class ModelLock:
 
     @contextmanager
     def shared(self):
+        self.acquire_shared()
+        try:
+            yield
+        finally:
+            self.release_shared()
+
+    def acquire_shared(self) -> None:
         with self._cond:
             while self._writer:
                 self._cond.wait()
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
+
+    def release_shared(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            self._cond.notify_all()
 
     def try_exclusive(self) -> bool:
         with self._cond:

@@ -69,3 +69,31 @@ def test_random_model_of_a_given_shape_runs_the_bench(tmp_path):
     assert names == ["base", "lora_flow k=2", "lora_flow k=4", "mixlora 8x top-2"]  # no weights: no references
     with pytest.raises(FusionError, match="neither a known shape"):
         load_base_model("random:llama-9000", progress=lambda *a: None)
+
+
+def test_concurrency_bench_on_a_small_random_shape(tmp_path):
+    """`bench --concurrency` (the GPU script's path, here on CPU with a small random shape):
+    every stream decodes exactly its budget on all three paths, so the token counts are known."""
+    import json
+
+    from fusion.batch_bench import format_table as batch_table, run_concurrency_bench
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 11}))
+    try:
+        result = run_concurrency_bench(f"random:{config}", concurrency=(1, 3), token_range=(2, 5), rank=4,
+                                       log=lambda *a: None)
+    except FusionError as exc:
+        pytest.skip(f"the embedded tokenizer is unavailable: {exc}")
+    budgets = [2 + (i * 37) % 4 for i in range(3)]  # 2, 3, 4
+    one, three = result["rows"]
+    assert one["streams"] == 1 and three["streams"] == 3
+    assert three["fusions"] == ["lora_flow k=2", "linear k=2", "cat k=2"]
+    for row, expected in ((one, budgets[0]), (three, sum(budgets))):
+        for path in ("thread_per_request", "scheduler", "scheduler_base_only"):
+            assert row[path]["tokens"] == expected, path
+            assert row[path]["tokens_per_s"] > 0
+        assert row["speedup"] == round(row["scheduler"]["tokens_per_s"] / row["thread_per_request"]["tokens_per_s"], 2)
+    assert three["scheduler"]["p50_inter_token_s"] > 0
+    assert "speed-up" in batch_table(result) and result["machine"]["rank"] == 4

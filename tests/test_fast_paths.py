@@ -149,13 +149,25 @@ class _Tok:
         return 0
 
 
-def test_requests_wait_while_another_request_holds_merged_weights(engine):
+def test_requests_wait_while_another_request_holds_merged_weights(engine, monkeypatch):
+    import fusion.scheduler
+
     engine.tokenizer = _Tok()
     request = FusionRequest(["lang-a", "task-b"], "linear")
     ids = torch.randint(3, 90, (1, 6))
     base_alone, _ = engine.logits(FusionRequest(), ids)
+    paused, go_on = threading.Event(), threading.Event()
+    step = fusion.scheduler.decode_step
+
+    def held_step(*args):  # keeps the merged request mid-generation until the test lets go
+        paused.set()
+        go_on.wait(10)
+        return step(*args)
+
+    monkeypatch.setattr(fusion.scheduler, "decode_step", held_step)
     stream = engine.stream_ids(request, [5, 6, 7], Sampling(max_new_tokens=4), trace=False)
-    next(stream, None)  # the merged request is now mid-generation and owns the model
+    next(stream, None)
+    assert paused.wait(10)  # the merged request is now mid-generation and owns the model
     assert engine.model.model.layers[0].self_attn.q_proj.weight is not None
     result = {}
 
@@ -167,6 +179,7 @@ def test_requests_wait_while_another_request_holds_merged_weights(engine):
     worker.join(timeout=0.5)
     assert worker.is_alive()  # blocked: it must not compute on merged weights
     stream.close()  # finishing (or abandoning) the merged request restores and releases
+    go_on.set()
     worker.join(timeout=10)
     assert not worker.is_alive()
     torch.testing.assert_close(result["logits"], base_alone, atol=0, rtol=0)

@@ -186,7 +186,7 @@ def stacked_delta(ctx: BuildContext, adapters: list[LoraAdapter], key: tuple[int
     With `keep_coef`, the coefficient stays a separate (differentiable) vector instead of
     being folded into B.
     """
-    As, Bs, coefs, slots = [], [], [], []
+    As, Bs, coefs, slots, parts = [], [], [], [], []
     for slot, adapter in enumerate(adapters):
         factors = adapter.factors.get(key)
         if factors is None:
@@ -196,6 +196,7 @@ def stacked_delta(ctx: BuildContext, adapters: list[LoraAdapter], key: tuple[int
         Bs.append(factors.B)
         coefs.append(c if isinstance(c, torch.Tensor) else torch.tensor(float(c)))
         slots.append(torch.full((factors.rank,), slot, dtype=torch.long))
+        parts.append((factors, c, slot))
     if not As:
         return None
     A = torch.cat(As, 0).to(ctx.device, ctx.dtype)  # (R, d_in)
@@ -204,5 +205,5 @@ def stacked_delta(ctx: BuildContext, adapters: list[LoraAdapter], key: tuple[int
     slot_of_rank = torch.cat(slots).to(ctx.device) if dynamic else None
     if keep_coef:
         return LowRankDelta(A, B, slot_of_rank, coef)
-    return LowRankDelta(A, B * coef, slot_of_rank, None)
+    return LowRankDelta(A, B * coef, slot_of_rank, None, tuple(parts))
 

@@ -129,7 +129,7 @@ class LoraFlowMethod(FusionMethod):
 
         deltas = {key: stacked_delta(ctx, adapters, key, None, dynamic=True) for key in module_keys(adapters)}
         return FusionPlan(method=self.name, slot_names=[a.name for a in adapters], deltas=deltas,
-                          layer_gate=gate, trace_kind="gate", info={"temperature": temperature})
+                          layer_gate=gate, trace_kind="gate", gate_tensors=(W, b, temperature), info={"temperature": temperature})
 
     def fit(self, ctx, adapters, examples, params, options, on_progress=None, cancel=None) -> FitResult:
         k = len(adapters)

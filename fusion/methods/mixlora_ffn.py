@@ -38,17 +38,30 @@ def routed_ffn(x: torch.Tensor, mlp: torch.nn.Module, router: torch.Tensor,
     (N, E) fp32 and chosen expert ids (N, k), N = B*T.
     """
     flat = x.reshape(-1, x.shape[-1])  # (N, d)
+    gate = F.linear(flat, mlp.gate_proj.weight, mlp.gate_proj.bias)  # (N, f), shared by all experts
+    up = F.linear(flat, mlp.up_proj.weight, mlp.up_proj.bias)  # (N, f)
+    mixed, down_delta, logits, probs, chosen = expert_mixture(flat, gate, up, router, experts, top_k, act, dropout)
+    y = F.linear(mixed, mlp.down_proj.weight, mlp.down_proj.bias)  # (N, d)
+    if down_delta is not None:
+        y = y + down_delta
+    return y.reshape(x.shape[:-1] + (y.shape[-1],)), logits, probs, chosen
+
+
+def expert_mixture(flat: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, router: torch.Tensor,
+                   experts: dict, top_k: int, act, dropout: float = 0.0):
+    """The routed part of the FFN for tokens flat (N, d) whose W_gate h and W_up h (N, f) are
+    given (batched decoding computes those for many rows at once). Returns the mixture
+    sum_e p_hat_e m_e (N, f) that W_down turns into the output, the experts' down deltas
+    sum_e p_hat_e ddown_e(m_e) (N, d) or None, router logits, probabilities and chosen ids."""
     logits = F.linear(flat.float(), router.float())  # (N, E)
     probs = torch.softmax(logits, dim=-1)
     top_p, chosen = probs.topk(top_k, dim=-1)  # (N, k)
     top_p = (top_p / top_p.sum(dim=-1, keepdim=True)).to(flat.dtype)
-    gate = F.linear(flat, mlp.gate_proj.weight, mlp.gate_proj.bias)  # (N, f), shared by all experts
-    up = F.linear(flat, mlp.up_proj.weight, mlp.up_proj.bias)  # (N, f)
     if flat.shape[0] == 1 and dropout == 0.0:
-        y = _one_token_ffn(flat[0], gate[0], up[0], mlp, experts, chosen[0], top_p[0], act)
-        return y.reshape(x.shape[:-1] + (y.shape[-1],)), logits, probs, chosen
+        mixed, down = _one_token_mixture(flat[0], gate[0], up[0], experts, chosen[0], top_p[0], act)
+        return mixed.unsqueeze(0), None if down is None else down.unsqueeze(0), logits, probs, chosen
     mixed = torch.zeros_like(gate)  # (N, f): sum_e p_hat_e m_e
-    down_delta = flat.new_zeros(flat.shape[0], mlp.down_proj.out_features)  # (N, d)
+    down_delta = None
     for e in range(router.shape[0]):
         token, pick = torch.where(chosen == e)  # (n,) tokens routed to e, and which of their k picks
         if token.numel() == 0:
@@ -64,12 +77,13 @@ def routed_ffn(x: torch.Tensor, mlp: torch.nn.Module, router: torch.Tensor,
         mixed = mixed.index_add(0, token, weight * m)
         if "down_proj" in experts:
             lora = _lora(m, experts["down_proj"][0][e], experts["down_proj"][1][e], dropout)  # (n, d)
+            if down_delta is None:
+                down_delta = flat.new_zeros(flat.shape[0], lora.shape[-1])  # (N, d)
             down_delta = down_delta.index_add(0, token, weight * lora)
-    y = F.linear(mixed, mlp.down_proj.weight, mlp.down_proj.bias) + down_delta  # (N, d)
-    return y.reshape(x.shape[:-1] + (y.shape[-1],)), logits, probs, chosen
+    return mixed, down_delta, logits, probs, chosen
 
 
-def _one_token_ffn(h, gate, up, mlp, experts, chosen, weights, act) -> torch.Tensor:
+def _one_token_mixture(h, gate, up, experts, chosen, weights, act):
     """Decoding fast path (one token): the k chosen experts' LoRAs gathered and applied as
     batched matmuls, no per-expert Python loop or token indexing. Same value as the loop."""
     k = chosen.shape[0]
@@ -82,12 +96,11 @@ def _one_token_ffn(h, gate, up, mlp, experts, chosen, weights, act) -> torch.Ten
         A, B = experts["up_proj"]
         u = u + (B[chosen] @ (A[chosen] @ h).unsqueeze(-1)).squeeze(-1)
     m = act(g) * u  # (k, f)
-    y = F.linear(weights @ m, mlp.down_proj.weight, mlp.down_proj.bias)  # (d,)
+    down = None
     if "down_proj" in experts:
         A, B = experts["down_proj"]
-        lora = (B[chosen] @ (A[chosen] @ m.unsqueeze(-1))).squeeze(-1)  # (k, d)
-        y = y + weights @ lora
-    return y
+        down = weights @ (B[chosen] @ (A[chosen] @ m.unsqueeze(-1))).squeeze(-1)  # (d,)
+    return weights @ m, down
 
 
 @dataclass
@@ -123,11 +136,12 @@ def plan_from_adapter(ctx: BuildContext, adapter: MixLoraAdapter, top_k: int, tr
         y, logits, probs, chosen = routed_ffn(x, mlp, routers[layer], per_layer.get(layer, {}), top_k,
                                               act or mlp.act_fn, dropout)
         batch, tokens = x.shape[0], x.shape[1]
-        run.on_router(layer, probs.view(batch, tokens, -1)[0], chosen.view(batch, tokens, -1)[0])
+        run.on_router(layer, probs.view(batch, tokens, -1), chosen.view(batch, tokens, -1))
         if training:
             run.extra_losses.append(logits)
         return y
 
     return FusionPlan(method=name, slot_names=[f"expert {e}" for e in range(config.num_experts)],
                       deltas=deltas, mlp_override=mlp_override, trace_kind="router",
+                      experts=None if training else (routers, per_layer, top_k, act),
                       info={"top_k": top_k, "num_experts": config.num_experts, "training": training})

@@ -1,0 +1,299 @@
+"""One decode step for many rows at once, each row with its own fusion and its own KV cache.
+
+Every row feeds one token. The base projections run as one matmul over all rows. The low-rank
+deltas of all rows come from one table per layer and input (q/k/v; o; gate/up; down): the
+factors of every adapter the batch uses, stacked once (an adapter shared by several fusions is
+read once), and each row's fusion becomes a row of coefficients over that table: fixed for
+static methods, times the row's per-token gate weight for LoRA-Flow. Fused factors that belong
+to no adapter (TIES, DARE, LoraHub, MixLoRA's attention LoRAs) are table entries of their own.
+LoRA-Flow gates of all rows are one batched matmul per layer; MixLoRA rows share the FFN's
+base matmuls with every other row and add their experts' mixture. Attention is per row over the row's own cache, so no row is padded to
+another's length. The math is the patched model's (`runtime`), term by term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .methods.mixlora_ffn import expert_mixture
+from .runtime import SHARED_INPUTS, FusionPlan, GroupMember, delta_factors
+
+GROUPS = SHARED_INPUTS[:1] + (("o_proj",),) + SHARED_INPUTS[1:] + (("down_proj",),)
+
+
+class RowCache:
+    """One row's keys and values per layer, (kv_heads, capacity, head_dim), sized to the row."""
+
+    def __init__(self, prefill, capacity: int):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for layer in prefill.layers:
+            for source, store in ((layer.keys[0], self.keys), (layer.values[0], self.values)):
+                buffer = source.new_empty(source.shape[0], capacity, source.shape[2])
+                buffer[:, :source.shape[1]] = source
+                store.append(buffer)
+        self.length = prefill.layers[0].keys.shape[-2]
+
+    @staticmethod
+    def bytes_for(config, tokens: int, dtype: torch.dtype) -> int:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * itemsize
+
+
+def _entries(delta, dynamic: bool):
+    """(key, A (r, d_in), B (d_out, r), coefficient, slot per rank (r,) or None) of one delta.
+
+    Deltas built from adapters name their parts: those share the adapter's own factors (key:
+    the factors object). Anything else is one entry of its own with coefficient 1."""
+    if delta.parts:
+        for factors, coef, slot in delta.parts:
+            slots = torch.full((factors.rank,), slot, dtype=torch.long) if dynamic else None
+            yield id(factors), factors.A, factors.B, float(coef), slots
+        return
+    B, A = delta_factors(delta)
+    if isinstance(delta, GroupMember):
+        slots = delta.group.slot_of_rank
+        slots = None if slots is None else slots[delta.start:delta.end]
+        yield (id(delta.group), delta.start), A, B, 1.0, slots
+    else:
+        yield id(delta), A, B, 1.0, delta.slot_of_rank
+
+
+@dataclass
+class Table:
+    """The deltas of the projections of one layer that read the same input, for all rows."""
+
+    A: torch.Tensor  # (R, d_in): every entry's A, module after module
+    members: list  # (module, start, end, B (d_out, end - start))
+    coef: torch.Tensor  # (n, R) fixed coefficient of each rank for each row using the table
+    slots: torch.Tensor | None  # (n, R) column of the row's gate table scaling each rank (0: none)
+    rows: torch.Tensor | None  # (n,) rows using the table; None = all
+
+    def apply(self, x: torch.Tensor, ys: dict, gates: torch.Tensor | None) -> None:
+        """x (N, d_in); ys: module -> (N, d_out), updated in place; gates (N, 1 + S)."""
+        if self.rows is not None:
+            x = x.index_select(0, self.rows)
+            gates = None if gates is None else gates.index_select(0, self.rows)
+        h = F.linear(x, self.A)  # (n, R)
+        coef = self.coef if self.slots is None or gates is None else self.coef * gates.gather(1, self.slots)
+        h = h * coef
+        for name, start, end, B in self.members:
+            if self.rows is None:
+                ys[name] = torch.addmm(ys[name], h[:, start:end], B.t())
+            else:
+                ys[name].index_add_(0, self.rows, F.linear(h[:, start:end], B))
+
+
+def build_table(layer: int, names: tuple[str, ...], plans: list[FusionPlan], device, dtype) -> Table | None:
+    n = len(plans)
+    columns: dict = {}  # (module, key) -> (start, end)
+    As, members, assigned = [], [], []  # assigned: (row, start, end, coef, slots)
+    width = 0
+    for name in names:
+        Bs, start_of_module = [], width
+        for row, plan in enumerate(plans):
+            delta = plan.deltas.get((layer, name))
+            if delta is None:
+                continue
+            dynamic = plan.layer_gate is not None
+            for key, A, B, coef, slots in _entries(delta, dynamic):
+                span = columns.get((name, key))
+                if span is None:
+                    span = columns[(name, key)] = (width, width + A.shape[0])
+                    width += A.shape[0]
+                    As.append(A.to(device, dtype))
+                    Bs.append(B.to(device, dtype))
+                assigned.append((row, *span, coef, slots))
+        if Bs:
+            members.append((name, start_of_module - 0, width, torch.cat(Bs, 1)))
+    if not As:
+        return None
+    users = sorted({a[0] for a in assigned})
+    index = {row: i for i, row in enumerate(users)}
+    coef = torch.zeros(len(users), width)
+    slots = torch.zeros((len(users), width), dtype=torch.long)  # 0: the constant-1 column
+    for row, start, end, c, s in assigned:
+        coef[index[row], start:end] = c
+        if s is not None:
+            slots[index[row], start:end] = s + 1
+    dynamic = bool((slots > 0).any())
+    table_rows = None if len(users) == n else torch.tensor(users, dtype=torch.long, device=device)
+    return Table(torch.cat(As, 0), members, coef.to(device, dtype),
+                 slots.to(device) if dynamic else None, table_rows)
+
+
+class Layout:
+    """What one batch composition needs at every step: tables, stacked gates, MoE groups.
+    Built when rows join or leave; `plans[i]` is the plan row i computes with."""
+
+    def __init__(self, model, plans: list[FusionPlan]):
+        self.plans = plans
+        weight = model.lm_head.weight
+        device, dtype = weight.device, weight.dtype
+        layers = model.config.num_hidden_layers
+        self.n = len(plans)
+        moe = [i for i, p in enumerate(plans) if p.mlp_override is not None]
+        self.moe_groups: list[tuple[FusionPlan, torch.Tensor, list[int]]] = []
+        for plan in {id(plans[i]): plans[i] for i in moe}.values():
+            if plan.experts is None:
+                raise ValueError(f"method {plan.method!r} replaces the FFN but has no expert tensors to batch")
+            members = [i for i in moe if plans[i] is plan]
+            self.moe_groups.append((plan, torch.tensor(members, dtype=torch.long, device=device), members))
+        # MixLoRA plans carry no FFN deltas, so their rows are in no FFN table.
+        self.tables = [[build_table(layer, names, plans, device, dtype) for names in GROUPS] for layer in range(layers)]
+        self.flow = [i for i, p in enumerate(plans) if p.layer_gate is not None]
+        self.gates = None
+        if self.flow:
+            self._stack_gates(device, dtype)
+
+    def _stack_gates(self, device, dtype) -> None:
+        ks = [len(self.plans[i].slot_names) for i in self.flow]
+        width = max(ks)
+        self.gate_width = width
+        self.flow_ks = ks
+        self.flow_rows = torch.tensor(self.flow, dtype=torch.long, device=device)
+        W, b, mask, temps = [], [], [], []
+        for i, k in zip(self.flow, ks):
+            plan = self.plans[i]
+            if plan.gate_tensors is None:
+                raise ValueError(f"method {plan.method!r} has a gate but no gate tensors to batch")
+            Wi, bi, t = plan.gate_tensors  # (L, k, d), (L, 1, k)
+            W.append(F.pad(Wi.to(device, dtype), (0, 0, 0, width - k)))
+            b.append(F.pad(bi[:, 0].to(device, dtype), (0, width - k)))
+            mask.append(F.pad(torch.zeros(k), (0, width - k), value=float("-inf")))
+            temps.append(float(t))
+        self.gate_W = torch.stack(W, 1)  # (L, n_flow, S, d)
+        self.gate_b = torch.stack(b, 1)  # (L, n_flow, S)
+        self.gate_mask = torch.stack(mask).to(device, dtype) if width > min(ks) else None  # (n_flow, S)
+        self.gate_temps = (torch.tensor(temps, device=device, dtype=dtype).unsqueeze(-1)
+                           if any(t != 1.0 for t in temps) else None)  # (n_flow, 1)
+
+    def gate(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, d) the residual stream entering the layer -> (gate weights of the LoRA-Flow rows
+        (n_flow, S), every row's table: a constant-1 column, then its weights (N, 1 + S))."""
+        h = x.index_select(0, self.flow_rows) if len(self.flow) != self.n else x
+        logits = torch.bmm(self.gate_W[layer], h.unsqueeze(-1)).squeeze(-1)  # (n_flow, S)
+        if self.gate_temps is not None:
+            logits = logits / self.gate_temps
+        if self.gate_mask is not None:
+            logits = logits + self.gate_mask
+        weights = torch.softmax(logits, dim=-1) + self.gate_b[layer]
+        table = x.new_ones(self.n, self.gate_width + 1)
+        table.index_copy_(0, self.flow_rows, F.pad(weights, (1, 0), value=1.0))
+        return weights, table
+
+
+class _RouterSink:
+    """One step's routing of a MixLoRA group's rows, per layer."""
+
+    def __init__(self):
+        self.seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def on_router(self, layer: int, probs: torch.Tensor, chosen: torch.Tensor) -> None:
+        self.seen[layer] = (probs, chosen)  # (n, 1, E), (n, 1, k)
+
+
+@torch.inference_mode()
+def decode_step(model, layout: Layout, tokens: torch.Tensor, caches: list[RowCache], runs: list) -> torch.Tensor:
+    """tokens (N,) one per row, at each row's next position -> logits (N, V). Caches grow by one.
+    `runs[i]` records row i's gate weights or routing (a `Run`, or None)."""
+    inner = model.model
+    n = tokens.shape[0]
+    x = inner.embed_tokens(tokens)  # (N, d)
+    positions = torch.tensor([[c.length] for c in caches], device=x.device)  # (N, 1)
+    cos, sin = inner.rotary_emb(x.unsqueeze(1), positions)  # (N, 1, hd)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (N, 1, 1, hd)
+    gate_log, sinks = [], [_RouterSink() for _ in layout.moe_groups]
+    for index, layer in enumerate(inner.layers):
+        tables = layout.tables[index]
+        gates = None
+        if layout.flow:
+            weights, gates = layout.gate(index, x)
+            gate_log.append(weights)
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        ys = {name: F.linear(h, getattr(attn, name).weight, getattr(attn, name).bias)
+              for name in ("q_proj", "k_proj", "v_proj")}
+        if tables[0] is not None:
+            tables[0].apply(h, ys, gates)
+        head_dim = attn.head_dim
+        q = ys["q_proj"].view(n, -1, 1, head_dim)  # (N, H, 1, hd)
+        k = ys["k_proj"].view(n, -1, 1, head_dim)  # (N, kvh, 1, hd)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        v = ys["v_proj"].view(n, -1, head_dim)  # (N, kvh, hd)
+        out = []
+        for i, cache in enumerate(caches):
+            end = cache.length + 1
+            keys, values = cache.keys[index], cache.values[index]
+            keys[:, cache.length] = k[i, :, 0]
+            values[:, cache.length] = v[i]
+            # 4-D: with 3-D inputs the CPU kernel takes a path ~300x slower
+            out.append(F.scaled_dot_product_attention(q[i:i + 1], keys[None, :, :end], values[None, :, :end],
+                                                      scale=attn.scaling, enable_gqa=True))  # (1, H, 1, hd)
+        o = torch.cat(out).reshape(n, -1)  # (N, H * hd)
+        ys = {"o_proj": F.linear(o, attn.o_proj.weight, attn.o_proj.bias)}
+        if tables[1] is not None:
+            tables[1].apply(o, ys, gates)
+        x = x + ys["o_proj"]
+        h = layer.post_attention_layernorm(x)
+        x = x + _mlp(layer.mlp, index, h, tables, gates, layout, sinks)
+    logits = model.lm_head(inner.norm(x))  # (N, V)
+    _record(layout, runs, gate_log, sinks)
+    for cache in caches:
+        cache.length += 1
+    return logits
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _mlp(mlp, layer: int, h: torch.Tensor, tables, gates, layout: Layout, sinks) -> torch.Tensor:
+    """h (N, d) -> (N, d). W_gate h, W_up h and W_down m run once for all rows; plain rows add
+    their deltas, MixLoRA rows replace their m by their experts' mixture (W_down is linear)."""
+    ys = {name: F.linear(h, getattr(mlp, name).weight, getattr(mlp, name).bias) for name in ("gate_proj", "up_proj")}
+    if tables[2] is not None:
+        tables[2].apply(h, ys, gates)
+    m = mlp.act_fn(ys["gate_proj"]) * ys["up_proj"]  # (N, f)
+    extra = []
+    for (plan, rows, _), sink in zip(layout.moe_groups, sinks):
+        routers, experts, top_k, act = plan.experts
+        mixed, down, _, probs, chosen = expert_mixture(
+            h.index_select(0, rows), ys["gate_proj"].index_select(0, rows), ys["up_proj"].index_select(0, rows),
+            routers[layer], experts.get(layer, {}), top_k, act or mlp.act_fn)
+        m.index_copy_(0, rows, mixed)
+        sink.on_router(layer, probs.unsqueeze(1), chosen.unsqueeze(1))
+        if down is not None:
+            extra.append((rows, down))
+    ys = {"down_proj": F.linear(m, mlp.down_proj.weight, mlp.down_proj.bias)}
+    if tables[3] is not None:
+        tables[3].apply(m, ys, gates)
+    y = ys["down_proj"]
+    for rows, down in extra:
+        y.index_add_(0, rows, down)
+    return y
+
+
+def _record(layout: Layout, runs: list, gate_log: list, sinks: list) -> None:
+    """Hand every recording row its own part of this step, as its solo forward would record it."""
+    if gate_log and any(runs[i] is not None and runs[i].record for i in layout.flow):
+        stacked = torch.stack(gate_log).float().cpu()  # (L, n_flow, S)
+        for j, (i, k) in enumerate(zip(layout.flow, layout.flow_ks)):
+            run = runs[i]
+            if run is not None and run.record:
+                run.steps.append({layer: stacked[layer, j:j + 1, :k] for layer in range(stacked.shape[0])})
+    for (_, _, members), sink in zip(layout.moe_groups, sinks):
+        if not sink.seen:
+            continue
+        layers = sorted(sink.seen)
+        probs = torch.stack([sink.seen[l][0] for l in layers]).float().cpu()  # (L, n, 1, E)
+        chosen = torch.stack([sink.seen[l][1] for l in layers]).cpu()  # (L, n, 1, k)
+        for j, i in enumerate(members):
+            run = runs[i]
+            if run is not None and run.record:
+                run.router_steps.append({l: (probs[a, j], chosen[a, j]) for a, l in enumerate(layers)})

@@ -1,0 +1,318 @@
+"""Continuous batching: one loop decodes every request of an engine, whatever its fusion.
+
+Requests join the running batch between decode steps: each is prefilled alone (the patched
+model's forward under its own `Run`, so its prompt's trace is recorded as in a solo run) and
+then decodes with the others, one batched forward per step (`batched.decode_step`). A row
+leaves as soon as it stops (end of text, stop string, max tokens, cancel); the rest go on.
+Each row keeps its own sampling, random generator, stop tokens and trace. Rows beyond the
+cap on rows or on KV memory wait in a queue; their callers see where they stand.
+
+A static fusion is merged into the weights while it is the only fusion in the batch (exact
+restore afterwards); as soon as another fusion joins, the weights are restored and every row
+runs unmerged.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .batched import Layout, RowCache, decode_step
+from .generate import GenerationEvent, Sampling, _sample, stop_token_ids, token_labels
+from .runtime import FusionPlan, ModelLock, Run, activate, merged_into
+from .trace import build_trace
+
+
+@dataclass
+class Ticket:
+    """A submitted request as its caller sees it: its events, and where it stands."""
+
+    events: "queue.Queue[GenerationEvent | BaseException]" = field(default_factory=queue.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    state: str = "queued"  # queued | running | done
+    position: int = 0  # 1 = next to be admitted, while queued
+
+
+class _Row:
+    def __init__(self, ticket: Ticket, plan: FusionPlan, prompt_ids: list[int], sampling: Sampling,
+                 record: bool, user_cancel: threading.Event | None):
+        self.ticket, self.plan, self.prompt_ids, self.sampling = ticket, plan, list(prompt_ids), sampling
+        self.record, self.user_cancel = record, user_cancel
+        self.generator = torch.Generator().manual_seed(int(sampling.seed)) if sampling.temperature > 0 else None
+        self.generated: list[int] = []
+        self.text = ""
+        self.finish = "length"
+        self.start = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.run: Run | None = None
+        self.cache: RowCache | None = None
+        self.next_token = -1
+        self.closing = False  # fed once more for its last token's trace row, then done
+        self.kv_bytes = 0
+
+    def cancelled(self) -> bool:
+        return self.ticket.cancel.is_set() or (self.user_cancel is not None and self.user_cancel.is_set())
+
+
+class Scheduler:
+    def __init__(self, model, tokenizer, lock: ModelLock | None = None, merge_static: bool = True,
+                 max_rows: int = 16, kv_budget_bytes: int | None = None):
+        """tokenizer: the tokenizer, or a function giving the current one (an engine's may change)."""
+        self.model = model
+        self._tokenizer = tokenizer if callable(tokenizer) and not hasattr(tokenizer, "decode") else (lambda: tokenizer)
+        self.lock = lock or ModelLock()
+        self.merge_static = merge_static
+        self.max_rows = max(1, int(max_rows))
+        self.kv_budget = kv_budget_bytes
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self.eos: set[int] | None = None  # on first use: engines without a tokenizer never generate
+        self._eos_of = None
+        self._cond = threading.Condition()
+        self._pending: deque[_Row] = deque()
+        self._running: list[_Row] = []
+        self._thread: threading.Thread | None = None
+        self._held = ExitStack()  # the model lock (shared, or exclusive with a merge) while busy
+        self._holding: str | None = None  # None | "shared" | "merged"
+        self._merged: tuple[FusionPlan, FusionPlan] | None = None  # (plan, its merged stand-in)
+        self._layout: tuple[tuple, Layout] | None = None
+        self.steps = 0  # decode forwards so far (each serves every running row)
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer()
+
+    # ---- the callers' side ---------------------------------------------------------------------
+    def submit(self, plan: FusionPlan, prompt_ids: list[int], sampling: Sampling,
+               cancel: threading.Event | None = None, record_trace: bool = True) -> Ticket:
+        sampling.validate()
+        if self._eos_of is not self.tokenizer:
+            self.eos, self._eos_of = stop_token_ids(self.tokenizer, self.model), self.tokenizer
+        ticket = Ticket()
+        row = _Row(ticket, plan, prompt_ids, sampling, record_trace, cancel)
+        row.kv_bytes = RowCache.bytes_for(self.model.config, len(prompt_ids) + sampling.max_new_tokens + 1,
+                                          self.dtype)
+        with self._cond:
+            self._pending.append(row)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="fusion-scheduler", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return ticket
+
+    def stream(self, plan: FusionPlan, prompt_ids: list[int], sampling: Sampling,
+               cancel: threading.Event | None = None, record_trace: bool = True) -> Iterator[GenerationEvent]:
+        """Submit and yield the request's events; closing the iterator early cancels the row.
+        While the request waits for room, events with `queued` = its place in the queue come first."""
+        ticket = self.submit(plan, prompt_ids, sampling, cancel, record_trace)
+        done, shown = False, 0
+        try:
+            while True:
+                try:
+                    item = ticket.events.get(timeout=0.1)
+                except queue.Empty:
+                    place = ticket.position if ticket.state == "queued" else 0
+                    if place and place != shown:
+                        shown = place
+                        yield GenerationEvent("", "", prompt_tokens=len(prompt_ids), queued=place)
+                    continue
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                done = item.done
+                yield item
+                if done:
+                    return
+        finally:
+            if not done:
+                ticket.cancel.set()
+                with self._cond:
+                    self._cond.notify_all()
+
+    def status(self) -> dict:
+        with self._cond:
+            return {"running": len(self._running), "queued": len(self._pending), "max_rows": self.max_rows,
+                    "kv_bytes": sum(r.kv_bytes for r in self._running), "kv_budget_bytes": self.kv_budget,
+                    "merged": None if self._merged is None else self._merged[0].method}
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._running:
+                    self._release_model()
+                    self._cond.wait()
+                admitted = self._admit()
+            rows = self._running + admitted
+            try:
+                self._step(admitted)
+            except BaseException as exc:  # a failed forward fails the rows in it, not the loop
+                for row in rows:
+                    if row.ticket.state != "done":
+                        row.ticket.state = "done"
+                        row.ticket.events.put(exc)
+                with self._cond:
+                    self._running = []
+                self._release_model()
+
+    def _admit(self) -> list[_Row]:
+        """Rows that fit now, in arrival order; cancelled waiting rows leave at once. Under _cond."""
+        out: list[_Row] = []
+        used = sum(r.kv_bytes for r in self._running)
+        while self._pending and len(self._running) + len(out) < self.max_rows:
+            row = self._pending[0]
+            if row.cancelled():
+                self._pending.popleft()
+                row.finish = "cancelled"
+                self._finish(row)
+                continue
+            busy = self._running or out
+            if busy and self.kv_budget is not None and used + row.kv_bytes > self.kv_budget:
+                break
+            self._pending.popleft()
+            row.ticket.state, row.ticket.position = "running", 0
+            used += row.kv_bytes
+            out.append(row)
+        for place, row in enumerate(self._pending, 1):
+            row.ticket.position = place
+        return out
+
+    def _step(self, admitted: list[_Row]) -> None:
+        self._arrange_model(self._running + admitted)
+        joined = []
+        for row in admitted:
+            if self._prefill(row):
+                joined.append(row)
+        running = [r for r in self._running if not self._retire_if_cancelled(r)] + joined
+        with self._cond:
+            self._running = running
+        if not running:
+            return
+        plans = [self._compute_plan(r.plan) for r in running]
+        key = tuple(id(p) for p in plans)
+        if self._layout is None or self._layout[0] != key:
+            self._layout = (key, Layout(self.model, plans))
+        tokens = torch.tensor([r.next_token for r in running], device=self.device)
+        runs = [r.run if r.record else None for r in running]
+        logits = decode_step(self.model, self._layout[1], tokens, [r.cache for r in running], runs)  # (N, V)
+        self.steps += 1
+        greedy = logits.argmax(-1).tolist()
+        still = []
+        for i, row in enumerate(running):
+            if row.closing:
+                self._finish(row)
+            elif self._advance(row, logits[i], greedy[i]):
+                still.append(row)
+        with self._cond:
+            self._running = still
+
+    def _retire_if_cancelled(self, row: _Row) -> bool:
+        if row.closing or not row.cancelled():
+            return False
+        row.finish = "cancelled"
+        self._finish(row)
+        return True
+
+    @torch.inference_mode()
+    def _prefill(self, row: _Row) -> bool:
+        """The prompt through the patched model alone; True if the row goes on decoding."""
+        from transformers import DynamicCache
+
+        row.run = Run(self._compute_plan(row.plan), record=row.record)
+        cache = DynamicCache(config=self.model.config)
+        ids = torch.tensor([row.prompt_ids], dtype=torch.long, device=self.device)
+        with activate(row.run):
+            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        row.cache = RowCache(cache, len(row.prompt_ids) + row.sampling.max_new_tokens + 1)
+        return self._advance(row, logits, int(torch.argmax(logits)))
+
+    def _advance(self, row: _Row, logits: torch.Tensor, greedy: int) -> bool:
+        """One new token from the row's logits (V,), as `generate.stream_tokens` does; False if done."""
+        if row.cancelled():
+            row.finish = "cancelled"
+            self._finish(row)
+            return False
+        s = row.sampling
+        token = greedy if s.temperature <= 0 else _sample(logits, s, row.generator)
+        if row.first_token_at is None:
+            row.first_token_at = time.perf_counter() - row.start
+        if token in self.eos:
+            row.finish = "eos"
+            self._finish(row)
+            return False
+        row.generated.append(token)
+        new_text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        stop_at = min((new_text.find(x) for x in s.stop if x and x in new_text), default=-1)
+        if stop_at >= 0:
+            new_text, row.finish = new_text[:stop_at], "stop"
+        if not new_text.endswith("\ufffd") or row.finish == "stop":  # hold back half a UTF-8 character
+            delta, row.text = new_text[len(row.text):], new_text
+            if delta:
+                row.ticket.events.put(GenerationEvent(row.text, delta, token_ids=list(row.generated),
+                                                      prompt_tokens=len(row.prompt_ids),
+                                                      seconds_to_first_token=row.first_token_at))
+        if row.finish == "stop" or len(row.generated) >= s.max_new_tokens:
+            if row.record and (row.run.steps or row.run.router_steps):
+                row.closing, row.next_token = True, row.generated[-1]  # its trace row needs one more feed
+                return True
+            self._finish(row)
+            return False
+        row.next_token = token
+        return True
+
+    def _finish(self, row: _Row) -> None:
+        elapsed = time.perf_counter() - row.start
+        decode_time = elapsed - (row.first_token_at or 0.0)
+        n = len(row.generated)
+        tps = (n - 1) / decode_time if n > 1 and decode_time > 0 else None
+        final = row.text if row.finish == "stop" else self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        trace = None
+        if row.record and row.run is not None:
+            ids = row.prompt_ids + row.generated
+            trace = build_trace(row.run, token_labels(self.tokenizer, ids), len(row.prompt_ids),
+                                self.model.config.num_hidden_layers)
+        row.cache = None
+        row.ticket.state = "done"
+        row.ticket.events.put(GenerationEvent(final, final[len(row.text):], done=True, finish_reason=row.finish,
+                                              token_ids=row.generated, prompt_tokens=len(row.prompt_ids),
+                                              seconds_to_first_token=row.first_token_at, tokens_per_second=tps,
+                                              trace=trace))
+
+    # ---- the model's weights -------------------------------------------------------------------------
+    def _compute_plan(self, plan: FusionPlan) -> FusionPlan:
+        return self._merged[1] if self._merged is not None and self._merged[0] is plan else plan
+
+    def _arrange_model(self, rows: list[_Row]) -> None:
+        """Merge the batch's fusion into the weights when it is the only one and static;
+        otherwise hold the model shared (unmerged)."""
+        plans = {id(r.plan): r.plan for r in rows}
+        target = None
+        if self.merge_static and len(plans) == 1:
+            plan = next(iter(plans.values()))
+            target = plan if plan.is_static and plan.deltas else None
+        if self._holding == "merged" and self._merged[0] is target:
+            return
+        if self._holding == "shared" and target is None:
+            return
+        self._release_model()
+        if target is not None and self.lock.try_exclusive():
+            self._held.callback(self.lock.release_exclusive)
+            merged = self._held.enter_context(merged_into(self.model, target))
+            self._merged, self._holding = (target, merged), "merged"
+            return
+        self.lock.acquire_shared()
+        self._held.callback(self.lock.release_shared)
+        self._holding = "shared"
+
+    def _release_model(self) -> None:
+        if self._holding is not None:
+            self._held.close()
+            self._held = ExitStack()
+        self._holding, self._merged, self._layout = None, None, None

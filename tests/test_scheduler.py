@@ -1,0 +1,318 @@
+"""Continuous batching: rows with different fusions decode in one forward and each equals its
+solo run (the patched model alone, `generate.stream_tokens`): logits, greedy text, traces,
+seeded sampling; rows join mid-way, leave on cancel, and wait in a queue beyond the caps."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from app_fixtures import app_engine  # noqa: F401  (fixture)
+from conftest import HIDDEN, LAYERS
+from fusion.batched import Layout, RowCache, decode_step
+from fusion.engine import FusionRequest
+from fusion.generate import Sampling, stream_tokens
+from fusion.methods.lora_flow import save_released_gates
+from fusion.runtime import Run, activate
+from fusion.scheduler import Scheduler
+from mixlora_helpers import mixlora_config, mixlora_state, write_mixlora
+
+
+@pytest.fixture(scope="module")
+def requests(studio, tmp_path_factory) -> dict[str, FusionRequest]:
+    """Nine fusions of every kind over the studio's LoRAs, a MixLoRA and fitted-looking gates."""
+    root = tmp_path_factory.mktemp("batch-fusions")
+    gates = {}
+    for k, seed in ((2, 5), (3, 8)):
+        g = torch.Generator().manual_seed(seed)
+        W, b = torch.randn(LAYERS, k, HIDDEN, generator=g) * 0.5, torch.randn(LAYERS, 1, k, generator=g) * 0.3
+        save_released_gates(W, b, root / f"gates{k}.pt")
+        gates[k] = str(root / f"gates{k}.pt")
+    model = studio.pristine
+    mix = write_mixlora(root / "mix", mixlora_config("tiny", num_experts=4, top_k=2),
+                        mixlora_state(model, num_experts=4, seed=5))
+    pair = ["lang-a", "task-b"]
+    return {
+        "base": FusionRequest(),
+        "single": FusionRequest(["task-b"], "single"),
+        "linear": FusionRequest(pair, "linear", {"weights": [0.7, 0.4]}),
+        "cat": FusionRequest(["lang-a", "task-c"], "cat"),
+        "flow2": FusionRequest(pair, "lora_flow", {"gates": gates[2]}),
+        "flow3": FusionRequest(["lang-a", "task-b", "task-c"], "lora_flow",
+                               {"gates": gates[3], "temperature": 1.1}),
+        "mixlora": FusionRequest([str(mix)], "mixlora"),
+        "ties": FusionRequest(pair, "ties", {"density": 0.5}),
+        "wide": FusionRequest(["wide-d", "task-b"], "linear"),
+    }
+
+
+def prompt(studio, length: int, seed: int) -> list[int]:
+    return studio.ids(batch=1, length=length, seed=seed)[0].tolist()
+
+
+@torch.inference_mode()
+def solo_logits(model, plan, prompt_ids: list[int], tokens: list[int]):
+    """The patched model alone, as generation runs it: prefill, then one token a step."""
+    from transformers import DynamicCache
+
+    cache, run = DynamicCache(config=model.config), Run(plan, record=True)
+    out = []
+    with activate(run):
+        out.append(model(input_ids=torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True).logits[0, -1])
+    for token in tokens:
+        with activate(run):
+            out.append(model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1])
+    return torch.stack(out), run
+
+
+def assert_batched_equals_solo(model, plans: dict, prompts: dict, steps: int, late: set, layers: int):
+    """Rows decode teacher-forced random tokens in one batch, the `late` ones joining after 3
+    steps; every step's logits of every row equal its solo run within 1e-4, its gate/router
+    record within 1e-5."""
+    from transformers import DynamicCache
+
+    names = list(plans)
+    rows = {}
+    for i, name in enumerate(names):
+        tokens = torch.randint(3, 90, (steps,), generator=torch.Generator().manual_seed(40 + i)).tolist()
+        rows[name] = (tokens, *solo_logits(model, plans[name], prompts[name], tokens))
+    state = {}  # name -> [cache, run, tokens fed, logits]
+
+    def join(name):
+        cache, run = DynamicCache(config=model.config), Run(plans[name], record=True)
+        with torch.inference_mode(), activate(run):
+            first = model(input_ids=torch.tensor([prompts[name]]), past_key_values=cache,
+                          use_cache=True).logits[0, -1]
+        state[name] = [RowCache(cache, len(prompts[name]) + steps + 1), run, 0, [first]]
+
+    for name in names:
+        if name not in late:
+            join(name)
+    for step in range(steps + 3):
+        if step == 3:
+            for name in late:
+                join(name)
+        active = [n for n in names if n in state and state[n][2] < steps]
+        if not active:
+            break
+        layout = Layout(model, [plans[n] for n in active])
+        tokens = torch.tensor([rows[n][0][state[n][2]] for n in active])
+        logits = decode_step(model, layout, tokens, [state[n][0] for n in active], [state[n][1] for n in active])
+        for i, n in enumerate(active):
+            state[n][2] += 1
+            state[n][3].append(logits[i])
+    for name in names:
+        _, solo, solo_run = rows[name]
+        got = torch.stack(state[name][3])
+        assert got.shape == solo.shape
+        torch.testing.assert_close(got, solo, atol=1e-4, rtol=0, msg=f"{name}: logits differ from its solo run")
+        run = state[name][1]
+        assert len(run.steps) == len(solo_run.steps) and len(run.router_steps) == len(solo_run.router_steps)
+        for mine, theirs in zip(run.steps, solo_run.steps):
+            for layer in range(layers):
+                torch.testing.assert_close(mine[layer], theirs[layer], atol=1e-5, rtol=0)
+        for mine, theirs in zip(run.router_steps, solo_run.router_steps):
+            for layer in theirs:
+                torch.testing.assert_close(mine[layer][0], theirs[layer][0], atol=1e-5, rtol=0)
+                assert torch.equal(mine[layer][1], theirs[layer][1])
+    assert any(rows[n][2].steps for n in names) and any(rows[n][2].router_steps for n in names)
+
+
+def test_mixed_batch_logits_and_traces_equal_solo_runs(studio, requests):
+    """Nine fusions with prompts of 3 to 19 tokens; CAT and LoRA-Flow k=3 join after 3 steps."""
+    engine = studio.engine
+    plans = {n: engine.plan(r) for n, r in requests.items()}
+    prompts = {n: prompt(studio, 3 + 2 * i, seed=i) for i, n in enumerate(requests)}
+    assert_batched_equals_solo(engine.model, plans, prompts, 6, {"flow3", "cat"}, LAYERS)
+
+
+def test_mixed_batch_on_the_embedded_model(app_engine):
+    """The same on the embedded model (30 layers) with LoRAs of its shape: base, linear,
+    LoRA-Flow and MixLoRA, prompts of different lengths, LoRA-Flow joining mid-way."""
+    from app_fixtures import LAYERS as EMBEDDED_LAYERS, MIXLORA
+
+    engine = app_engine
+    if MIXLORA not in {a["name"] for a in engine.adapters()}:
+        pytest.skip("this engine has no mixlora method")
+    requests = {"base": FusionRequest(), "linear": FusionRequest(["lang-es", "task-math"], "linear"),
+                "flow": FusionRequest(["lang-ru", "task-math"], "lora_flow"),
+                "mixlora": FusionRequest([MIXLORA], "mixlora")}
+    plans = {n: engine.plan(r) for n, r in requests.items()}
+    prompts = {n: engine.encode_messages("Count to " + "three " * (1 + 4 * i)) for i, n in enumerate(requests)}
+    assert_batched_equals_solo(engine.model, plans, prompts, 3, {"flow"}, EMBEDDED_LAYERS)
+
+
+def test_an_adapter_shared_by_fusions_is_one_table_entry(studio, requests):
+    """single, linear, TIES and LoRA-Flow k=2 all use task-b: its factors are stacked once per
+    module; TIES's own fused factors are an entry of their own."""
+    engine = studio.engine
+    plans = [engine.plan(requests[n]) for n in ("single", "linear", "flow2", "ties", "base")]
+    layout = Layout(engine.model, plans)
+    qkv = layout.tables[0][0]
+    rank = 4  # lang-a and task-b are rank 4; TIES keeps the common rank
+    # per module: lang-a, task-b, TIES -> 3 entries of rank 4, for q, k and v
+    assert qkv.A.shape[0] == 3 * 3 * rank
+    assert qkv.rows.tolist() == [0, 1, 2, 3]  # the base row pays nothing
+    assert qkv.coef.shape == (4, 3 * 3 * rank)
+    only_base = Layout(engine.model, [engine.plan(FusionRequest())] * 3)
+    assert all(t is None for layer in only_base.tables for t in layer)
+
+
+def collect(stream):
+    events = list(stream)
+    return events[-1], events
+
+
+def test_engine_streams_in_one_batch_equal_solo_streams(studio, requests):
+    """Through Engine.stream: every fusion at once, one joining once the others decode; greedy
+    text, token ids and trace equal the solo stream (the patched model alone)."""
+    engine = studio.engine
+    sampling = Sampling(max_new_tokens=8)
+    prompts = {n: prompt(studio, 4 + 3 * i, seed=10 + i) for i, n in enumerate(requests)}
+    solo = {}
+    for name, request in requests.items():
+        final, _ = collect(stream_tokens(engine.model, engine.tokenizer, Run(engine.plan(request)), prompts[name],
+                                         sampling))
+        solo[name] = final
+    results = {}
+
+    def worker(name):
+        results[name] = collect(engine.stream_ids(requests[name], prompts[name], sampling))[0]
+
+    steps_before = engine.scheduler.steps
+    threads = {n: threading.Thread(target=worker, args=(n,)) for n in requests}
+    for name, thread in threads.items():
+        if name != "flow3":
+            thread.start()
+    deadline = time.time() + 30
+    while engine.scheduler.steps < steps_before + 2 and time.time() < deadline:
+        time.sleep(0.001)
+    threads["flow3"].start()
+    for thread in threads.values():
+        thread.join(60)
+    for name, final in results.items():
+        expected = solo[name]
+        assert final.token_ids == expected.token_ids, name
+        assert final.text == expected.text and final.finish_reason == expected.finish_reason
+        assert final.trace.kind == expected.trace.kind and final.trace.tokens == expected.trace.tokens
+        torch.testing.assert_close(final.trace.weights, expected.trace.weights, atol=1e-5, rtol=0)
+        if expected.trace.chosen is not None:
+            assert torch.equal(final.trace.chosen, expected.trace.chosen)
+    assert len(results) == len(requests)
+    assert engine.scheduler.steps - steps_before < len(requests) * 8, "the rows never shared a step"
+
+
+def test_seeded_sampling_and_cancel_of_one_row(studio, requests):
+    """Each row samples with its own generator (equal to its solo run with the same seed), and
+    cancelling one row ends it at once without changing the others."""
+    engine = studio.engine
+    scheduler = Scheduler(engine.model, engine.tokenizer, merge_static=False)
+    cases = [("flow2", Sampling(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=3)),
+             ("linear", Sampling(max_new_tokens=10, temperature=1.3, top_k=20, seed=4)),
+             ("mixlora", Sampling(max_new_tokens=10, temperature=0.7, seed=5))]
+    ids = prompt(studio, 7, seed=2)
+    solo = [collect(stream_tokens(engine.model, engine.tokenizer, Run(engine.plan(requests[n])), ids, s))[0]
+            for n, s in cases]
+    cancel = threading.Event()
+    victim = scheduler.stream(engine.plan(requests["cat"]), ids, Sampling(max_new_tokens=50), cancel)
+    streams = [scheduler.stream(engine.plan(requests[n]), ids, s) for n, s in cases]
+    first = next(victim)  # the victim is decoding before the others join
+    finals = [None] * len(streams)
+    for i, stream in enumerate(streams):
+        for event in stream:
+            if i == 0 and len(event.token_ids) == 3:
+                cancel.set()
+            finals[i] = event
+    rest = list(victim)
+    assert not first.done and rest[-1].finish_reason == "cancelled" and len(rest[-1].token_ids) < 50
+    for final, expected, (name, _) in zip(finals, solo, cases):
+        assert final.token_ids == expected.token_ids, name
+        assert final.text == expected.text
+
+
+def never_ending(scheduler):
+    """No stop tokens: the rows that block the others must not end by themselves."""
+    scheduler.eos, scheduler._eos_of = set(), scheduler.tokenizer
+
+
+def test_queue_beyond_the_row_cap(studio, requests):
+    """With room for two rows, the third request waits (its caller sees queued events with its
+    place), then runs once a row leaves; results are unchanged."""
+    engine = studio.engine
+    scheduler = Scheduler(engine.model, engine.tokenizer, max_rows=2)
+    never_ending(scheduler)
+    plan = engine.plan(requests["flow2"])
+    ids = prompt(studio, 5, seed=3)
+    expected = collect(stream_tokens(engine.model, engine.tokenizer, Run(plan), ids, Sampling(max_new_tokens=6)))[0]
+    gate = threading.Event()
+    blockers = []
+    for _ in range(2):
+        blocker = scheduler.stream(plan, ids, Sampling(max_new_tokens=200), gate)
+        next(blocker)
+        blockers.append(blocker)
+    waiting = scheduler.stream(plan, ids, Sampling(max_new_tokens=6))
+    first = next(waiting)
+    assert first.queued == 1 and first.text == "" and not first.done
+    assert scheduler.status()["queued"] == 1 and scheduler.status()["running"] == 2
+    gate.set()
+    final = [e for e in waiting if e.done][0]
+    assert final.token_ids == expected.token_ids
+    for blocker in blockers:
+        assert list(blocker)[-1].finish_reason == "cancelled"
+
+
+def test_kv_budget_queues_rows_that_do_not_fit(studio, requests):
+    engine = studio.engine
+    one_row = RowCache.bytes_for(engine.model.config, 5 + 40 + 1, torch.float32)
+    scheduler = Scheduler(engine.model, engine.tokenizer, kv_budget_bytes=one_row + one_row // 2)
+    plan = engine.plan(requests["base"])
+    never_ending(scheduler)
+    ids = prompt(studio, 5, seed=4)
+    gate = threading.Event()
+    first = scheduler.stream(plan, ids, Sampling(max_new_tokens=40), gate)
+    next(first)
+    second = scheduler.stream(plan, ids, Sampling(max_new_tokens=40))
+    assert next(second).queued == 1
+    assert scheduler.status() == {**scheduler.status(), "running": 1, "queued": 1}
+    gate.set()
+    assert list(first)[-1].finish_reason == "cancelled"
+    final = list(second)[-1]
+    assert final.done and final.finish_reason == "length" and len(final.token_ids) == 40
+
+
+def test_merge_only_while_one_static_fusion_is_alone(studio, requests, monkeypatch):
+    """A lone static fusion runs merged; while another fusion decodes beside it, both run
+    unmerged; at the end the weights are the originals bit for bit."""
+    engine = studio.engine
+    model = engine.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scheduler = Scheduler(engine.model, engine.tokenizer, lock=engine._model_lock, merge_static=True)
+    import fusion.scheduler as module
+
+    seen = []  # (rows in the step, merged fusion)
+    original = module.decode_step
+
+    def step(model, layout, tokens, *args):
+        seen.append((tokens.shape[0], scheduler.status()["merged"]))
+        return original(model, layout, tokens, *args)
+
+    monkeypatch.setattr(module, "decode_step", step)
+    ids = prompt(studio, 6, seed=5)
+    hold = threading.Event()
+    lone = scheduler.stream(engine.plan(requests["linear"]), ids, Sampling(max_new_tokens=100), hold)
+    next(lone)
+    assert scheduler.status()["merged"] == "linear"
+    other = scheduler.stream(engine.plan(requests["flow2"]), ids, Sampling(max_new_tokens=3))
+    assert list(other)[-1].finish_reason == "length"
+    assert {merged for rows, merged in seen if rows == 2} == {None}
+    assert seen[0] == (1, "linear")
+    hold.set()
+    list(lone)
+    deadline = time.time() + 10
+    while scheduler.status()["running"] and time.time() < deadline:
+        time.sleep(0.01)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
