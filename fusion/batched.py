@@ -54,13 +54,13 @@ def _entries(delta, dynamic: bool):
             slots = torch.full((factors.rank,), slot, dtype=torch.long) if dynamic else None
             yield id(factors), factors.A, factors.B, float(coef), slots
         return
-    B, A = delta_factors(delta)
     if isinstance(delta, GroupMember):
+        A, B = delta_factors(delta)
         slots = delta.group.slot_of_rank
         slots = None if slots is None else slots[delta.start:delta.end]
         yield (id(delta.group), delta.start), A, B, 1.0, slots
-    else:
-        yield id(delta), A, B, 1.0, delta.slot_of_rank
+    else:  # a dynamic delta keeps its per-rank slots; its fixed factor, if any, goes into B
+        yield id(delta), delta.A, (delta.B if delta.coef is None else delta.B * delta.coef), 1.0, delta.slot_of_rank
 
 
 @dataclass
