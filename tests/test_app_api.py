@@ -139,17 +139,41 @@ def test_a_cancelled_fit_is_not_saved_a_finished_one_is_and_can_be_deleted(app_e
         assert kind == "done" and artifact.name == "ui-cancelled" and len(artifact.meta["losses"]) == 2
         assert "ui-cancelled" in {f["name"] for f in app_engine.fusions()}  # the name was still free
         with pytest.raises(FusionError, match=r"is used by the saved fusions? (.*, )?ui-cancelled(, .*)?; delete"):
-            app_engine.library.remove("lang-es", "adapter")
-        app_engine.library.remove("ui-cancelled", "fusion")
+            app_engine.remove("lang-es", "adapter")
+        app_engine.remove("ui-cancelled", "fusion")
         assert "ui-cancelled" not in {f["name"] for f in app_engine.fusions()}
         assert not list(app_engine.library.fusions_dir.glob("*ui-cancelled*"))
         with pytest.raises(FusionError, match="no fusion named 'ui-cancelled'"):
-            app_engine.library.remove("ui-cancelled", "fusion")
+            app_engine.remove("ui-cancelled", "fusion")
     finally:
         import shutil
 
         shutil.rmtree(app_engine.library.fusions_dir / "ui-cancelled", ignore_errors=True)
         app_engine.library.rescan()
+
+
+def test_the_ui_reaches_the_engine_through_backend_operations_only():
+    """app.py and ui/ call nothing on an engine beyond `Backend`, so a remote one serves them the
+    same; only app.py names the two implementations."""
+    import ast
+    from pathlib import Path
+
+    from fusion.api import Backend
+
+    operations = {name for name, value in vars(Backend).items() if callable(value) and not name.startswith("_")}
+    root = Path(__file__).resolve().parent.parent
+    used, importers = {}, set()
+    for path in [root / "app.py", *sorted((root / "ui").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            owner = getattr(node, "value", None) if isinstance(node, ast.Attribute) else None
+            if (isinstance(owner, ast.Name) and owner.id == "engine") or (
+                    isinstance(owner, ast.Attribute) and owner.attr == "engine"):
+                used.setdefault(node.attr, set()).add(path.name)
+            if isinstance(node, ast.ImportFrom) and node.module in ("fusion.engine", "fusion.remote"):
+                importers.add(path.name)
+    assert {"stream", "generate", "fit", "describe", "base_info", "remove", "import_adapter"} <= set(used)
+    assert {name: files for name, files in used.items() if name not in operations} == {}
+    assert importers == {"app.py"}
 
 
 # ---- figures (fusion/plots.py) ---------------------------------------------------------------------
