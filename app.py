@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except FusionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for name, message in engine.library.errors.items():
+    for name, message in engine.library_errors().items():
         print(f"note: adapter {name} was not loaded: {message}", file=sys.stderr)
     demo = build_app(engine)
     demo.launch(server_name=args.host, server_port=args.port, auth=auth, share=args.share, theme=theme(),

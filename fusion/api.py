@@ -135,6 +135,11 @@ class Backend(Protocol):
         """Validate a peft adapter folder or zip and add it to the library; -> its summary."""
         ...
 
+    def remove(self, name: str, kind: str) -> None:
+        """Delete a saved fusion (kind "fusion") or an adapter (kind "adapter") from the library;
+        an adapter that saved fusions use is refused."""
+        ...
+
     def describe(self, request: FusionRequest) -> RequestInfo:
         """The method and adapters a request runs; FusionError when it names unknown ones."""
         ...
@@ -158,7 +163,8 @@ class Backend(Protocol):
             train: dict | None = None, save_as: str | None = None, out: str | None = None,
             overwrite: bool = False, system: str | None = None, on_progress=None,
             cancel: threading.Event | None = None, **options) -> FusionArtifact:
-        """Fit a method's learnable part on chat examples; -> the fitted fusion (or trained adapter)."""
+        """Fit a method's learnable part on chat examples; -> the fitted fusion (or trained adapter),
+        stored under `save_as` in the library (or in the folder `out`) unless `cancel` was set."""
         ...
 
 

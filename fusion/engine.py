@@ -92,6 +92,9 @@ class Engine(Backend):
         adapter = self.library.import_adapter(source, name=name, role=role, overwrite=overwrite)
         return adapter.summary()
 
+    def remove(self, name: str, kind: str) -> None:
+        self.library.remove(name, kind)
+
     # ---- building a request's fusion ---------------------------------------------------
     def resolve(self, request: FusionRequest):
         """-> (method, adapters, coerced params). Raises FusionError on anything wrong."""
@@ -214,7 +217,8 @@ class Engine(Backend):
         Fusion methods (lora_flow, cat, lorahub) learn weights over the chosen adapters and
         give a fitted fusion; `save_as` stores it in the library, `out` in any folder.
         Methods that fit from scratch (mixlora) train a new adapter, stored the same way in
-        the adapter library; the returned artifact then names that adapter.
+        the adapter library; the returned artifact then names that adapter. A fit stopped by
+        `cancel` is returned (meta "cancelled") but stored nowhere, so its name stays free.
         """
         method = get_method(method_name)
         if not method.fittable:
@@ -244,16 +248,17 @@ class Engine(Backend):
                      "base_model": self.base.name})
         if result.param_ref:
             meta["param_ref"] = result.param_ref
+        store = not meta["cancelled"]
         if method.fit_from_scratch:
-            return self._save_trained_adapter(method_name, result, coerced, meta, save_as, out, overwrite)
+            return self._save_trained_adapter(method_name, result, coerced, meta, save_as, out, overwrite, store)
         params_out = {k: v for k, v in {**coerced, **result.params}.items()
                       if v not in (None, "") and k != result.param_ref}
         artifact = FusionArtifact(name=save_as or (Path(out).name if out else f"{method_name}-fit"),
                                   method=method_name, adapters=[a.name for a in adapter_objs],
                                   params=params_out, tensors=result.tensors, meta=meta)
-        if save_as:
+        if save_as and store:
             artifact = self.library.save_fusion(artifact, overwrite=overwrite)
-        elif out:
+        elif out and store:
             save_artifact(artifact, out, overwrite=overwrite)
         return artifact
 
@@ -263,9 +268,11 @@ class Engine(Backend):
                           {"train": dict(train or {}), "pad_id": self.tokenizer.pad_token_id, **options},
                           on_progress, cancel)
 
-    def _save_trained_adapter(self, method_name, result, params, meta, save_as, out, overwrite):
+    def _save_trained_adapter(self, method_name, result, params, meta, save_as, out, overwrite, store=True):
         name = save_as or (Path(out).name if out else f"{method_name}-trained")
         artifact = FusionArtifact(name=name, method=method_name, adapters=[name], params={}, meta=meta)
+        if not store:
+            return artifact
         if save_as:
             self.library.save_adapter(save_as, result.save_adapter, overwrite=overwrite)
             artifact.path = str(self.library.adapters_dir / save_as)

@@ -5,7 +5,7 @@ runs the same UI against a Ray Serve deployment. Only the standard library is us
 needs no Ray. Generation streams newline-delimited JSON events; a reply that breaks off because
 its replica died is asked again (replies are regenerated from scratch, so a greedy reply comes out
 the same), and a backend that stays unreachable gives one clear error.
-Fitting and importing write to the serving host's library and are done there.
+Fitting, importing and deleting change the serving host's library and are done there.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import threading
 import time
 import urllib.parse
-from types import SimpleNamespace
 from typing import Iterator
 
 from .api import (Backend, BaseInfo, FusionRequest, GenerationEvent, LibraryFolders, RequestInfo, Sampling,
@@ -140,6 +139,10 @@ class RemoteEngine(Backend):
         raise FusionError("this studio uses a remote backend: copy the adapter folder into the serving host's "
                           "library; the replicas pick it up by themselves")
 
+    def remove(self, name: str, kind: str) -> None:
+        raise FusionError("this studio uses a remote backend: delete the folder in the serving host's "
+                          "library and rescan")
+
     def describe(self, request: FusionRequest) -> RequestInfo:
         """Looks up a saved fusion and checks the method's name; the replica validates the rest
         when the request runs."""
@@ -208,24 +211,3 @@ class RemoteEngine(Backend):
             cancel: threading.Event | None = None, **options):
         raise FusionError("this studio uses a remote backend: fit on the serving host with "
                           "`python -m fusion fit ... --save-as NAME`; the replicas pick it up by themselves")
-
-    # ---- `Engine` attributes that callers written before `Backend` still read --------------------
-    # (the same facts as base_info(), library_*() and describe(), in Engine's shapes)
-    @property
-    def base(self):
-        info = self._base
-        return SimpleNamespace(name=info.name, device=info.device, dtype=info.dtype,
-                               config=SimpleNamespace(num_hidden_layers=info.num_layers,
-                                                      hidden_size=info.hidden_size))
-
-    @property
-    def library(self):
-        folders = self.library_folders()
-        return SimpleNamespace(errors=self.library_errors(), adapters_dir=folders.adapters,
-                               fusions_dir=folders.fusions, rescan=self.rescan, import_adapter=self.import_adapter)
-
-    def resolve(self, request: FusionRequest):
-        """-> (method, adapters, params) with `.name` attributes, as `Engine.resolve` labels use them."""
-        info = self.describe(request)
-        return (SimpleNamespace(name=info.method), [SimpleNamespace(name=a) for a in info.adapters],
-                dict(request.params or {}))

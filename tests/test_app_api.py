@@ -139,17 +139,76 @@ def test_a_cancelled_fit_is_not_saved_a_finished_one_is_and_can_be_deleted(app_e
         assert kind == "done" and artifact.name == "ui-cancelled" and len(artifact.meta["losses"]) == 2
         assert "ui-cancelled" in {f["name"] for f in app_engine.fusions()}  # the name was still free
         with pytest.raises(FusionError, match=r"is used by the saved fusions? (.*, )?ui-cancelled(, .*)?; delete"):
-            app_engine.library.remove("lang-es", "adapter")
-        app_engine.library.remove("ui-cancelled", "fusion")
+            app_engine.remove("lang-es", "adapter")
+        app_engine.remove("ui-cancelled", "fusion")
         assert "ui-cancelled" not in {f["name"] for f in app_engine.fusions()}
         assert not list(app_engine.library.fusions_dir.glob("*ui-cancelled*"))
         with pytest.raises(FusionError, match="no fusion named 'ui-cancelled'"):
-            app_engine.library.remove("ui-cancelled", "fusion")
+            app_engine.remove("ui-cancelled", "fusion")
     finally:
         import shutil
 
         shutil.rmtree(app_engine.library.fusions_dir / "ui-cancelled", ignore_errors=True)
         app_engine.library.rescan()
+
+
+def test_a_fit_from_scratch_is_saved_as_an_adapter_unless_cancelled(app_engine):
+    import shutil
+    import threading
+    from pathlib import Path
+
+    from fusion.api import FusionRequest, Sampling
+
+    from ui.fit import fit_in_background
+
+    folder = Path(app_engine.library_folders().adapters) / "ui-mix"
+    train = {"max_steps": 1, "batch_size": 1}
+    cancelled = threading.Event()
+    cancelled.set()
+    events = list(fit_in_background(app_engine, "mixlora", [], EXAMPLES, {}, train, "ui-mix", False, cancelled))
+    assert events[-1] == ("cancelled", None)
+    assert "ui-mix" not in {a["name"] for a in app_engine.adapters()} and not folder.exists()
+    try:
+        kind, artifact = list(fit_in_background(app_engine, "mixlora", [], EXAMPLES, {}, train, "ui-mix", False,
+                                                threading.Event()))[-1]
+        assert kind == "done", artifact
+        assert artifact.name == "ui-mix" and artifact.adapters == ["ui-mix"] and artifact.path == str(folder)
+        assert len(artifact.meta["losses"]) == 1
+        assert {a["name"]: a["kind"] for a in app_engine.adapters()}["ui-mix"] == "mixlora"
+        reply = app_engine.generate(FusionRequest(["ui-mix"], "mixlora"), "Hi", Sampling(max_new_tokens=2))
+        assert reply.trace.slot_names and len(reply.token_ids) == 2
+        kind, line = list(fit_in_background(app_engine, "mixlora", [], EXAMPLES, {}, train, "ui-mix", False,
+                                            threading.Event()))[-1]
+        assert kind == "error" and "already exists" in line
+        app_engine.remove("ui-mix", "adapter")
+        assert "ui-mix" not in {a["name"] for a in app_engine.adapters()} and not folder.exists()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        app_engine.rescan()
+
+
+def test_the_ui_reaches_the_engine_through_backend_operations_only():
+    """app.py and ui/ call nothing on an engine beyond `Backend`, so a remote one serves them the
+    same; only app.py names the two implementations."""
+    import ast
+    from pathlib import Path
+
+    from fusion.api import Backend
+
+    operations = {name for name, value in vars(Backend).items() if callable(value) and not name.startswith("_")}
+    root = Path(__file__).resolve().parent.parent
+    used, importers = {}, set()
+    for path in [root / "app.py", *sorted((root / "ui").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            owner = getattr(node, "value", None) if isinstance(node, ast.Attribute) else None
+            if (isinstance(owner, ast.Name) and owner.id == "engine") or (
+                    isinstance(owner, ast.Attribute) and owner.attr == "engine"):
+                used.setdefault(node.attr, set()).add(path.name)
+            if isinstance(node, ast.ImportFrom) and node.module in ("fusion.engine", "fusion.remote"):
+                importers.add(path.name)
+    assert {"stream", "generate", "fit", "describe", "base_info", "remove", "import_adapter"} <= set(used)
+    assert {name: files for name, files in used.items() if name not in operations} == {}
+    assert importers == {"app.py"}
 
 
 # ---- figures (fusion/plots.py) ---------------------------------------------------------------------

@@ -373,7 +373,7 @@ def launched_with(monkeypatch, argv: list[str]) -> dict:
         def launch(self, **kwargs):
             captured.update(kwargs)
 
-    monkeypatch.setattr(app_module, "Engine", lambda **kwargs: SimpleNamespace(library=SimpleNamespace(errors={})))
+    monkeypatch.setattr(app_module, "Engine", lambda **kwargs: SimpleNamespace(library_errors=lambda: {}))
     monkeypatch.setattr(app_module, "build_app", lambda engine: Demo())
     assert app_module.main(argv) == 0
     return captured

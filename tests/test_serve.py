@@ -111,9 +111,9 @@ def test_library_and_methods_come_from_the_replicas(backend, local):
     assert [a["name"] for a in remote.adapters()] == [a["name"] for a in local.adapters()]
     assert [f["name"] for f in remote.fusions()] == [f["name"] for f in local.fusions()]
     assert [m["name"] for m in remote.methods()] == [m["name"] for m in local.methods()]
-    method, adapters, _ = remote.resolve(FusionRequest(fusion="es-math-flow"))
-    assert method.name == "lora_flow" and [a.name for a in adapters] == ["lang-es", "task-math"]
-    assert remote.base.config.num_hidden_layers == local.base.config.num_hidden_layers
+    assert remote.describe(FusionRequest(fusion="es-math-flow")) == RequestInfo(
+        "lora_flow", ["lang-es", "task-math"], "es-math-flow")
+    assert remote.base_info() == local.base_info()
 
 
 def test_a_fusion_saved_on_the_host_reaches_every_replica(backend, library, local):
@@ -140,8 +140,15 @@ def test_bad_requests_get_the_engines_message(backend):
         remote.generate(FusionRequest(adapters=["no-such-lora"], method="single"), PROMPT)
     with pytest.raises(FusionError, match="empty"):
         remote.generate(FusionRequest(), "   ")
+    # the library changes where it lives: a client refuses to, and nothing changes
     with pytest.raises(FusionError, match="serving host"):
         remote.fit("cat", ["lang-es", "task-math"], [])
+    with pytest.raises(FusionError, match="serving host"):
+        remote.remove("es-math-flow", "fusion")
+    with pytest.raises(FusionError, match="serving host"):
+        remote.import_adapter(str(ADAPTERS / "lang-es"), name="lang-es-2")
+    assert "es-math-flow" in {f["name"] for f in remote.fusions()}
+    assert "lang-es-2" not in {a["name"] for a in remote.adapters()}
     # the replicas keep serving
     assert remote.generate(FusionRequest(), PROMPT, Sampling(max_new_tokens=2)).done
 
@@ -220,7 +227,7 @@ def test_both_backends_implement_the_declared_interface(either):
     either, _ = either
     assert isinstance(either, Backend)
     operations = [name for name, value in vars(Backend).items() if callable(value) and not name.startswith("_")]
-    assert len(operations) == 12, operations
+    assert len(operations) == 13, operations
     for name in operations:
         declared, implemented = getattr(Backend, name), getattr(type(either), name)
         if name != "generate":  # the one operation written once, over stream
@@ -228,6 +235,9 @@ def test_both_backends_implement_the_declared_interface(either):
         want = [(p.name, p.kind, p.default) for p in inspect.signature(declared).parameters.values()]
         got = [(p.name, p.kind, p.default) for p in inspect.signature(implemented).parameters.values()]
         assert got == want, name
+    # deleting is done where the library lives; an unknown entry is refused either way
+    with pytest.raises(FusionError, match="no fusion named 'no-such-fusion'|serving host"):
+        either.remove("no-such-fusion", "fusion")
 
 
 def greedy_reference(engine: Engine, prompt: str, tokens: int) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from fusion.adapters import ALL_MODULES
-from fusion.errors import FusionError
+from fusion.api import Backend
 
 from .common import TOAST_SECONDS, Studio, error_line
 
@@ -17,7 +17,7 @@ ROLES = [("guess from the name (lang-…, task-…)", ""), ("language", "languag
          ("other", "other")]
 
 
-def library_rows(engine) -> list[list]:
+def library_rows(engine: Backend) -> list[list]:
     rows = []
     for a in engine.adapters():
         alpha = a.get("alpha")
@@ -45,19 +45,19 @@ def base_model_name(value: str) -> str:
     return parts[-1] if parts else value
 
 
-def fusion_rows(engine) -> list[list]:
+def fusion_rows(engine: Backend) -> list[list]:
     return [[f["name"], f["method"], ", ".join(f["adapters"]), f["meta"].get("examples"),
              f["meta"].get("seconds")] for f in engine.fusions()]
 
 
-def removable_choices(engine) -> list:
+def removable_choices(engine: Backend) -> list:
     """(label, "kind:name") for the delete picker: fusions first, as adapters in use cannot go."""
     return ([(f"fusion · {f['name']}", f"fusion:{f['name']}") for f in engine.fusions()]
             + [(f"adapter · {a['name']}", f"adapter:{a['name']}") for a in engine.adapters()])
 
 
-def errors_text(engine) -> str:
-    errors = engine.library.errors
+def errors_text(engine: Backend) -> str:
+    errors = engine.library_errors()
     if not errors:
         return "No load errors."
     return "**Could not load:**\n" + "\n".join(f"- `{name}`: {message}" for name, message in errors.items())
@@ -65,9 +65,10 @@ def errors_text(engine) -> str:
 
 def build_adapters_tab(studio: Studio) -> dict:
     engine = studio.engine
+    folders = engine.library_folders()
     with gr.Tab("Adapters", id="adapters"):
-        gr.Markdown(f"Library folder: `{engine.library.adapters_dir}` · fitted fusions: "
-                    f"`{engine.library.fusions_dir}`", elem_classes=["param-note"])
+        gr.Markdown(f"Library folder: `{folders.adapters}` · fitted fusions: `{folders.fusions}`",
+                    elem_classes=["param-note"])
         table = gr.Dataframe(library_rows(engine), headers=HEADERS, interactive=False, wrap=True, max_height=720,
                              column_widths=WIDTHS, label="LoRA library", elem_id="adapters-table")
         fusions = gr.Dataframe(fusion_rows(engine), headers=["name", "method", "adapters", "examples", "seconds"],
@@ -100,7 +101,7 @@ def build_adapters_tab(studio: Studio) -> dict:
         return library_rows(engine), fusion_rows(engine), errors_text(engine)
 
     def rescan():
-        engine.library.rescan()
+        engine.rescan()
         return (*refreshed(), gr.skip(), gr.skip(),
                 f"Rescanned: {len(engine.adapters())} adapters, {len(engine.fusions())} fusions.")
 
@@ -113,14 +114,15 @@ def build_adapters_tab(studio: Studio) -> dict:
             gr.Warning(problem, duration=TOAST_SECONDS)
             return *refreshed(), gr.skip(), gr.skip(), f"⚠ {problem}"
         try:
-            adapter = engine.library.import_adapter(archive or folder, name=(new_name or "").strip() or None,
-                                                    role=new_role or None, overwrite=bool(replace))
+            adapter = engine.import_adapter(archive or folder, name=(new_name or "").strip() or None,
+                                            role=new_role or None, overwrite=bool(replace))
         except Exception as exc:
             line = error_line(exc)
             gr.Warning(line, duration=TOAST_SECONDS)
             return *refreshed(), gr.skip(), gr.skip(), f"⚠ {line}"
         # Emptied after an import, so the next one cannot silently reuse this source.
-        return *refreshed(), "", None, f"✔ Imported **{adapter.name}** (role {adapter.role}, rank {adapter.rank})."
+        return (*refreshed(), "", None,
+                f"✔ Imported **{adapter['name']}** (role {adapter['role']}, rank {adapter['rank']}).")
 
     def remove(choice):
         """Outputs as import_adapter's, then the delete picker."""
@@ -128,10 +130,7 @@ def build_adapters_tab(studio: Studio) -> dict:
             return *refreshed(), gr.skip(), gr.skip(), "Pick what to delete first.", gr.skip()
         kind, _, entry = str(choice).partition(":")
         try:
-            if not hasattr(engine.library, "remove"):  # a remote backend's library lives on the serving host
-                raise FusionError("this studio uses a remote backend: delete the folder in the serving host's "
-                                  "library and rescan")
-            engine.library.remove(entry, kind)
+            engine.remove(entry, kind)
         except Exception as exc:
             line = error_line(exc)
             gr.Warning(line, duration=TOAST_SECONDS)

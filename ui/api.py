@@ -12,9 +12,8 @@ import threading
 import gradio as gr
 
 from fusion import plots
-from fusion.engine import Engine
+from fusion.api import Backend, Sampling
 from fusion.errors import FusionError
-from fusion.generate import Sampling
 
 from .choices import build_request, parse_adapters, parse_params
 from .common import error_line
@@ -36,7 +35,7 @@ def _fail(exc: Exception):
     raise gr.Error(error_line(exc), print_exception=False) from None
 
 
-def register_api(engine: Engine) -> None:
+def register_api(engine: Backend) -> None:
     """Call inside a gr.Blocks context."""
 
     def methods() -> list[dict]:
@@ -46,7 +45,7 @@ def register_api(engine: Engine) -> None:
     def adapters() -> dict:
         """The library: adapters (name, kind, role, rank, targets, …), saved fitted fusions and load errors."""
         return plain({"adapters": engine.adapters(), "fusions": engine.fusions(),
-                      "errors": dict(engine.library.errors)})
+                      "errors": engine.library_errors()})
 
     def generate(adapters: list[str] | str = "", method: str = "base", params: str = "{}", prompt: str = "",
                  max_new_tokens: int = 64, temperature: float = 0.0, fusion: str = "",
@@ -58,10 +57,10 @@ def register_api(engine: Engine) -> None:
             request = build_request(method, adapters, params, fusion)
             sampling = Sampling(max_new_tokens=int(max_new_tokens), temperature=float(temperature))
             event = engine.generate(request, prompt, sampling, system=system or None)
-            resolved, chosen, _ = engine.resolve(request)
+            info = engine.describe(request)
         except Exception as exc:
             _fail(exc)
-        return {"text": event.text, "method": resolved.name, "adapters": [a.name for a in chosen],
+        return {"text": event.text, "method": info.method, "adapters": info.adapters,
                 "fusion": fusion or None, "finish_reason": event.finish_reason,
                 "new_tokens": len(event.token_ids), "prompt_tokens": event.prompt_tokens,
                 "seconds_to_first_token": event.seconds_to_first_token,

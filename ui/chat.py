@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from fusion.generate import Sampling
+from fusion.api import Sampling
 
 from .choices import (adapter_choices, adapters_for, build_request, check_choice, default_selection,
                       describe_fusion, fusion_choices, method_choices, request_label, saved_fusion)
@@ -54,10 +54,10 @@ def build_chat_tab(studio: Studio) -> dict:
     engine = studio.engine
     chosen = default_selection(engine)
     start = saved_fusion(engine, chosen["fusion"])
-    base = engine.base
+    base = engine.base_info()
     with gr.Tab("Chat", id="chat"):
-        gr.Markdown(f"**Base model:** {base.name} · {base.config.num_hidden_layers} layers · "
-                    f"{base.device} {str(base.dtype).replace('torch.', '')} — loaded once, never reloaded; "
+        gr.Markdown(f"**Base model:** {base.name} · {base.num_layers} layers · "
+                    f"{base.device} {base.dtype} — loaded once, never reloaded; "
                     "every message fuses its LoRAs for that request only.", elem_id="base-model")
         state = gr.State(new_session())
         with gr.Row(equal_height=False, elem_id="chat-layout"):

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 
-from fusion.engine import Engine, FusionRequest
+from fusion.api import Backend, FusionRequest
 from fusion.errors import FusionError
 
 from .constants import NONE, PREFERRED
 
 
-def adapter_choices(engine: Engine, role: str | None = None, with_none: bool = False) -> list:
+def adapter_choices(engine: Backend, role: str | None = None, with_none: bool = False) -> list:
     """(label, name) pairs; `role` filters, "(none)" first when asked."""
     rows = [a for a in engine.adapters() if role is None or a["role"] == role]
     choices = [(NONE, NONE)] if with_none else []
@@ -22,7 +22,7 @@ def adapter_choices(engine: Engine, role: str | None = None, with_none: bool = F
     return choices
 
 
-def kind_choices(engine: Engine, method: str | None) -> list:
+def kind_choices(engine: Backend, method: str | None) -> list:
     """The adapters a method can take (all of them for the base model)."""
     spec = method_spec(engine, method)
     kind = spec.get("adapter_kind") if spec.get("name") not in (None, "base") else None
@@ -30,14 +30,14 @@ def kind_choices(engine: Engine, method: str | None) -> list:
     return [(label, name) for label, name in adapter_choices(engine) if kind is None or kinds.get(name) == kind]
 
 
-def fusion_choices(engine: Engine) -> list:
+def fusion_choices(engine: Backend) -> list:
     choices = [(NONE, NONE)]
     for f in engine.fusions():
         choices.append((f"{f['name']}  ·  {f['method']} over {' + '.join(f['adapters']) or 'new adapter'}", f["name"]))
     return choices
 
 
-def method_choices(engine: Engine, fittable: bool = False) -> list:
+def method_choices(engine: Backend, fittable: bool = False) -> list:
     return [(m["pretty_name"] or m["name"], m["name"]) for m in engine.methods()
             if m["fittable"] or not fittable]
 
@@ -51,7 +51,7 @@ def preferred(choices: list, wanted: str | None, fallback_index: int | None = 0)
     return names[min(fallback_index, len(names) - 1)]
 
 
-def default_selection(engine: Engine) -> dict:
+def default_selection(engine: Backend) -> dict:
     """Sensible first choices: lang-es + task-math + LoRA-Flow when the library has them, with the
     fitted es-math-flow gates when shipped."""
     lang = preferred(adapter_choices(engine, "language", True), PREFERRED["language"])
@@ -101,20 +101,20 @@ def build_request(method, adapters, params, fusion=None) -> FusionRequest:
     return FusionRequest(adapters=parse_adapters(adapters), method=method or "base", params=params)
 
 
-def request_label(engine: Engine, request: FusionRequest | Exception) -> str:
+def request_label(engine: Backend, request: FusionRequest | Exception) -> str:
     """What produced a reply, as chat bubbles, status lines and compare columns name it:
     "es-math-flow (lora_flow) · lang-es + task-math" or "linear · lang-es + task-math"."""
     if isinstance(request, Exception):
         return "invalid choice"
     try:
-        method, adapters, _ = engine.resolve(request)
+        info = engine.describe(request)
     except Exception:  # the run itself reports the problem
         return request.fusion or request.method
-    head = f"{request.fusion} ({method.name})" if request.fusion else method.name
-    return f"{head} · {' + '.join(a.name for a in adapters)}" if adapters else head
+    head = f"{request.fusion} ({info.method})" if request.fusion else info.method
+    return f"{head} · {' + '.join(info.adapters)}" if info.adapters else head
 
 
-def saved_fusion(engine: Engine, name: str | None) -> dict | None:
+def saved_fusion(engine: Backend, name: str | None) -> dict | None:
     """A saved fusion as the pickers should show it: method, adapters and the params it runs
     with (its fitted tensors named by the fusion itself, e.g. gates = "es-math-flow")."""
     if not name or name == NONE:
@@ -129,7 +129,7 @@ def saved_fusion(engine: Engine, name: str | None) -> dict | None:
     return None
 
 
-def describe_fusion(engine: Engine, name: str | None) -> str:
+def describe_fusion(engine: Backend, name: str | None) -> str:
     if not name or name == NONE:
         return ""
     fusion = saved_fusion(engine, name)
@@ -139,11 +139,11 @@ def describe_fusion(engine: Engine, name: str | None) -> str:
             "fitted weights, as the pickers show. Changing the method or an adapter leaves the fusion.")
 
 
-def method_spec(engine: Engine, name: str | None) -> dict:
+def method_spec(engine: Backend, name: str | None) -> dict:
     return next((m for m in engine.methods() if m["name"] == name), {})
 
 
-def adapters_for(engine: Engine, method: str | None, chosen: list[str], defaults: list[str]) -> list[str]:
+def adapters_for(engine: Backend, method: str | None, chosen: list[str], defaults: list[str]) -> list[str]:
     """The adapters a method can run with, starting from the chosen ones: of the kind it takes
     (a MixLoRA adapter for MixLoRA, LoRAs otherwise), no more than it takes (the last ones: the task
     LoRA for Single LoRA), and filled from `defaults` (then the library) when too few."""
@@ -173,7 +173,7 @@ def adapters_for(engine: Engine, method: str | None, chosen: list[str], defaults
     return kept
 
 
-def check_choice(engine: Engine, request: FusionRequest) -> None:
+def check_choice(engine: Backend, request: FusionRequest) -> None:
     """Before running: an adapter count or kind the method cannot take, said with what to do."""
     if request.fusion:
         return

@@ -17,7 +17,7 @@ from pathlib import Path
 import gradio as gr
 
 from fusion import plots
-from fusion.engine import Engine
+from fusion.api import Backend
 from fusion.errors import FusionError
 
 from .choices import adapter_choices, fusion_choices, kind_choices
@@ -104,7 +104,7 @@ class ParamPanel:
     Adding a method needs no UI code: its `params` declaration is enough.
     """
 
-    def __init__(self, engine: Engine, prefix: str, for_fit: bool = False):
+    def __init__(self, engine: Backend, prefix: str, for_fit: bool = False):
         # Parameters that only shape a fit (a new adapter's experts, rank, seed...) are shown in
         # the Fit tab only.
         self.methods = {m["name"]: {**m, "params": [p for p in m["params"] if for_fit or not p.get("fit_only")]}
@@ -210,7 +210,7 @@ class Pickers:
     def components(self) -> list:
         return self.language + self.task + self.adapters + self.fusions
 
-    def updates(self, engine: Engine) -> list:
+    def updates(self, engine: Backend) -> list:
         language = adapter_choices(engine, "language", True)
         task = adapter_choices(engine, "task", True)
         every = adapter_choices(engine)
@@ -218,7 +218,7 @@ class Pickers:
         return ([gr.update(choices=language) for _ in self.language] + [gr.update(choices=task) for _ in self.task]
                 + [gr.update(choices=every) for _ in self.adapters] + [gr.update(choices=fusions) for _ in self.fusions])
 
-    def kind_updates(self, engine: Engine, methods: list) -> list:
+    def kind_updates(self, engine: Backend, methods: list) -> list:
         """Choices of the `by_method` pickers, given their methods' current values in order."""
         return [gr.update(choices=kind_choices(engine, method)) for method in methods]
 
@@ -227,7 +227,7 @@ class Pickers:
 class Studio:
     """What every tab builder receives: the engine and the app-wide helpers."""
 
-    engine: Engine
+    engine: Backend
     flags: CancelFlags = field(default_factory=CancelFlags)
     pickers: Pickers = field(default_factory=Pickers)
     files: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lora-studio-")))

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import gradio as gr
 
 from fusion import plots
-from fusion.engine import Engine
+from fusion.api import Backend, Sampling
 from fusion.errors import FusionError
-from fusion.generate import Sampling
 
 from fusion.lab.evaluate_math import is_correct
 from fusion.lab.math_data import EVAL_LANGUAGES, eval_examples
@@ -24,7 +23,7 @@ COLUMN_METHODS = ["lora_flow", "linear", "cat", "base"]  # first choices, left t
 FITTED_FIRST = ["lora_flow", "cat", "lorahub"]  # saved fusions over the default pair open the columns
 
 
-def first_columns(engine: Engine, chosen: dict) -> list[dict]:
+def first_columns(engine: Backend, chosen: dict) -> list[dict]:
     """What each column opens on: the saved fitted fusions over the default pair (so the columns
     differ from the start: untrained gates or logits answer like a plain average), then methods."""
     pair = chosen["adapters"]
@@ -62,7 +61,7 @@ class ColumnResult:
                 "trace": plots.trace_summary(self.trace)}
 
 
-def run_side_by_side(engine: Engine, requests: list, prompt: str, sampling: Sampling, system: str | None,
+def run_side_by_side(engine: Backend, requests: list, prompt: str, sampling: Sampling, system: str | None,
                      cancel: threading.Event):
     """Advance every column's stream in turn (one generator, as an arena does); yields the results
     after each step. A column whose request fails shows its error and the others go on."""
@@ -199,7 +198,7 @@ def build_compare_tab(studio: Studio) -> dict:
     return {"prompt": prompt, "columns": columns, "score": score}
 
 
-def wire_column(engine: Engine, chosen: dict, method, adapters, fusion, note, panel: ParamPanel) -> None:
+def wire_column(engine: Backend, chosen: dict, method, adapters, fusion, note, panel: ParamPanel) -> None:
     """A column shows what it will run: a method offers the adapters of its kind and leaves a
     saved fusion; a saved fusion shows its own method, adapters and params."""
     defaults = chosen["adapters"]
@@ -228,7 +227,7 @@ def column_inputs(columns: list[dict]) -> list:
     return [comp for c in columns for comp in [c["method"], c["adapters"], c["fusion"], *c["panel"].components]]
 
 
-def column_requests(engine: Engine, columns: list[dict], data: dict) -> list:
+def column_requests(engine: Backend, columns: list[dict], data: dict) -> list:
     """FusionRequests (or the FusionError to show) of the given columns, from a handler's inputs."""
     requests = []
     for c in columns:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -11,9 +10,10 @@ from pathlib import Path
 import gradio as gr
 
 from fusion import plots
+from fusion.api import Backend
 from fusion.errors import FusionError
 
-from .choices import adapter_choices, default_selection, method_choices, method_spec, parse_adapters
+from .choices import adapter_choices, default_selection, method_choices, parse_adapters
 from .common import TOAST_SECONDS, ParamPanel, Studio, error_line
 from .constants import APP
 
@@ -42,7 +42,7 @@ def train_options(epochs, lr, batch_size, max_steps) -> dict:
     return options
 
 
-def check_free_name(engine, name: str, overwrite: bool, method: str) -> None:
+def check_free_name(engine: Backend, name: str, overwrite: bool, method: str) -> None:
     """Refuse a taken name before training rather than after it."""
     spec = next((m for m in engine.methods() if m["name"] == method), {})
     taken = ({a["name"] for a in engine.adapters()} if spec.get("fit_from_scratch")
@@ -51,33 +51,21 @@ def check_free_name(engine, name: str, overwrite: bool, method: str) -> None:
         raise FusionError(f"{name!r} is already in the library; choose another name or tick replace")
 
 
-def fit_in_background(engine, method, adapters, examples, params, train, name, overwrite, flag):
-    """Run engine.fit on a thread; yields ("progress", Progress) then ("done", artifact),
-    ("cancelled", None) or ("error", line).
+def fit_in_background(engine: Backend, method, adapters, examples, params, train, name, overwrite, flag):
+    """Run engine.fit on a thread, saving the result under `name`; yields ("progress", Progress)
+    then ("done", artifact), ("cancelled", None) or ("error", line).
 
     The result is saved only when the fit ran to its end: a cancelled fit (Cancel, or the page
     closed) leaves nothing behind, so the name stays free for the next try.
     """
     events: queue.Queue = queue.Queue()
-    from_scratch = method_spec(engine, method).get("fit_from_scratch", False)
 
     def work():
         try:
-            with tempfile.TemporaryDirectory(prefix="lora-studio-fit-") as scratch:
-                out = str(Path(scratch) / name) if from_scratch else None
-                artifact = engine.fit(method, adapters, examples, params, train=train, out=out,
-                                      on_progress=lambda p: events.put(("progress", p)), cancel=flag)
-                if flag.is_set():
-                    events.put(("cancelled", None))
-                    return
-                if from_scratch:  # a new adapter: checked against the base model like any import
-                    engine.library.import_adapter(out, name=name, overwrite=overwrite)
-                    artifact.name, artifact.adapters = name, [name]
-                    artifact.path = str(engine.library.adapters_dir / name)
-                else:
-                    artifact.name = name
-                    artifact = engine.library.save_fusion(artifact, overwrite=overwrite)
-            events.put(("done", artifact))
+            artifact = engine.fit(method, adapters, examples, params, train=train, save_as=name, overwrite=overwrite,
+                                  on_progress=lambda p: events.put(("progress", p)), cancel=flag)
+            # The artifact, not the flag, says whether it was saved: the flag may be set after saving.
+            events.put(("cancelled", None) if artifact.meta.get("cancelled") else ("done", artifact))
         except Exception as exc:
             events.put(("error", error_line(exc)))
 
