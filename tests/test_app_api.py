@@ -157,7 +157,7 @@ def test_a_fit_from_scratch_is_saved_as_an_adapter_unless_cancelled(app_engine):
     import threading
     from pathlib import Path
 
-    from fusion.api import FusionRequest, Sampling
+    from fusion.api import FusionRequest, RequestInfo
 
     from ui.fit import fit_in_background
 
@@ -175,8 +175,12 @@ def test_a_fit_from_scratch_is_saved_as_an_adapter_unless_cancelled(app_engine):
         assert artifact.name == "ui-mix" and artifact.adapters == ["ui-mix"] and artifact.path == str(folder)
         assert len(artifact.meta["losses"]) == 1
         assert {a["name"]: a["kind"] for a in app_engine.adapters()}["ui-mix"] == "mixlora"
-        reply = app_engine.generate(FusionRequest(["ui-mix"], "mixlora"), "Hi", Sampling(max_new_tokens=2))
-        assert reply.trace.slot_names and len(reply.token_ids) == 2
+        request = FusionRequest(["ui-mix"], "mixlora")
+        assert app_engine.describe(request) == RequestInfo("mixlora", ["ui-mix"], None)
+        ids = torch.tensor([app_engine.encode_messages("Hi")])
+        logits, run = app_engine.logits(request, ids, record=True)
+        assert logits.shape[:2] == ids.shape and torch.isfinite(logits).all()
+        assert len(run.router_steps) == 1 and sorted(run.router_steps[0]) == list(range(LAYERS))  # routed everywhere
         kind, line = list(fit_in_background(app_engine, "mixlora", [], EXAMPLES, {}, train, "ui-mix", False,
                                             threading.Event()))[-1]
         assert kind == "error" and "already exists" in line
