@@ -97,3 +97,14 @@ def fit_examples(lang: str, n: int = 200, seed: int = 0):
 def fit_records(lang: str, n: int = 200, seed: int = 0) -> list[dict]:
     """The same examples as engine records ({"messages": [user, assistant]})."""
     return [{"messages": e.messages()} for e in fit_examples(lang, n, seed)]
+
+
+def dev_records(lang: str, n: int = 60, seed: int = 0) -> list[dict]:
+    """Dev problems (math_data.DEV_TEMPLATES) with localized answers, for choosing a fit's
+    learning rate, batch size and checkpoint; disjoint from fitting and evaluation templates."""
+    from dataclasses import replace
+
+    from .math_data import dev_examples
+
+    return [{"messages": replace(e, answer=localized_answer(e.program, dict(e.numbers), lang)).messages()}
+            for e in dev_examples(lang, n, seed)]
