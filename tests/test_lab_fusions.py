@@ -110,6 +110,13 @@ def test_fusion_steps_fit_save_and_skip(tiny_engine):
         assert build["steps"] == 2 and build["seed"] == 0 and build["examples"] == 8
         assert build["cpu_seconds"] >= 0 and build["seconds"] >= 0
         assert "es math problems" in build["data"]
+    # LoRA-Flow: one fit per grid point, each judged on the dev templates; the kept one is the
+    # lowest dev loss, and it carries the language's inference temperature (es: 1.0).
+    flow = json.loads((tiny_engine.library.fusions_dir / "es-math-flow" / "fusion.json").read_text())["meta"]
+    tried = flow["build"]["dev"]
+    assert [t["lr"] for t in tried] == [1e-3, 1e-4] and all(len(t["dev_losses"]) == 1 for t in tried)
+    assert flow["dev_losses"] == min((t["dev_losses"] for t in tried), key=min)
+    assert flow["dev_examples"] == 60 and flow["temperature"] == 1.0
     # lang-ru is not in the library: its steps wait instead of failing
     assert summary["ru-math-flow"].startswith("skipped")
     studio = json.loads((tiny_engine.library.adapters_dir / "mixlora-multi" / "studio.json").read_text())
