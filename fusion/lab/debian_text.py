@@ -87,7 +87,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _SENTENCE_END = {"es": re.compile(r"(?<=[^.][.!?])\s+"), "ru": re.compile(r"(?<=[^.][.!?])\s+"),
                  "zh": re.compile(r"(?<=[。！？])")}
 # Characters per paragraph: long enough to be prose, short enough for 256-token examples.
-LENGTH = {"es": (60, 420), "ru": (60, 420), "zh": (20, 160), "en": (40, 480)}
+LENGTH = {"es": (60, 400), "ru": (60, 240), "zh": (20, 100), "en": (40, 360)}
 MIN_HALF = {"es": 20, "ru": 20, "zh": 8}
 
 
