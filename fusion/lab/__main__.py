@@ -1,4 +1,4 @@
-"""CLI: ``python -m fusion.lab {build,data,eval,eval-math,eval-code,eval-lang,report}``."""
+"""CLI: ``python -m fusion.lab {build,data,eval,eval-math,eval-code,eval-lang,base-compare,report}``."""
 
 from __future__ import annotations
 
@@ -206,6 +206,18 @@ def cmd_report(args):
               f"{t.get('loss_first10')}→{t.get('loss_last10')} | {size:.1f} MB |")
 
 
+def cmd_base_compare(args):
+    import torch
+
+    from .base_compare import measure, table
+
+    torch.set_num_threads(args.threads)
+    results = [measure(spec, n_prose=args.prose, n_math=args.n) for spec in args.models]
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    print(table(results))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fusion.lab")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -263,6 +275,15 @@ def main(argv=None):
     g.add_argument("--threads", type=int, default=2)
     g.add_argument("--save", metavar="JSONL")
     g.set_defaults(func=cmd_eval_lang)
+    bc = sub.add_parser("base-compare", help="which base model reads es/ru/zh (no LoRA): bits/char, "
+                                             "reply language, math")
+    bc.add_argument("--models", nargs="+", default=["default"],
+                    help="'default', a .gguf file (e.g. Gemma 3 270M) or a model folder")
+    bc.add_argument("-n", type=int, default=12, help="math problems per language")
+    bc.add_argument("--prose", type=int, default=40, help="Debian paragraphs per language for bits/char")
+    bc.add_argument("--threads", type=int, default=1)
+    bc.add_argument("--json", help="write the raw measurements here")
+    bc.set_defaults(func=cmd_base_compare)
     r = sub.add_parser("report", help="markdown table of the built adapters")
     r.add_argument("--out", default=str(ADAPTERS))
     r.set_defaults(func=cmd_report)
