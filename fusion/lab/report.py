@@ -128,12 +128,25 @@ def fits_table(engine) -> str:
                 rows.append((a["name"], "mixlora", b))
     if not rows:
         return "(no fitted fusions in the library yet)"
-    lines = ["| artifact | method | examples | steps | wall s | CPU s | loss first→last 10 | seed |",
-             "|---|---|---|---|---|---|---|---|"]
+    metas = {f["name"]: f["meta"] for f in engine.fusions()}
+    lines = ["| artifact | method | examples | steps | wall s | CPU s | loss first→last 10 | seed | chosen |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, method, b in rows:
         lines.append(f"| {name} | {method} | {b.get('examples')} | {b.get('steps')} | {b.get('seconds'):.0f} | "
-                     f"{b.get('cpu_seconds'):.0f} | {b.get('loss_first')}→{b.get('loss_last')} | {b.get('seed')} |")
+                     f"{b.get('cpu_seconds'):.0f} | {b.get('loss_first')}→{b.get('loss_last')} | {b.get('seed')} | "
+                     f"{_chosen(method, b, metas.get(name, {}))} |")
     return "\n".join(lines)
+
+
+def _chosen(method: str, build: dict, meta: dict) -> str:
+    """What a fit settled on: LoRA-Flow's lr, epoch and temperature; CAT's distance from uniform."""
+    if method == "lora_flow" and build.get("dev"):
+        best = min(build["dev"], key=lambda t: min(t["dev_losses"]))
+        return (f"lr {best['lr']:g}, epoch {best['best_epoch']} (dev loss {min(best['dev_losses']):.3f}), "
+                f"T {meta.get('temperature', 1.0):g}")
+    if method == "cat" and "max_weight_shift" in meta:
+        return f"largest \\|w − 1/k\\| {meta['max_weight_shift']:.2f}"
+    return ""
 
 
 def results_block(results: dict, command: str, n: int, seed: int, langs, code_n: int, max_new_tokens: int,
