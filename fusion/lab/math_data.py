@@ -249,7 +249,7 @@ EVAL_TEMPLATES += [
     Template("e-groups", "div", {
         "en": "A guide splits {a} tourists into groups of {b}. How many groups are there?",
         "es": "Un guía divide a {a} turistas en grupos de {b}. ¿Cuántos grupos hay?",
-        "ru": "Экскурсовод делит {a} {a|туриста|туристов|туристов} на группы по {b} {b|человеку|человека|человек}. Сколько получится групп?",
+        "ru": "У экскурсовода {a} {a|турист|туриста|туристов}. Он делит их на группы по {b} {b|человеку|человека|человек}. Сколько получится групп?",
         "zh": "导游把{a}名游客分成每组{b}人的小组。一共能分成多少组？",
     }),
     Template("e-roses", "add_sub", {
