@@ -212,7 +212,7 @@ def cmd_base_compare(args):
     from .base_compare import measure, table
 
     torch.set_num_threads(args.threads)
-    results = [measure(spec, n_prose=args.prose, n_math=args.n) for spec in args.models]
+    results = [measure(spec, n_prose=args.prose, n_math=args.n, n_questions=args.questions) for spec in args.models]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
     print(table(results))
@@ -281,6 +281,7 @@ def main(argv=None):
                     help="'default', a .gguf file (e.g. Gemma 3 270M) or a model folder")
     bc.add_argument("-n", type=int, default=12, help="math problems per language")
     bc.add_argument("--prose", type=int, default=40, help="Debian paragraphs per language for bits/char")
+    bc.add_argument("--questions", type=int, default=12, help="everyday questions per language (0: skip)")
     bc.add_argument("--threads", type=int, default=1)
     bc.add_argument("--json", help="write the raw measurements here")
     bc.set_defaults(func=cmd_base_compare)

@@ -106,7 +106,7 @@ def prose(lang: str, n: int, seed: int = 0) -> list[str]:
     return texts[:n]
 
 
-def measure(spec: str, n_prose: int = 60, n_math: int = 24, log=print) -> dict:
+def measure(spec: str, n_prose: int = 60, n_math: int = 24, n_questions: int = 12, log=print) -> dict:
     from .evaluate_lang import QUESTIONS, in_language, is_echo
     from .math_data import eval_examples
     from .scoring import score_reply
@@ -119,11 +119,18 @@ def measure(spec: str, n_prose: int = 60, n_math: int = 24, log=print) -> dict:
         if lang != "en":
             bpc, tpc = bits_per_char(model, tokenizer, prose(lang, n_prose))
             row.update(bits_per_char=round(bpc, 3), tokens_per_char=round(tpc, 3))
-            answers, _ = replies(model, tokenizer, QUESTIONS[lang], 48)
-            row["in_language"] = sum(in_language(r, lang) for r in answers)
-            row["in_language_not_echo"] = sum(in_language(r, lang) and not is_echo(q, r)
-                                              for q, r in zip(QUESTIONS[lang], answers))
-            row["questions"] = len(answers)
+            if n_questions:
+                questions = QUESTIONS[lang][:n_questions]
+                answers, _ = replies(model, tokenizer, questions, 48)
+                row["in_language"] = sum(in_language(r, lang) for r in answers)
+                row["in_language_not_echo"] = sum(in_language(r, lang) and not is_echo(q, r)
+                                                  for q, r in zip(questions, answers))
+                row["questions"] = len(answers)
+                row["example_answer"] = answers[0][:160]
+        if not n_math:
+            result["langs"][lang] = row
+            log(json.dumps({"model": name, "lang": lang, **row}, ensure_ascii=False))
+            continue
         problems = eval_examples(lang, n_math)
         answers, sec_per_token = replies(model, tokenizer, [p.question for p in problems], 64)
         scores = [score_reply(r, p.value, lang) for p, r in zip(problems, answers)]
@@ -136,13 +143,14 @@ def measure(spec: str, n_prose: int = 60, n_math: int = 24, log=print) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| model | params | lang | bits/char | tokens/char | replies in language (not echo) / 12 | "
-             "math right / n | right and in language | s/token |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | params | lang | bits/char | tokens/char | replies in language (not echo) | "
+             "math right | right and in language | s/token |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for lang, row in r["langs"].items():
+            replied = (f"{row['in_language']}/{row['questions']} ({row['in_language_not_echo']})"
+                       if "in_language" in row else "—")
+            math_cells = (f"{row['math_correct']}/{row['math_n']} | {row['math_joint']}/{row['math_n']} | "
+                          f"{row['seconds_per_token']}" if "math_n" in row else "— | — | —")
             lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.0f}M | {lang} | {row.get('bits_per_char', '—')} | "
-                         f"{row.get('tokens_per_char', '—')} | "
-                         + (f"{row['in_language']} ({row['in_language_not_echo']})" if "in_language" in row else "—")
-                         + f" | {row['math_correct']}/{row['math_n']} | {row['math_joint']}/{row['math_n']} | "
-                         f"{row['seconds_per_token']} |")
+                         f"{row.get('tokens_per_char', '—')} | {replied} | {math_cells} |")
     return "\n".join(lines)
