@@ -182,11 +182,38 @@ def train(model, parameters: list[torch.Tensor], make_plan: Callable[[], FusionP
           examples: list[Example], config: TrainConfig, pad_id: int, device,
           on_progress: Callable[[Progress], None] | None = None,
           cancel: threading.Event | None = None,
-          extra_loss: Callable[[Run], torch.Tensor] | None = None) -> list[float]:
+          extra_loss: Callable[[Run], torch.Tensor] | None = None,
+          dev: list[Example] | None = None, dev_losses: list[float] | None = None) -> list[float]:
     """AdamW + warmup/cosine + clipping over `parameters`; returns the per-step losses.
 
-    Cancelling stops after the current step; what was learnt so far stays in `parameters`.
+    With `dev` examples, the mean answer loss on them is measured after every epoch (appended
+    to `dev_losses`) and `parameters` end at the epoch with the lowest dev loss, the
+    checkpoint choice of LoRA-Flow's paper. Cancelling stops after the current step; what was
+    learnt so far (or the best dev epoch) stays in `parameters`.
     """
+    dev_losses = [] if dev_losses is None else dev_losses
+    best: dict = {}
+
+    def check_dev() -> None:
+        loss = mean_answer_loss(model, Run(make_plan()), dev, pad_id, device)
+        dev_losses.append(loss)
+        if not best or loss < best["loss"]:
+            best.update(loss=loss, values=[p.detach().clone() for p in parameters])
+
+    def keep_best() -> None:
+        if best:
+            with torch.no_grad():
+                for p, v in zip(parameters, best["values"]):
+                    p.copy_(v)
+
+    losses = _train_loop(model, parameters, make_plan, examples, config, pad_id, device, on_progress, cancel,
+                         extra_loss, check_dev if dev else None)
+    keep_best()
+    return losses
+
+
+def _train_loop(model, parameters, make_plan, examples, config, pad_id, device, on_progress, cancel,
+                extra_loss, end_of_epoch) -> list[float]:
     if not examples:
         raise FusionError("no training examples")
     generator = torch.Generator().manual_seed(config.seed)
@@ -202,8 +229,12 @@ def train(model, parameters: list[torch.Tensor], make_plan: Callable[[], FusionP
     step = 0
     for epoch in range(config.epochs):
         order = torch.randperm(len(examples), generator=generator).tolist()
+        epoch_start = step
         for first in range(0, len(order), config.batch_size):
             if step >= total or (cancel is not None and cancel.is_set()):
+                # A partial last epoch (a step cap, a cancel) is still a checkpoint to judge.
+                if end_of_epoch is not None and step > epoch_start:
+                    end_of_epoch()
                 return losses
             batch = [examples[i] for i in order[first:first + config.batch_size]]
             lr = cosine_lr(step, total, warmup, config.lr)
@@ -222,4 +253,6 @@ def train(model, parameters: list[torch.Tensor], make_plan: Callable[[], FusionP
             step += 1
             if on_progress is not None:
                 on_progress(Progress(step, total, losses[-1], lr, time.perf_counter() - start, epoch, losses))
+        if end_of_epoch is not None:
+            end_of_epoch()
     return losses

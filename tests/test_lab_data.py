@@ -53,13 +53,61 @@ def test_eval_answers_recompute(lang):
 
 
 def test_templates_disjoint():
-    train_ids = {t.id for t in md.TRAIN_TEMPLATES}
-    eval_ids = {t.id for t in md.EVAL_TEMPLATES}
-    assert not train_ids & eval_ids
-    train_text = {t.text["en"] for t in md.TRAIN_TEMPLATES}
-    assert not train_text & {t.text["en"] for t in md.EVAL_TEMPLATES}
+    """Training, fitting, dev and evaluation templates share no id, no scenario text in any
+    language, and no text even after the numbers and names are taken out."""
+    from fusion.lab.math_fit_data import FIT_TEMPLATES
+
+    sets = {"train": md.TRAIN_TEMPLATES, "fit": FIT_TEMPLATES, "dev": md.DEV_TEMPLATES, "eval": md.EVAL_TEMPLATES}
+    for name, templates in sets.items():
+        assert len({t.id for t in templates}) == len(templates), name
+    names = list(sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not {t.id for t in sets[a]} & {t.id for t in sets[b]}, (a, b)
+            texts_a = {text for t in sets[a] for text in t.text.values()}
+            texts_b = {text for t in sets[b] for text in t.text.values()}
+            assert not texts_a & texts_b, (a, b)
+    # The fitting templates translate training ones (same scenario, by design); dev and evaluation
+    # scenarios are new: no dev or evaluation scenario noun appears in a training template.
+    train_text = " ".join(t.text["en"] for t in md.TRAIN_TEMPLATES).lower()
+    for noun in ("toy car", "muffin", "lemon", "tennis", "parking", "euro", "theatre", "laps", "tulip",
+                 "puzzle", "bookcase", "tourist", "florist", "juice", "batter", "pupil"):
+        assert noun not in train_text, noun
     for t in md.EVAL_TEMPLATES:
         assert set(t.text) == set(md.EVAL_LANGUAGES), t.id
+    for t in md.DEV_TEMPLATES:
+        assert set(t.text) == set(md.DEV_LANGUAGES), t.id
+    assert len(md.EVAL_TEMPLATES) == 16 and len(md.DEV_TEMPLATES) == 6
+
+
+@pytest.mark.parametrize("lang", md.EVAL_LANGUAGES)
+def test_two_hundred_distinct_eval_problems_per_language(lang):
+    exs = md.eval_examples(lang, 250, seed=0)
+    assert len({ex.question for ex in exs}) == 250
+    assert {ex.template for ex in exs[:200]} == {t.id for t in md.EVAL_TEMPLATES}
+    assert all(md.number_split(ex.program, dict(ex.numbers)) == "eval" for ex in exs)
+    for ex in exs:
+        _check_worked_answer(ex)
+        assert not re.search(r"[{}|]", ex.question), ex.question
+
+
+@pytest.mark.parametrize("lang", md.DEV_LANGUAGES)
+def test_dev_problems_disjoint_from_evaluation_and_fitting(lang):
+    from fusion.lab.math_fit_data import ANSWER_SENTENCE, dev_records, fit_examples
+
+    dev = md.dev_examples(lang, 60, seed=0)
+    assert {ex.template for ex in dev} == {t.id for t in md.DEV_TEMPLATES}
+    assert all(md.number_split(ex.program, dict(ex.numbers)) == "train" for ex in dev)
+    questions = {ex.question for ex in dev}
+    assert len(questions) == 60
+    assert not questions & {ex.question for ex in md.eval_examples(lang, 250, seed=0)}
+    assert not questions & {ex.question for ex in fit_examples(lang, 400, seed=0)}
+    for ex in dev:
+        assert not re.search(r"[{}|]", ex.question), ex.question
+    records = dev_records(lang, 60, seed=0)
+    for ex, record in zip(dev, records):
+        assert record["messages"][0]["content"] == ex.question
+        assert record["messages"][1]["content"].endswith(ANSWER_SENTENCE[lang].format(n=ex.value))
 
 
 def test_numbers_disjoint(train):

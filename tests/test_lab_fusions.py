@@ -110,6 +110,19 @@ def test_fusion_steps_fit_save_and_skip(tiny_engine):
         assert build["steps"] == 2 and build["seed"] == 0 and build["examples"] == 8
         assert build["cpu_seconds"] >= 0 and build["seconds"] >= 0
         assert "es math problems" in build["data"]
+    # LoRA-Flow: one fit per grid point, each judged on the dev templates; the kept one is the
+    # lowest dev loss, and it carries the language's inference temperature (es: 1.0).
+    flow = json.loads((tiny_engine.library.fusions_dir / "es-math-flow" / "fusion.json").read_text())["meta"]
+    tried = flow["build"]["dev"]
+    assert [t["lr"] for t in tried] == [1e-3, 1e-4] and all(len(t["dev_losses"]) == 1 for t in tried)
+    assert flow["dev_losses"] == min((t["dev_losses"] for t in tried), key=min)
+    assert flow["dev_examples"] == 60 and flow["temperature"] == 1.0
+    best = min(tried, key=lambda t: min(t["dev_losses"]))
+    fits = report.fits_table(tiny_engine)
+    assert f"| es-math-flow | lora_flow | 8 | 2 |" in fits
+    assert f"lr {best['lr']:g}, epoch 1 (dev loss {min(best['dev_losses']):.3f}), T 1 |" in fits
+    cat = json.loads((tiny_engine.library.fusions_dir / "es-math-cat" / "fusion.json").read_text())["meta"]
+    assert f"largest \\|w − 1/k\\| {cat['max_weight_shift']:.2f} |" in fits
     # lang-ru is not in the library: its steps wait instead of failing
     assert summary["ru-math-flow"].startswith("skipped")
     studio = json.loads((tiny_engine.library.adapters_dir / "mixlora-multi" / "studio.json").read_text())

@@ -1,4 +1,4 @@
-"""CLI: ``python -m fusion.lab {build,data,eval,eval-math,eval-code,eval-lang,report}``."""
+"""CLI: ``python -m fusion.lab {build,data,eval,eval-math,eval-code,eval-lang,base-compare,report}``."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ def _code_examples(seed):
 
 def _lang_examples(lang):
     def f(seed):
-        from .lang_data import train_examples
-        return train_examples(lang, seed=seed)
+        from .debian_text import build_examples
+        return [r["messages"] for r in build_examples(lang, seed=seed)]
     return f
 
 
@@ -51,9 +51,9 @@ for _lang, _word in (("es", "Spanish"), ("ru", "Russian"), ("zh", "Chinese")):
     SPECS[f"lang-{_lang}"] = (TrainConfig(
         name=f"lang-{_lang}", role="language", skill=_lang,
         description=f"General (non-math) {_word}: answers and continues text in {_word}.",
-        data=f"fusion.lab.lang_data ({_lang}): English -> {_word} message pairs from the Django 5.2.17 "
-             "and Sphinx 9.0.4 translation catalogs, instructions in the target language",
-        steps=120, max_length=192), _lang_examples(_lang))
+        data=f"fusion.lab.debian_text ({_lang}): translation both ways, continuation and section-title "
+             f"questions in {_word}, from Debian's installation guide, Debian Reference and fortunes",
+        steps=250, max_length=256), _lang_examples(_lang))
 
 
 def cmd_build(args):
@@ -82,7 +82,7 @@ def cmd_build(args):
         out = Path(args.out) / name
         if (out / "studio.json").exists() and not args.force:
             rec = json.loads((out / "studio.json").read_text())["trained"]
-            if rec.get("steps") == cfg.steps and rec.get("seed") == cfg.seed:
+            if rec.get("steps") == cfg.steps and rec.get("seed") == cfg.seed and rec.get("data") == cfg.data:
                 print(f"[{name}] already built ({out}); --force to retrain")
                 summary[name] = rec
                 continue
@@ -115,7 +115,7 @@ def cmd_data(args):
         samples[f"math-eval-{lang}"] = [e.messages() for e in math_data.eval_examples(lang, args.n, seed=args.seed)]
     samples["code-train"] = code_data.train_examples(seed=args.seed)[: args.n]
     for lang in lang_data.LANGUAGES:
-        samples[f"lang-{lang}"] = lang_data.train_examples(lang, seed=args.seed)[: args.n]
+        samples[f"lang-{lang}"] = _lang_examples(lang)(args.seed)[: args.n]
     if args.write:
         out = Path(args.write)
         out.mkdir(parents=True, exist_ok=True)
@@ -206,6 +206,18 @@ def cmd_report(args):
               f"{t.get('loss_first10')}→{t.get('loss_last10')} | {size:.1f} MB |")
 
 
+def cmd_base_compare(args):
+    import torch
+
+    from .base_compare import measure, table
+
+    torch.set_num_threads(args.threads)
+    results = [measure(spec, n_prose=args.prose, n_math=args.n, n_questions=args.questions) for spec in args.models]
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    print(table(results))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fusion.lab")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -263,11 +275,26 @@ def main(argv=None):
     g.add_argument("--threads", type=int, default=2)
     g.add_argument("--save", metavar="JSONL")
     g.set_defaults(func=cmd_eval_lang)
+    bc = sub.add_parser("base-compare", help="which base model reads es/ru/zh (no LoRA): bits/char, "
+                                             "reply language, math")
+    bc.add_argument("--models", nargs="+", default=["default"],
+                    help="'default', a .gguf file (e.g. Gemma 3 270M) or a model folder")
+    bc.add_argument("-n", type=int, default=12, help="math problems per language")
+    bc.add_argument("--prose", type=int, default=40, help="Debian paragraphs per language for bits/char")
+    bc.add_argument("--questions", type=int, default=12, help="everyday questions per language (0: skip)")
+    bc.add_argument("--threads", type=int, default=1)
+    bc.add_argument("--json", help="write the raw measurements here")
+    bc.set_defaults(func=cmd_base_compare)
     r = sub.add_parser("report", help="markdown table of the built adapters")
     r.add_argument("--out", default=str(ADAPTERS))
     r.set_defaults(func=cmd_report)
     args = p.parse_args(argv)
-    args.func(args)
+    from ..errors import FusionError
+
+    try:
+        args.func(args)
+    except FusionError as exc:  # e.g. a Debian package the language data needs is not installed
+        sys.exit(f"error: {exc}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Twelve everyday questions per language (written for this project; no overlap with the
 software-message training data), greedy replies, and the share of replies written in the
-question's language: by script for Russian (Cyrillic) and Chinese (Han), by function words
-for Spanish (Spanish vs English stop words). Replies that merely repeat the question are
+question's language: by script for Russian (Cyrillic) and Chinese (Han), by py3langid for
+Spanish (`fusion.lab.scoring.in_language`). Replies that merely repeat the question are
 counted separately (``echo``).
 """
 
@@ -52,25 +52,11 @@ QUESTIONS = {
            "推荐一本书并说明理由。"],
 }
 
-_ES = {"el", "la", "los", "las", "de", "del", "que", "y", "en", "un", "una", "es", "por", "para",
-       "con", "no", "se", "su", "al", "lo", "como", "más", "pero", "sus", "le", "ya", "o", "muy",
-       "también", "puedes", "tu", "te", "son", "está", "hay", "si", "qué", "cómo", "mi", "me", "yo"}
-_EN = {"the", "an", "of", "and", "to", "in", "is", "you", "that", "it", "for", "with", "on",
-       "are", "as", "be", "this", "your", "can", "or", "by", "at", "from", "have", "i"}
-
-
 def in_language(text: str, lang: str) -> bool:
-    letters = re.findall(r"[^\W\d_]", text)
-    if not letters:
-        return False
-    if lang == "ru":
-        return len(re.findall(r"[\u0400-\u04ff]", text)) >= 0.5 * len(letters)
-    if lang == "zh":
-        return len(re.findall(r"[\u4e00-\u9fff]", text)) >= 0.5 * len(letters)
-    if lang == "es":
-        words = re.findall(r"[a-záéíóúñü]+", text.lower())
-        return sum(w in _ES for w in words) > sum(w in _EN for w in words)
-    raise ValueError(lang)
+    """The detector of the math evaluation (scripts for ru/zh, py3langid for es)."""
+    from .scoring import in_language as detect
+
+    return detect(text, lang)
 
 
 def evaluate_language(model, tokenizer, lang: str, max_new_tokens: int = 48, batch_size: int = 12) -> dict:

@@ -225,7 +225,96 @@ EVAL_TEMPLATES = [
         "zh": "{name}星期五游了{a}圈，星期六游了{b}圈，星期日游了{c}圈。{name}这三天一共游了多少圈？",
     }),
 ]
+# A second set of evaluation templates, written later in the same way, so that an evaluation of
+# a few hundred problems per language spreads over sixteen wordings instead of eight.
+EVAL_TEMPLATES += [
+    Template("e-tulips", "add", {
+        "en": "{name} planted {a} tulip bulbs in spring and {b} more in autumn. How many tulip bulbs did {name} plant?",
+        "es": "{name} plantó {a} bulbos de tulipán en primavera y {b} más en otoño. ¿Cuántos bulbos de tulipán plantó {name}?",
+        "ru": "{name} {g:посадил|посадила} весной {a} {a|луковицу|луковицы|луковиц} тюльпанов, а осенью ещё {b}. Сколько луковиц тюльпанов {g:посадил|посадила} {name}?",
+        "zh": "{name}春天种了{a}个郁金香球茎，秋天又种了{b}个。{name}一共种了多少个郁金香球茎？",
+    }),
+    Template("e-puzzle", "sub", {
+        "en": "A puzzle has {a} pieces. {name} has already placed {b} pieces. How many pieces are still missing?",
+        "es": "Un rompecabezas tiene {a} piezas. {name} ya ha colocado {b} piezas. ¿Cuántas piezas faltan todavía?",
+        "ru": "В пазле {a} {a|деталь|детали|деталей}. {name} уже {g:собрал|собрала} {b} {b|деталь|детали|деталей}. Сколько деталей ещё осталось?",
+        "zh": "一幅拼图有{a}块。{name}已经拼好了{b}块。还剩多少块没有拼？",
+    }),
+    Template("e-shelves", "mul", {
+        "en": "A bookcase has {a} shelves, and {b} books stand on each shelf. How many books are in the bookcase?",
+        "es": "Una estantería tiene {a} baldas y en cada balda hay {b} libros. ¿Cuántos libros hay en la estantería?",
+        "ru": "В шкафу {a} {a|полка|полки|полок}, на каждой полке стоит по {b} {b|книге|книги|книг}. Сколько всего книг в шкафу?",
+        "zh": "一个书柜有{a}层，每层放着{b}本书。书柜里一共有多少本书？",
+    }),
+    Template("e-groups", "div", {
+        "en": "A guide splits {a} tourists into groups of {b}. How many groups are there?",
+        "es": "Un guía divide a {a} turistas en grupos de {b}. ¿Cuántos grupos hay?",
+        "ru": "У экскурсовода {a} {a|турист|туриста|туристов}. Он делит их на группы по {b} {b|человеку|человека|человек}. Сколько получится групп?",
+        "zh": "导游把{a}名游客分成每组{b}人的小组。一共能分成多少组？",
+    }),
+    Template("e-roses", "add_sub", {
+        "en": "A florist had {a} roses, got a delivery of {b} roses, and then sold {c}. How many roses does the florist have now?",
+        "es": "Una florista tenía {a} rosas, recibió {b} rosas más y luego vendió {c}. ¿Cuántas rosas tiene ahora?",
+        "ru": "У цветочницы было {a} {a|роза|розы|роз}. Ей привезли ещё {b} {b|розу|розы|роз}, а потом она продала {c}. Сколько роз теперь у цветочницы?",
+        "zh": "花店原来有{a}枝玫瑰，又运来了{b}枝，然后卖出了{c}枝。花店现在有多少枝玫瑰？",
+    }),
+    Template("e-juice", "sub_sub", {
+        "en": "A cafe had {a} bottles of juice. In the morning {b} bottles were drunk and in the evening {c} more. How many bottles are left?",
+        "es": "Una cafetería tenía {a} botellas de zumo. Por la mañana se bebieron {b} botellas y por la noche {c} más. ¿Cuántas botellas quedan?",
+        "ru": "В кафе было {a} {a|бутылка|бутылки|бутылок} сока. Утром выпили {b} {b|бутылку|бутылки|бутылок}, а вечером ещё {c}. Сколько бутылок осталось?",
+        "zh": "咖啡馆有{a}瓶果汁。上午喝掉了{b}瓶，晚上又喝掉了{c}瓶。还剩多少瓶果汁？",
+    }),
+    Template("e-batteries", "mul_add", {
+        "en": "{name} buys {a} packs of {b} batteries and finds {c} more batteries in a drawer. How many batteries does {name} have?",
+        "es": "{name} compra {a} paquetes de {b} pilas y encuentra {c} pilas más en un cajón. ¿Cuántas pilas tiene {name}?",
+        "ru": "{name} {g:купил|купила} {a} {a|упаковку|упаковки|упаковок} по {b} {b|батарейке|батарейки|батареек} и {g:нашёл|нашла} в ящике ещё {c} {c|батарейку|батарейки|батареек}. Сколько батареек у {name_gen}?",
+        "zh": "{name}买了{a}包电池，每包{b}节，又在抽屉里找到了{c}节电池。{name}一共有多少节电池？",
+    }),
+    Template("e-classroom", "sub_add", {
+        "en": "A classroom has {a} pupils. {b} pupils go home early and {c} pupils from another class join. How many pupils are in the classroom now?",
+        "es": "En un aula hay {a} alumnos. {b} alumnos se van a casa antes y llegan {c} alumnos de otra clase. ¿Cuántos alumnos hay ahora en el aula?",
+        "ru": "В классе {a} {a|ученик|ученика|учеников}. {b} {b|ученик ушёл|ученика ушли|учеников ушли} домой раньше, а {c} {c|ученик пришёл|ученика пришли|учеников пришли} из другого класса. Сколько учеников теперь в классе?",
+        "zh": "教室里有{a}名学生。{b}名学生提前回家了，又从别的班来了{c}名学生。教室里现在有多少名学生？",
+    }),
+]
 EVAL_LANGUAGES = ("en", "es", "ru", "zh")
+
+# Dev templates: for choosing a fit's learning rate, batch size and checkpoint (LoRA-Flow's
+# paper does that on a dev split). Target languages only, scenarios shared with no training,
+# fitting or evaluation template; numbers from the "train" side of the hash split.
+DEV_LANGUAGES = ("es", "ru", "zh")
+DEV_TEMPLATES = [
+    Template("d-buttons", "add", {
+        "es": "{name} tiene {a} botones en un frasco y encuentra {b} más. ¿Cuántos botones hay en el frasco?",
+        "ru": "У {name_gen} в банке {a} {a|пуговица|пуговицы|пуговиц}, и {name} {g:нашёл|нашла} ещё {b}. Сколько пуговиц теперь в банке?",
+        "zh": "{name}的罐子里有{a}颗纽扣，又找到了{b}颗。罐子里现在有多少颗纽扣？",
+    }),
+    Template("d-candles", "sub", {
+        "es": "Una tienda tenía {a} velas y vendió {b}. ¿Cuántas velas le quedan a la tienda?",
+        "ru": "В лавке было {a} {a|свеча|свечи|свечей}, из них продали {b}. Сколько свечей осталось в лавке?",
+        "zh": "一家小店有{a}支蜡烛，卖出了{b}支。小店还剩多少支蜡烛？",
+    }),
+    Template("d-tiles", "mul", {
+        "es": "Una pared tiene {a} filas de azulejos con {b} azulejos en cada fila. ¿Cuántos azulejos hay en la pared?",
+        "ru": "На стене {a} {a|ряд|ряда|рядов} плитки, в каждом ряду {b} {b|плитка|плитки|плиток}. Сколько всего плиток на стене?",
+        "zh": "一面墙上贴了{a}排瓷砖，每排{b}块。墙上一共有多少块瓷砖？",
+    }),
+    Template("d-trees", "div", {
+        "es": "Un jardinero planta {a} árboles en {b} filas iguales. ¿Cuántos árboles hay en cada fila?",
+        "ru": "Садовник сажает {a} {a|дерево|дерева|деревьев} поровну в {b} {b|ряд|ряда|рядов}. Сколько деревьев в каждом ряду?",
+        "zh": "园丁把{a}棵树平均种成{b}排。每排种多少棵树？",
+    }),
+    Template("d-bikes", "sub_add", {
+        "es": "Un alquiler de bicicletas tiene {a} bicicletas. Se alquilan {b} y se devuelven {c}. ¿Cuántas bicicletas hay ahora en el alquiler?",
+        "ru": "В прокате {a} {a|велосипед|велосипеда|велосипедов}. {b} {b|велосипед взяли|велосипеда взяли|велосипедов взяли} напрокат, а {c} {c|велосипед вернули|велосипеда вернули|велосипедов вернули}. Сколько велосипедов теперь в прокате?",
+        "zh": "租车点有{a}辆自行车。租出去了{b}辆，又还回来{c}辆。租车点现在有多少辆自行车？",
+    }),
+    Template("d-photos", "add_add", {
+        "es": "{name} hizo {a} fotos el lunes, {b} el martes y {c} el miércoles. ¿Cuántas fotos hizo {name} en total?",
+        "ru": "{name} {g:сделал|сделала} {a} {a|фотографию|фотографии|фотографий} в понедельник, {b} во вторник и {c} в среду. Сколько всего фотографий {g:сделал|сделала} {name}?",
+        "zh": "{name}星期一拍了{a}张照片，星期二拍了{b}张，星期三拍了{c}张。{name}一共拍了多少张照片？",
+    }),
+]
 
 
 @dataclass(frozen=True)
@@ -265,9 +354,9 @@ def _generate(templates, lang: str, n: int, seed: int, split: str) -> list[MathE
         tries += 1
         if tries > 200 * n + 1000:
             raise RuntimeError(f"cannot draw {n} distinct {split} problems")
-        t = templates[len(out) % len(templates)] if split == "eval" else rng.choice(templates)
+        t = templates[len(out) % len(templates)] if split in ("eval", "dev") else rng.choice(templates)
         nums = sample_numbers(t.program, rng)
-        if number_split(t.program, nums) != split:
+        if number_split(t.program, nums) != ("train" if split == "dev" else split):
             continue
         key = (t.id, tuple(sorted(nums.items())))
         if key in seen:
@@ -302,3 +391,11 @@ def eval_examples(lang: str = "en", n: int = 48, seed: int = 0) -> list[MathExam
     return [MathExample(template=e.template, language=lang, program=e.program, numbers=e.numbers,
                         question=_render(by_id[e.template], lang, dict(e.numbers), rng),
                         answer=e.answer, value=e.value) for e in exs]
+
+
+def dev_examples(lang: str, n: int = 60, seed: int = 0) -> list[MathExample]:
+    """Dev problems in a target language (dev templates, train-split numbers); the answers are in
+    English form here; math_fit_data.dev_records localizes them like the fitting data."""
+    if lang not in DEV_LANGUAGES:
+        raise ValueError(f"no dev templates for language {lang!r}; choose from {DEV_LANGUAGES}")
+    return _generate(DEV_TEMPLATES, lang, n, seed, "dev")

@@ -76,6 +76,50 @@ _FIT = [
     }),
 ]
 
+# Eight more training templates, so the gates see eighteen wordings rather than ten.
+_FIT += [
+    ("t-stickers", "add", {
+        "es": "Un álbum tiene {a} pegatinas en la primera página y {b} en la segunda. ¿Cuántas pegatinas hay en las dos páginas?",
+        "ru": "В альбоме на первой странице {a} {a|наклейка|наклейки|наклеек}, а на второй {b}. Сколько наклеек на обеих страницах?",
+        "zh": "贴纸册第一页有{a}张贴纸，第二页有{b}张。两页一共有多少张贴纸？",
+    }),
+    ("t-birds", "add", {
+        "es": "Hay {a} pájaros en un árbol. Luego se posan {b} pájaros más. ¿Cuántos pájaros hay en el árbol?",
+        "ru": "На дереве {a} {a|птица|птицы|птиц}. Потом прилетает ещё {b}. Сколько птиц теперь на дереве?",
+        "zh": "树上有{a}只鸟，后来又飞来了{b}只。树上现在有多少只鸟？",
+    }),
+    ("t-balloons", "sub", {
+        "es": "Una tienda de fiestas tenía {a} globos. Vendió {b}. ¿Cuántos globos le quedan a la tienda?",
+        "ru": "В магазине было {a} {a|воздушный шарик|воздушных шарика|воздушных шариков}. Продали {b}. Сколько шариков осталось в магазине?",
+        "zh": "一家派对用品店有{a}个气球，卖掉了{b}个。店里还剩多少个气球？",
+    }),
+    ("t-bus", "sub", {
+        "es": "En un autobús van {a} pasajeros. En la siguiente parada se bajan {b}. ¿Cuántos pasajeros quedan en el autobús?",
+        "ru": "В автобусе {a} {a|пассажир|пассажира|пассажиров}. На следующей остановке выходят {b}. Сколько пассажиров осталось в автобусе?",
+        "zh": "公交车上有{a}名乘客，下一站下去了{b}名。车上还有多少名乘客？",
+    }),
+    ("t-packs", "mul", {
+        "es": "{name} compra {a} paquetes de cartas. Cada paquete tiene {b} cartas. ¿Cuántas cartas compra {name}?",
+        "ru": "{name} {g:купил|купила} {a} {a|колоду|колоды|колод} карт, в каждой по {b} {b|карте|карты|карт}. Сколько всего карт {g:купил|купила} {name}?",
+        "zh": "{name}买了{a}包卡片，每包有{b}张。{name}一共买了多少张卡片？",
+    }),
+    ("t-teams", "div", {
+        "es": "Un entrenador divide a {a} jugadores en {b} equipos iguales. ¿Cuántos jugadores hay en cada equipo?",
+        "ru": "У тренера {a} {a|игрок|игрока|игроков}. Он делит их на {b} {b|равную команду|равные команды|равных команд}. Сколько игроков будет в каждой команде?",
+        "zh": "教练把{a}名队员平均分成{b}个队。每个队有多少名队员？",
+    }),
+    ("t-library", "add_sub", {
+        "es": "Una biblioteca tiene {a} libros. Recibe {b} libros nuevos y presta {c}. ¿Cuántos libros quedan en la biblioteca?",
+        "ru": "В библиотеке {a} {a|книга|книги|книг}. Она получила {b} {b|новую книгу|новые книги|новых книг} и выдала читателям {c}. Сколько книг осталось в библиотеке?",
+        "zh": "图书馆有{a}本书，新到了{b}本，又借出去{c}本。图书馆里还有多少本书？",
+    }),
+    ("t-fish", "sub_add", {
+        "es": "En una pecera hay {a} peces. {name} regala {b} peces y luego compra {c} nuevos. ¿Cuántos peces hay en la pecera?",
+        "ru": "В аквариуме {a} {a|рыбка|рыбки|рыбок}. {name} {g:отдал|отдала} {b}, а потом {g:купил|купила} ещё {c}. Сколько рыбок теперь в аквариуме?",
+        "zh": "鱼缸里有{a}条鱼。{name}送出去{b}条，又买了{c}条新的。鱼缸里现在有多少条鱼？",
+    }),
+]
+
 FIT_TEMPLATES = [Template(f"{tid}-xx", program, dict(text)) for tid, program, text in _FIT]
 
 
@@ -97,3 +141,14 @@ def fit_examples(lang: str, n: int = 200, seed: int = 0):
 def fit_records(lang: str, n: int = 200, seed: int = 0) -> list[dict]:
     """The same examples as engine records ({"messages": [user, assistant]})."""
     return [{"messages": e.messages()} for e in fit_examples(lang, n, seed)]
+
+
+def dev_records(lang: str, n: int = 60, seed: int = 0) -> list[dict]:
+    """Dev problems (math_data.DEV_TEMPLATES) with localized answers, for choosing a fit's
+    learning rate, batch size and checkpoint; disjoint from fitting and evaluation templates."""
+    from dataclasses import replace
+
+    from .math_data import dev_examples
+
+    return [{"messages": replace(e, answer=localized_answer(e.program, dict(e.numbers), lang)).messages()}
+            for e in dev_examples(lang, n, seed)]

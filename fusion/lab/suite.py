@@ -41,7 +41,8 @@ from .evaluate_math import final_number, is_correct
 from .fusions import MIXLORA_NAME
 from .math_data import _generate, eval_examples
 from .math_fit_data import FIT_TEMPLATES
-from .report import LANGS, ROWS, TARGET_LANGS, fits_table, results_block, table, write_results
+from .report import LANGS, ROWS, TARGET_LANGS, fits_table, mcnemar_table, results_block, table, write_results
+from .scoring import score_reply
 
 REPO = Path(__file__).resolve().parents[2]
 CODE_ROWS = ("base", "task")
@@ -236,13 +237,17 @@ def run_suite(engine, n: int = 24, langs=LANGS, rows=tuple(ROWS), seed: int = 0,
         fp = fingerprint(engine, request)
         t0 = time.process_time()
 
-        def score(p, r):
-            return {"template": p.template, "expected": p.value, "reply": r, "got": final_number(r),
-                    "correct": is_correct(r, p.value)}
+        def score(p, r, lang=lang):
+            return {"template": p.template, "expected": p.value, "reply": r, **score_reply(r, p.value, lang)}
 
         items = _evaluate_cell(engine, cache, key, fp, request, problems, score, lambda p: p.question,
                                max_new_tokens, batch_size, log)
-        results["math"].setdefault(row, {})[lang] = {"k": sum(i["correct"] for i in items), "n": len(items)}
+        # Cached replies from before the language score existed get it from their text.
+        items = [i if "joint" in i else {**i, **score_reply(i["reply"], i["expected"], lang)} for i in items]
+        results["math"].setdefault(row, {})[lang] = {"k": sum(i["correct"] for i in items), "n": len(items),
+                                                     "k_joint": sum(i["joint"] for i in items)}
+        results.setdefault("paired", {}).setdefault(row, {})[lang] = {
+            "correct": [bool(i["correct"]) for i in items], "joint": [bool(i["joint"]) for i in items]}
         results["seconds"][f"{row}|{lang}"] = round(time.process_time() - t0, 1)
     bar.close()
     if code_n and split == "eval":
@@ -272,7 +277,7 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--suite", default="math", choices=SUITES,
                    help="math: the templated one/two-step word problems in en/es/ru/zh (docs/data.md "
                         "explains why not GSM-level problems)")
-    p.add_argument("-n", type=int, default=24, help="math problems per language")
+    p.add_argument("-n", type=int, default=200, help="math problems per language")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--langs", nargs="+", default=list(LANGS), choices=list(LANGS))
     p.add_argument("--code-n", type=int, default=20, help="HumanEval problems (0: no code column)")
@@ -304,6 +309,7 @@ def cmd_eval(args, engine=None, argv=None) -> int:
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, code_n=args.code_n,
                         cache_path=args.cache or None, split=args.split)
     print(table(results, args.langs, args.rows))
+    print(mcnemar_table(results, args.langs))
     if args.split != "eval":
         return 0
     argv = sys.argv[1:] if argv is None else argv

@@ -21,7 +21,7 @@ from ..errors import FusionError
 from ..hub import resolve_ref
 from ..runtime import FusionPlan
 from ..safe_io import load_tensor_file
-from ..training import TrainConfig, train
+from ..training import Example, TrainConfig, train
 from .base import BuildContext, FitResult, FusionMethod, Param, module_keys, stacked_delta
 
 _RELEASED_KEY = re.compile(r"(\d+)")
@@ -132,16 +132,32 @@ class LoraFlowMethod(FusionMethod):
                           layer_gate=gate, trace_kind="gate", gate_tensors=(W, b, temperature), info={"temperature": temperature})
 
     def fit(self, ctx, adapters, examples, params, options, on_progress=None, cancel=None) -> FitResult:
+        """Options beyond "train": "dev" (tokenized examples: the dev loss is measured after every
+        epoch and the gates of the best epoch are kept) and "inference_temperature" (saved with
+        the gates and used when they are loaded; the paper fits at T = 1 and decodes zh/ru math
+        at T = 1.1)."""
         k = len(adapters)
         temperature = float(params.get("temperature") or 1.0)
+        inference_temperature = float(options.get("inference_temperature") or temperature)
+        if not 0.05 <= inference_temperature <= 20.0:
+            raise FusionError(f"inference_temperature {inference_temperature} is outside 0.05..20")
+        dev = options.get("dev") or None
+        if dev is not None and not all(isinstance(e, Example) for e in dev):
+            raise FusionError("dev examples must be tokenized (fusion.training.tokenize_records)")
         W = torch.zeros(ctx.num_layers, k, ctx.hidden_size, requires_grad=True)
         b = initial_bias(ctx.num_layers, k).requires_grad_(True)
         config = TrainConfig(**options.get("train", {}))
+        dev_losses: list[float] = []
         losses = train(ctx.model, [W, b], lambda: self.plan_from_gates(ctx, adapters, W, b, temperature),
-                       examples, config, options["pad_id"], ctx.device, on_progress, cancel)
+                       examples, config, options["pad_id"], ctx.device, on_progress, cancel,
+                       dev=dev, dev_losses=dev_losses)
         tensors = {}
         for layer in range(ctx.num_layers):
             tensors[f"gate.{layer}.weight"] = W[layer].detach()
             tensors[f"gate.{layer}.bias"] = b[layer].detach()
-        return FitResult(losses=losses, tensors=tensors,
-                         meta={"temperature": temperature, "slots": [a.name for a in adapters]}, param_ref="gates")
+        meta = {"temperature": inference_temperature, "fit_temperature": temperature,
+                "slots": [a.name for a in adapters]}
+        if dev is not None:
+            meta.update(dev_examples=len(dev), dev_losses=[round(x, 5) for x in dev_losses],
+                        best_epoch=(dev_losses.index(min(dev_losses)) + 1) if dev_losses else None)
+        return FitResult(losses=losses, tensors=tensors, meta=meta, param_ref="gates")
