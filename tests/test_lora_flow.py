@@ -269,41 +269,39 @@ def test_fit_keeps_the_best_dev_epoch_and_saves_the_inference_temperature(token_
     torch.testing.assert_close(saved, expected)
 
 
-def test_dev_checkpoint_choice_on_a_rising_dev_loss(setup):
-    """With a dev set whose targets the fit moves away from, the last epoch is not the best one
-    and the earlier gates are the ones returned."""
+def test_dev_checkpoint_choice_keeps_the_best_epoch_not_the_last(setup, monkeypatch):
+    """The dev loss is scripted (best at epoch 2 of 4) so that the choice itself is tested, not
+    whether a particular fit happens to overfit: the returned gates are exactly those measured
+    after epoch 2, and the meta says so."""
+    from fusion import training
     from fusion.methods import get_method
-    from fusion.training import Example, mean_answer_loss
+    from fusion.training import Example
 
     engine, _, _, _ = setup
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, 90, (24, 6), generator=g)
+    examples = []
+    for _ in range(8):
+        ids = torch.randint(3, 90, (9,), generator=g)
+        mask = torch.zeros(9, dtype=torch.bool)
+        mask[6:] = True
+        examples.append(Example(ids, mask))
+    scripted, seen = iter([4.0, 3.0, 3.5, 3.9]), []
 
-    def examples_from(name):
-        with torch.no_grad():
-            targets, _ = engine.logits(FusionRequest([name], "single"), prompts)
-        out = []
-        for prompt, logits in zip(prompts, targets):
-            ids = torch.cat([prompt, logits[2:].argmax(-1)])
-            mask = torch.zeros(len(ids), dtype=torch.bool)
-            mask[6:] = True
-            out.append(Example(ids, mask))
-        return out
+    def scripted_dev_loss(model, run, dev, pad_id, device, batch_size=8):
+        W, b, _ = run.plan.gate_tensors
+        seen.append((W.detach().clone(), b.detach().clone()))
+        return next(scripted)
 
-    fit_on, dev = examples_from("lang-a"), examples_from("task-b")[:8]
+    monkeypatch.setattr(training, "mean_answer_loss", scripted_dev_loss)
     adapters = [engine.library.get_adapter(n) for n in ("lang-a", "task-b")]
-    result = get_method("lora_flow").fit(engine.ctx, adapters, fit_on, {},
-                                         {"train": {"epochs": 4, "lr": 0.3, "weight_decay": 0.0},
-                                          "pad_id": 0, "dev": dev})
-    dev_losses = result["meta"]["dev_losses"]
-    # Measured: 4.560, 4.645, 4.588, 4.589 (best epoch 1, the last 0.029 above it).
-    assert dev_losses[-1] > min(dev_losses) + 0.01 and result["meta"]["best_epoch"] < 4, dev_losses
-    W = torch.stack([result["tensors"][f"gate.{l}.weight"] for l in range(LAYERS)])
-    b = torch.stack([result["tensors"][f"gate.{l}.bias"] for l in range(LAYERS)])
-    kept = Run(get_method("lora_flow").plan_from_gates(engine.ctx, adapters, W, b, 1.0))
-    assert mean_answer_loss(engine.model, kept, dev, 0, "cpu") == pytest.approx(min(dev_losses), abs=1e-5)
-
-
+    result = get_method("lora_flow").fit(engine.ctx, adapters, examples, {},
+                                         {"train": {"epochs": 4, "lr": 0.05, "batch_size": 4},
+                                          "pad_id": 0, "dev": examples[:4]})
+    assert result.meta["dev_losses"] == [4.0, 3.0, 3.5, 3.9] and result.meta["best_epoch"] == 2
+    assert len(seen) == 4 and not torch.equal(seen[1][1], seen[3][1])  # the gates kept moving after epoch 2
+    W = torch.stack([result.tensors[f"gate.{l}.weight"] for l in range(LAYERS)])
+    b = torch.stack([result.tensors[f"gate.{l}.bias"] for l in range(LAYERS)])
+    assert torch.equal(W, seen[1][0]) and torch.equal(b, seen[1][1])
 def test_fit_cancel_stops_early(token_engine):
     import threading
 
