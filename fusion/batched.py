@@ -109,7 +109,7 @@ def build_table(layer: int, names: tuple[str, ...], plans: list[FusionPlan], dev
                     Bs.append(B.to(device, dtype))
                 assigned.append((row, *span, coef, slots))
         if Bs:
-            members.append((name, start_of_module - 0, width, torch.cat(Bs, 1)))
+            members.append((name, start_of_module, width, torch.cat(Bs, 1)))
     if not As:
         return None
     users = sorted({a[0] for a in assigned})

@@ -250,7 +250,7 @@ def test_queue_beyond_the_row_cap(studio, requests):
     gate = threading.Event()
     blockers = []
     for _ in range(2):
-        blocker = scheduler.stream(plan, ids, Sampling(max_new_tokens=200), gate)
+        blocker = scheduler.stream(plan, ids, Sampling(max_new_tokens=1000), gate)  # runs until the gate opens
         next(blocker)
         blockers.append(blocker)
     waiting = scheduler.stream(plan, ids, Sampling(max_new_tokens=6))
@@ -266,13 +266,14 @@ def test_queue_beyond_the_row_cap(studio, requests):
 
 def test_kv_budget_queues_rows_that_do_not_fit(studio, requests):
     engine = studio.engine
-    one_row = RowCache.bytes_for(engine.model.config, 5 + 40 + 1, torch.float32)
-    scheduler = Scheduler(engine.model, engine.tokenizer, kv_budget_bytes=one_row + one_row // 2)
+    blocker = RowCache.bytes_for(engine.model.config, 5 + 1000 + 1, torch.float32)
+    waiter = RowCache.bytes_for(engine.model.config, 5 + 40 + 1, torch.float32)
+    scheduler = Scheduler(engine.model, engine.tokenizer, kv_budget_bytes=blocker + waiter - 1)
     plan = engine.plan(requests["base"])
     never_ending(scheduler)
     ids = prompt(studio, 5, seed=4)
     gate = threading.Event()
-    first = scheduler.stream(plan, ids, Sampling(max_new_tokens=40), gate)
+    first = scheduler.stream(plan, ids, Sampling(max_new_tokens=1000), gate)  # runs until the gate opens
     next(first)
     second = scheduler.stream(plan, ids, Sampling(max_new_tokens=40))
     assert next(second).queued == 1
@@ -302,7 +303,8 @@ def test_merge_only_while_one_static_fusion_is_alone(studio, requests, monkeypat
     monkeypatch.setattr(module, "decode_step", step)
     ids = prompt(studio, 6, seed=5)
     hold = threading.Event()
-    lone = scheduler.stream(engine.plan(requests["linear"]), ids, Sampling(max_new_tokens=100), hold)
+    never_ending(scheduler)
+    lone = scheduler.stream(engine.plan(requests["linear"]), ids, Sampling(max_new_tokens=1000), hold)
     next(lone)
     assert scheduler.status()["merged"] == "linear"
     other = scheduler.stream(engine.plan(requests["flow2"]), ids, Sampling(max_new_tokens=3))
