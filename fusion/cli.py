@@ -1,4 +1,4 @@
-"""Command line: `python -m fusion {methods,adapters,generate,fit,export,bench,serve,serve-bench,eval} ...`."""
+"""Command line: `python -m fusion {methods,adapters,generate,fit,export,bench,serve,serve-bench} ...`."""
 
 from __future__ import annotations
 
@@ -298,9 +298,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_serve_bench)
 
-    p = sub.add_parser("eval", help="the results table: every method on the math suite (and HumanEval)")
-    from .lab.suite import add_eval_arguments
-    add_eval_arguments(p)
     return parser
 
 

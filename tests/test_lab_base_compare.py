@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fixtures_formats import tiny_tokenizer
-from fusion.lab import base_compare
+from lab import base_compare
 from helpers import tiny_model
 
 

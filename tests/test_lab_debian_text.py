@@ -5,7 +5,7 @@ import re
 import pytest
 
 from fusion.errors import FusionError
-from fusion.lab import debian_text as dt
+from lab import debian_text as dt
 
 EN_PAGE = """<html><body><h2>2.1. Before you start</h2>
 <p>Read this chapter before you install the system on your computer.</p>
@@ -117,7 +117,7 @@ def test_missing_package_is_named_in_one_line(root):
 
 
 def test_lab_command_exits_with_the_message(monkeypatch, capsys):
-    from fusion.lab import __main__ as lab
+    from lab import __main__ as lab
 
     monkeypatch.setitem(dt.MARKERS, "installation-guide-amd64", "no/such/dir")
     monkeypatch.setattr(lab, "_lang_examples", lambda lang: lambda seed: dt.build_examples(lang, seed))

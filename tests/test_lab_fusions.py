@@ -1,4 +1,4 @@
-"""The fusion steps of `fusion.lab build` and the results-table command, on a tiny random Llama.
+"""The fusion steps of `python -m lab build` and the results-table command, on a tiny random Llama.
 
 Fast: a couple of fitting steps and a couple of problems. What is checked: the target-language
 fitting data never touches the evaluation problems; each fusion step fits, saves its artifact
@@ -18,10 +18,10 @@ import torch
 from fixtures_formats import tiny_tokenizer
 from helpers import lora_state, write_lora
 
-from fusion.lab import math_data as md
-from fusion.lab import math_fit_data as mfd
-from fusion.lab import report, suite
-from fusion.lab.evaluate_math import final_number
+from fusion import math_data as md
+from lab import math_fit_data as mfd
+from lab import report, suite
+from lab.evaluate_math import final_number
 
 
 # ---------------------------------------------------------------------------- data
@@ -93,7 +93,7 @@ def tiny_engine(tmp_path):
 
 
 def _build(engine, **kw):
-    from fusion.lab.fusions import build_fusions
+    from lab.fusions import build_fusions
 
     logs = []
     summary = build_fusions(engine, langs=("es", "ru"), max_steps=2, examples=8, progress_bar=False,
@@ -149,7 +149,7 @@ def test_fusion_steps_fit_save_and_skip(tiny_engine):
 def test_batched_greedy_equals_engine_generate(tiny_engine):
     from fusion.engine import FusionRequest
     from fusion.generate import Sampling
-    from fusion.lab.fusions import build_fusions
+    from lab.fusions import build_fusions
 
     build_fusions(tiny_engine, langs=("es",), methods=("lora_flow",), mixlora=False, max_steps=2, examples=8,
                   progress_bar=False, log=lambda *a: None)
@@ -184,7 +184,7 @@ def test_eval_command_writes_table_and_resumes(tiny_engine, tmp_path, monkeypatc
     assert suite.cmd_eval(args, engine=tiny_engine, argv=["eval", "-n", "2"]) == 0
     text = (tmp_path / "results.md").read_text()
     assert report.BEGIN in text and report.END in text
-    assert "`python -m fusion eval -n 2`" in text
+    assert "`python -m lab eval -n 2`" in text
     assert "| Base | " in text and "/2 = " in text and "mean (es)" in text
     assert "— (not fitted)" in text  # no fitted fusions in this library
     cache = json.loads((tmp_path / "cache.json").read_text())
@@ -222,7 +222,7 @@ def test_eval_command_writes_table_and_resumes(tiny_engine, tmp_path, monkeypatc
 
 
 def test_app_default_uses_fitted_gates(tiny_engine):
-    from fusion.lab.fusions import build_fusions
+    from lab.fusions import build_fusions
     from ui.choices import default_selection
 
     before = default_selection(tiny_engine)

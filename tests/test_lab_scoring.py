@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from fusion.lab import scoring
+from lab import scoring
 
 
 @pytest.mark.parametrize("b,c,expected", [
@@ -90,7 +90,7 @@ def test_score_reply_two_scores():
 
 
 def test_mcnemar_report_table():
-    from fusion.lab.report import mcnemar_table
+    from lab.report import mcnemar_table
 
     flow = {"correct": [True] * 8 + [False] * 2, "joint": [True] * 6 + [False] * 4}
     task = {"correct": [False] * 8 + [True] * 2, "joint": [False] * 10}

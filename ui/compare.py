@@ -11,8 +11,8 @@ from fusion import plots
 from fusion.api import Backend, Sampling
 from fusion.errors import FusionError
 
-from fusion.lab.evaluate_math import is_correct
-from fusion.lab.math_data import EVAL_LANGUAGES, eval_examples
+from fusion.math_scoring import is_correct
+from fusion.math_data import EVAL_LANGUAGES, eval_examples
 
 from .choices import (adapters_for, build_request, check_choice, default_selection, describe_fusion, fusion_choices,
                       kind_choices, method_choices, request_label, saved_fusion)

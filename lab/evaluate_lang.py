@@ -3,7 +3,7 @@
 Twelve everyday questions per language (written for this project; no overlap with the
 software-message training data), greedy replies, and the share of replies written in the
 question's language: by script for Russian (Cyrillic) and Chinese (Han), by py3langid for
-Spanish (`fusion.lab.scoring.in_language`). Replies that merely repeat the question are
+Spanish (`lab.scoring.in_language`). Replies that merely repeat the question are
 counted separately (``echo``).
 """
 

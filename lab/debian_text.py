@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
-from ..errors import FusionError
+from fusion.errors import FusionError
 from .scoring import in_language
 
 LANGUAGES = ("es", "ru", "zh")

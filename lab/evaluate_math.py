@@ -12,28 +12,7 @@ import time
 
 import torch
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-_ANSWER_IS = re.compile(
-    r"(?:answer is|answer:|respuesta es|ответ[:\s]|答案是|答案[:：])\s*\**\s*(-?\d[\d,]*(?:\.\d+)?)",
-    re.IGNORECASE)
-
-
-def final_number(text: str) -> float | None:
-    """The number a reply commits to: after "The answer is" (or its translations), else the last number."""
-    m = _ANSWER_IS.findall(text)
-    cands = m or _NUMBER.findall(text)
-    if not cands:
-        return None
-    raw = cands[-1].replace(",", "")
-    try:
-        return float(raw)
-    except ValueError:
-        return None
-
-
-def is_correct(reply: str, value: int) -> bool:
-    got = final_number(reply)
-    return got is not None and abs(got - value) < 1e-6
+from fusion.math_scoring import final_number, is_correct  # noqa: F401  (the lab's scorer)
 
 
 @torch.no_grad()
@@ -63,7 +42,7 @@ def generate_replies(model, tokenizer, questions: list[str], batch_size: int = 1
 def evaluate_math(model, tokenizer, lang: str = "en", n: int = 48, seed: int = 0,
                   batch_size: int = 16, max_new_tokens: int = 64, examples=None) -> dict:
     """Accuracy on ``n`` evaluation problems in ``lang`` (or on the given examples)."""
-    from .math_data import eval_examples
+    from fusion.math_data import eval_examples
 
     exs = examples if examples is not None else eval_examples(lang, n, seed=seed)
     was_training = model.training

@@ -1,4 +1,4 @@
-"""The fusion steps of ``python -m fusion.lab build``: fitted fusions over the trained LoRAs.
+"""The fusion steps of ``python -m lab build``: fitted fusions over the trained LoRAs.
 
 After the LoRAs, for each target language l in {es, ru, zh} with the math task:
 
@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..safe_io import atomic_folder
+from fusion.safe_io import atomic_folder
 from .lang_data import train_examples as lang_examples
-from .math_data import train_examples as math_examples
+from fusion.math_data import train_examples as math_examples
 from .math_fit_data import fit_records
 
 FIT_LANGS = ("es", "ru", "zh")
@@ -114,7 +114,7 @@ def step_records(step: Step, settings: dict) -> tuple[list[dict], str]:
     if step.method != "mixlora":
         n = settings["examples"]
         return (fit_records(step.lang, n, seed),
-                f"fusion.lab.math_fit_data: {n} {step.lang} math problems (training templates, "
+                f"lab.math_fit_data: {n} {step.lang} math problems (training templates, "
                 f"train-split numbers), seed {seed}")
     mix = settings["mix"]
     records = [{"messages": e.messages()} for e in math_examples(mix["math_en"], seed=seed)]
@@ -209,7 +209,7 @@ def run_step(engine, step: Step, settings: dict, progress_bar: bool = True, log=
 def _fit_on_dev(engine, step: Step, settings: dict, records: list[dict], on_progress):
     """One LoRA-Flow fit per grid point, each keeping its best dev epoch; the fit with the lowest
     dev loss wins. Returns (artifact, [{lr, batch_size, dev_losses, best_epoch}])."""
-    from ..training import tokenize_records
+    from fusion.training import tokenize_records
     from .math_fit_data import dev_records
 
     dev = tokenize_records(engine.tokenizer, dev_records(step.lang, settings["dev_examples"], settings["seed"]))

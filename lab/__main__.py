@@ -1,4 +1,4 @@
-"""CLI: ``python -m fusion.lab {build,data,eval,eval-math,eval-code,eval-lang,base-compare,report}``."""
+"""CLI: ``python -m lab {build,data,eval,eval-math,eval-code,eval-lang,base-compare,report}``."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pathlib import Path
 
 from .train_lora import TrainConfig
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 ADAPTERS = REPO / "assets" / "adapters"
 FUSIONS = REPO / "assets" / "fusions"
 
 
 def _math_examples(seed):
-    from .math_data import train_examples
+    from fusion.math_data import train_examples
     return [e.messages() for e in train_examples(2000, seed=seed)]
 
 
@@ -38,12 +38,12 @@ SPECS = {
         name="task-math", role="task", skill="math",
         description="One- and two-step arithmetic word problems answered with a short worked "
                     "solution ending in 'The answer is N.' (English).",
-        data="fusion.lab.math_data train templates (English, 24 templates, train-split numbers)",
+        data="fusion.math_data train templates (English, 24 templates, train-split numbers)",
         steps=200, max_length=160), _math_examples),
     "task-code": (TrainConfig(
         name="task-code", role="task", skill="code",
         description="Writes a Python function from a description (English docstring -> function).",
-        data="fusion.lab.code_data: docstring -> function pairs from CPython 3.11 stdlib, Django 5.2.17 "
+        data="lab.code_data: docstring -> function pairs from CPython 3.11 stdlib, Django 5.2.17 "
              "and Sphinx 9.0.4 sources",
         steps=150, max_length=320), _code_examples),
 }
@@ -51,13 +51,13 @@ for _lang, _word in (("es", "Spanish"), ("ru", "Russian"), ("zh", "Chinese")):
     SPECS[f"lang-{_lang}"] = (TrainConfig(
         name=f"lang-{_lang}", role="language", skill=_lang,
         description=f"General (non-math) {_word}: answers and continues text in {_word}.",
-        data=f"fusion.lab.debian_text ({_lang}): translation both ways, continuation and section-title "
+        data=f"lab.debian_text ({_lang}): translation both ways, continuation and section-title "
              f"questions in {_word}, from Debian's installation guide, Debian Reference and fortunes",
         steps=250, max_length=256), _lang_examples(_lang))
 
 
 def cmd_build(args):
-    from ..model import load_base_model
+    from fusion.model import load_base_model
 
     from .fusions import fusion_steps
 
@@ -93,7 +93,7 @@ def cmd_build(args):
     if fusion_names:
         import torch
 
-        from ..engine import Engine
+        from fusion.engine import Engine
         from .fusions import build_fusions
 
         torch.set_num_threads(args.threads)
@@ -106,7 +106,9 @@ def cmd_build(args):
 
 
 def cmd_data(args):
-    from . import code_data, lang_data, math_data
+    from fusion import math_data
+
+    from . import code_data, lang_data
 
     samples = {
         "math-train-en": [e.messages() for e in math_data.train_examples(args.n, seed=args.seed)],
@@ -136,7 +138,7 @@ def _model_with_adapter(args):
     single-adapter evaluations)."""
     import torch
 
-    from ..model import load_base_model
+    from fusion.model import load_base_model
 
     torch.set_num_threads(args.threads)
     base = load_base_model()
@@ -219,7 +221,7 @@ def cmd_base_compare(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m fusion.lab")
+    p = argparse.ArgumentParser(prog="python -m lab")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="train the adapters of the embedded library (resumable)")
     b.add_argument("--only", nargs="+", metavar="NAME",
@@ -289,7 +291,7 @@ def main(argv=None):
     r.add_argument("--out", default=str(ADAPTERS))
     r.set_defaults(func=cmd_report)
     args = p.parse_args(argv)
-    from ..errors import FusionError
+    from fusion.errors import FusionError
 
     try:
         args.func(args)

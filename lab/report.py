@@ -1,4 +1,4 @@
-"""The results table of ``python -m fusion eval``: Wilson intervals, the markdown table, the
+"""The results table of ``python -m lab eval``: Wilson intervals, the markdown table, the
 fitted-artifact costs, and rewriting the block between the markers of docs/results.md."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from ..safe_io import atomic_write_text
+from fusion.safe_io import atomic_write_text
 
 LANGS = ("en", "es", "ru", "zh")
 TARGET_LANGS = ("es", "ru", "zh")
@@ -151,7 +151,7 @@ def _chosen(method: str, build: dict, meta: dict) -> str:
 
 def results_block(results: dict, command: str, n: int, seed: int, langs, code_n: int, max_new_tokens: int,
                   engine_name: str, fits: str = "") -> str:
-    from .math_data import EVAL_TEMPLATES
+    from fusion.math_data import EVAL_TEMPLATES
 
     sizes = f"n = {n} problems per language cell"
     if any(l in TARGET_LANGS for l in langs):
@@ -180,11 +180,11 @@ def results_block(results: dict, command: str, n: int, seed: int, langs, code_n:
         "",
         mcnemar_table(results, langs),
         "",
-        f"Split: the math evaluation set of `fusion/lab/math_data.py`: the {len(EVAL_TEMPLATES)} evaluation "
+        f"Split: the math evaluation set of `fusion/math_data.py`: the {len(EVAL_TEMPLATES)} evaluation "
         f"templates (authored separately in en/es/ru/zh, never used for training, fitting or dev) with operand "
         f"tuples from the evaluation side of the hash split, seed {seed}, the first n problems "
         f"(the same problems and numbers in every language). Fusions were fitted on "
-        f"`fusion/lab/math_fit_data.py` (training templates, training numbers) and chose their settings "
+        f"`lab/math_fit_data.py` (training templates, training numbers) and chose their settings "
         f"on the dev templates only.",
         "",
         *(["Fitted artifacts in the library (from their metadata; LoraHub's steps are its "

@@ -14,7 +14,7 @@ reads like the English one.
 
 from __future__ import annotations
 
-from .math_data import Template, _generate, solve
+from fusion.math_data import Template, _generate, solve
 
 FIT_LANGUAGES = ("es", "ru", "zh")
 
@@ -148,7 +148,7 @@ def dev_records(lang: str, n: int = 60, seed: int = 0) -> list[dict]:
     learning rate, batch size and checkpoint; disjoint from fitting and evaluation templates."""
     from dataclasses import replace
 
-    from .math_data import dev_examples
+    from fusion.math_data import dev_examples
 
     return [{"messages": replace(e, answer=localized_answer(e.program, dict(e.numbers), lang)).messages()}
             for e in dev_examples(lang, n, seed)]

@@ -1,4 +1,4 @@
-"""The results table: ``python -m fusion eval --suite math`` (also ``python -m fusion.lab eval``).
+"""The results table: ``python -m lab eval --suite math``.
 
 Rows: Base, the column's language LoRA alone, the task LoRA alone, linear average
 (0.5/0.5) of language + task LoRA, TIES (peft defaults: density 0.5, weights 1/k), LoraHub,
@@ -32,19 +32,19 @@ from pathlib import Path
 
 import torch
 
-from ..api import FusionRequest
-from ..generate import stop_token_ids
-from ..runtime import Run, activate
+from fusion.api import FusionRequest
+from fusion.generate import stop_token_ids
+from fusion.runtime import Run, activate
 from .evaluate_code import problems as code_problems
 from .evaluate_code import program, question, run_program
 from .evaluate_math import final_number, is_correct
 from .fusions import MIXLORA_NAME
-from .math_data import _generate, eval_examples
+from fusion.math_data import _generate, eval_examples
 from .math_fit_data import FIT_TEMPLATES
 from .report import LANGS, ROWS, TARGET_LANGS, fits_table, mcnemar_table, results_block, table, write_results
 from .scoring import score_reply
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 CODE_ROWS = ("base", "task")
 FITTED = {"lorahub": "lorahub", "cat": "cat", "lora_flow": "flow"}
 SUITES = ("math",)
@@ -301,7 +301,7 @@ def add_eval_arguments(p) -> None:
 def cmd_eval(args, engine=None, argv=None) -> int:
     torch.set_num_threads(args.threads)
     if engine is None:
-        from ..engine import Engine
+        from fusion.engine import Engine
 
         engine = Engine(model=args.model, adapters_dir=args.adapters_dir, fusions_dir=args.fusions_dir,
                         progress=lambda *a, **k: print(*a, file=sys.stderr))
@@ -313,7 +313,7 @@ def cmd_eval(args, engine=None, argv=None) -> int:
     if args.split != "eval":
         return 0
     argv = sys.argv[1:] if argv is None else argv
-    command = "python -m fusion " + " ".join(shlex.quote(a) for a in argv)
+    command = "python -m lab " + " ".join(shlex.quote(a) for a in argv)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
     if args.out:

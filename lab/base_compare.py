@@ -1,4 +1,4 @@
-"""Which base model reads the target languages? ``python -m fusion.lab base-compare``.
+"""Which base model reads the target languages? ``python -m lab base-compare``.
 
 For each model (the embedded SmolLM2-135M-Instruct, or a GGUF file / model folder), measured
 the same way, without any LoRA:
@@ -31,7 +31,7 @@ def load(spec: str):
     """(model, tokenizer, name, load seconds) for "default", a .gguf file or a model folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..model import dense_default_copy
+    from fusion.model import dense_default_copy
 
     start = time.perf_counter()
     if spec == "default":
@@ -108,7 +108,7 @@ def prose(lang: str, n: int, seed: int = 0) -> list[str]:
 
 def measure(spec: str, n_prose: int = 60, n_math: int = 24, n_questions: int = 12, log=print) -> dict:
     from .evaluate_lang import QUESTIONS, in_language, is_echo
-    from .math_data import eval_examples
+    from fusion.math_data import eval_examples
     from .scoring import score_reply
 
     model, tokenizer, name, load_s = load(spec)

@@ -162,7 +162,7 @@ def train_lora(cfg: TrainConfig, examples: list[list[dict]], out_dir: str | Path
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
-    from ..model import load_base_model
+    from fusion.model import load_base_model
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -1,8 +1,0 @@
-"""The skill-library lab: offline training data and the LoRA training that builds assets/adapters/.
-
-``python -m fusion.lab build`` trains every adapter of the embedded library, then fits the
-fusions over them (LoRA-Flow, CAT, LoraHub per language; a multi-task MixLoRA), seeded and
-resumable; ``python -m fusion.lab data`` prints or writes samples of each data set;
-``python -m fusion.lab eval-math`` measures greedy exact-match accuracy on the math problems;
-``python -m fusion eval`` (= ``python -m fusion.lab eval``) writes the results table.
-"""
