@@ -119,7 +119,7 @@ def test_fusion_steps_fit_save_and_skip(tiny_engine):
     assert flow["dev_examples"] == 60 and flow["temperature"] == 1.0
     best = min(tried, key=lambda t: min(t["dev_losses"]))
     fits = report.fits_table(tiny_engine)
-    assert f"| es-math-flow | lora_flow | 8 | 2 |" in fits
+    assert "| es-math-flow | lora_flow | 8 | 2 |" in fits
     assert f"lr {best['lr']:g}, epoch 1 (dev loss {min(best['dev_losses']):.3f}), T 1 |" in fits
     cat = json.loads((tiny_engine.library.fusions_dir / "es-math-cat" / "fusion.json").read_text())["meta"]
     assert f"largest \\|w − 1/k\\| {cat['max_weight_shift']:.2f} |" in fits
