@@ -215,6 +215,24 @@ def test_the_ui_reaches_the_engine_through_backend_operations_only():
     assert importers == {"app.py"}
 
 
+def test_the_engine_imports_neither_the_ui_nor_the_lab():
+    """The folders are the layers: fusion/ (the engine) never imports gradio, ui/, app or lab/."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    upward = {}
+    for path in sorted((root / "fusion").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            for name in names:
+                if name.split(".")[0] in ("gradio", "ui", "app", "lab"):
+                    upward.setdefault(str(path.relative_to(root)), []).append(name)
+    assert upward == {}
+    assert (root / "fusion" / "math_data.py").is_file() and not list((root / "fusion").glob("lab/*.py"))
+
+
 # ---- figures (fusion/plots.py) ---------------------------------------------------------------------
 def make_trace(kind="gate", slots=("lang-es", "task-math"), tokens=7, prompt=4, layers=3, **extra):
     from fusion.trace import Trace
