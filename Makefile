@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: run test test-portable bench setup clean
+.PHONY: run test test-portable lint format bench setup clean
 
 $(STAMP): requirements.txt requirements-test.txt requirements-scale.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,17 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(PY) app.py $(ARGS)
 
-# The whole suite, then the numeric tests again the way another x86-64 CPU would run them.
-test: $(STAMP)
+# Style is checked, not reviewed: `make format` rewrites, `make lint` (run by `make test`) checks.
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# Lint, the whole suite, then the numeric tests again the way another x86-64 CPU would run them.
+test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-portable
 
