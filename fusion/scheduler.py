@@ -17,7 +17,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -84,6 +84,7 @@ class Scheduler:
         self._merged: tuple[FusionPlan, FusionPlan] | None = None  # (plan, its merged stand-in)
         self._layout: tuple[tuple, Layout] | None = None
         self.steps = 0  # decode forwards so far (each serves every running row)
+        self.rows_per_step: Counter[int] = Counter()  # decode forwards by how many rows they served
 
     @property
     def tokenizer(self):
@@ -203,6 +204,7 @@ class Scheduler:
         runs = [r.run if r.record else None for r in running]
         logits = decode_step(self.model, self._layout[1], tokens, [r.cache for r in running], runs)  # (N, V)
         self.steps += 1
+        self.rows_per_step[len(running)] += 1
         greedy = logits.argmax(-1).tolist()
         still = []
         for i, row in enumerate(running):

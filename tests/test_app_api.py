@@ -105,6 +105,80 @@ def test_compare_runs_columns_together_and_isolates_a_bad_column(client):
     assert "JSON list" in api_error(client, "Hi", "{}", 3, 0.0, api_name="/compare")
 
 
+# ---- one batch for every request: Compare's columns decode together; a full batch queues -----------
+BATCH_PROMPT = "Tell me a story about a lighthouse keeper."
+BATCH_COLUMNS = [{"method": "lora_flow", "adapters": ["lang-es", "task-math"]},
+                 {"method": "linear", "adapters": ["lang-ru", "task-code"], "params": {"weights": [0.6, 0.8]}},
+                 {"method": "base", "adapters": []}]
+BATCH_TOKENS = 16
+
+
+def column_requests_of(columns):
+    from ui.choices import build_request
+
+    return [build_request(c["method"], c["adapters"], c.get("params"), None) for c in columns]
+
+
+def solo_replies(engine, requests):
+    """Each request alone (nothing else in the engine's batch): the reference for greedy text."""
+    from fusion.api import Sampling
+
+    return [engine.generate(r, BATCH_PROMPT, Sampling(max_new_tokens=BATCH_TOKENS)) for r in requests]
+
+
+def test_compare_columns_decode_together_in_one_batch(client, app_engine):
+    from collections import Counter
+
+    solo = solo_replies(app_engine, column_requests_of(BATCH_COLUMNS))
+    assert all(len(e.token_ids) >= 4 for e in solo)  # long enough for the three to meet
+    scheduler = app_engine.scheduler
+    before = Counter(scheduler.rows_per_step)
+    results = client.predict(BATCH_PROMPT, json.dumps(BATCH_COLUMNS), BATCH_TOKENS, 0.0, api_name="/compare")
+    steps = Counter(scheduler.rows_per_step)
+    steps.subtract(before)
+    assert [r["error"] for r in results] == [None] * 3
+    assert [r["text"] for r in results] == [e.text for e in solo]
+    rows = sum(len(e.token_ids) for e in solo)
+    assert steps[3] > 0, dict(steps)  # forwards that decoded all three columns at once
+    assert sum(steps.values()) < rows, dict(steps)  # fewer forwards than a column-by-column run needs
+
+
+def test_a_full_batch_shows_queued_columns_then_their_replies(app_engine, monkeypatch):
+    """With room for one row, two of three columns wait: their status says so (not an error) until
+    they stream, and every reply equals its solo run."""
+    import threading
+    from collections import Counter
+
+    from fusion.api import GenerationEvent, Sampling, event_from_dict, event_to_dict
+    from ui.compare import run_side_by_side, stats_text
+
+    requests = column_requests_of(BATCH_COLUMNS)
+    solo = solo_replies(app_engine, requests)
+    scheduler = app_engine.scheduler
+    monkeypatch.setattr(scheduler, "max_rows", 1)
+    before = Counter(scheduler.rows_per_step)
+    shown = []  # each column's status lines, in order
+    for results in run_side_by_side(app_engine, requests, BATCH_PROMPT, Sampling(max_new_tokens=BATCH_TOKENS),
+                                    None, threading.Event()):
+        shown.append([stats_text(r) for r in results])
+        final = [(r.text, r.error) for r in results]
+    assert final == [(e.text, None) for e in solo]
+    lines = [line for step in shown for line in step]
+    assert any(line.endswith("busy, queued (position 2)…") for line in lines), lines
+    waited = [i for i in range(3) if any("queued (position 1)" in step[i] for step in shown)]
+    assert len(waited) == 2, lines
+    for i in waited:  # queued, then streaming, then finished: never an error
+        states = [("queued" in step[i], "first token" in step[i]) for step in shown]
+        first_queued = states.index((True, False))
+        assert (False, True) in states[first_queued:] and not states[-1][0]
+        assert not any(step[i].startswith("⚠") for step in shown)
+    steps = Counter(scheduler.rows_per_step)
+    steps.subtract(before)
+    assert {k for k, v in steps.items() if v} == {1}  # the cap held: one row a step
+    # The wire format between replicas and their clients carries the place in the queue.
+    assert event_from_dict(event_to_dict(GenerationEvent("", "", queued=2), False)).queued == 2
+
+
 def test_fit_saves_a_fusion_that_generate_can_use(client):
     saved = client.predict("lora_flow", ["lang-es", "task-math"], EXAMPLES, "api-gates", "{}", 1, 0.0, 2, 1, False,
                            api_name="/fit")

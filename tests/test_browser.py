@@ -319,3 +319,110 @@ def fresh_methods() -> list[dict]:
     from fusion.methods import METHODS
 
     return [m.describe() for m in METHODS.values()]
+
+
+# ---- many users, one model: every request joins the engine's one running batch ----------------------
+def record_replies(tab) -> None:
+    """From now on, note each distinct text of the page's last reply with the time it showed."""
+    tab.evaluate("""() => {
+        window.replies = [];
+        new MutationObserver(() => {
+            const rows = document.querySelectorAll('#chatbot .bot-row');
+            const text = rows.length ? rows[rows.length - 1].innerText.trim() : '';
+            const last = window.replies[window.replies.length - 1];
+            if (text && (!last || last.text !== text)) window.replies.push({text, t: Date.now()});
+        }).observe(document.querySelector('#chatbot'), {subtree: true, childList: true, characterData: true});
+    }""")
+
+
+def words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def base_chat(tab, tokens: int) -> None:
+    pick(tab, "#fusion-dd", "(none)")
+    pick(tab, "#method-dd", "Base model")
+    tab.click("text=Generation")
+    set_number(tab, "#max-tokens", tokens)
+
+
+def test_two_pages_chatting_at_once_both_stream_their_own_replies(browser, app_url, app_engine):
+    """Two browser sessions send at once: each sees its reply grow while the other's is still
+    coming, and each reply is the one its request gives alone (greedy)."""
+    from fusion.api import FusionRequest, Sampling
+
+    tokens, asks = 24, ["Tell me a story about a lighthouse keeper.", "Describe a walk through a forest."]
+    requests = [FusionRequest(fusion=SAVED), FusionRequest()]  # the preselected fusion; the base model
+    solo = [app_engine.generate(r, m, Sampling(max_new_tokens=tokens), trace=False) for r, m in zip(requests, asks)]
+    assert all(len(e.token_ids) >= 4 for e in solo)
+    contexts = [browser.new_context(viewport={"width": 1400, "height": 1000}) for _ in asks]
+    try:
+        tabs = []
+        for context in contexts:
+            tab = context.new_page()
+            errors = []
+            tab.on("pageerror", lambda exc, errors=errors: errors.append(str(exc)))
+            tab.goto(app_url)
+            tab.wait_for_selector("#chat-input", timeout=TIMEOUT_MS)
+            tab.page_errors = errors
+            tabs.append(tab)
+        base_chat(tabs[1], tokens)
+        tabs[0].click("text=Generation")
+        set_number(tabs[0], "#max-tokens", tokens)
+        for tab, ask in zip(tabs, asks):
+            tab.fill("#chat-input textarea", ask)
+            record_replies(tab)
+        for tab in tabs:
+            tab.click("#send-btn")
+        for tab in tabs:
+            wait_for_reply(tab)
+        seen = [tab.evaluate("() => window.replies") for tab in tabs]
+        for tab, snapshots, expected in zip(tabs, seen, solo):
+            reply = tab.locator("#chatbot .bot-row").last.inner_text().strip()
+            assert words(reply).endswith(words(expected.text)), (reply, expected.text)
+            assert snapshots[-1]["text"] == reply
+            assert not tab.page_errors
+        for mine, theirs in ((seen[0], seen[1]), (seen[1], seen[0])):
+            finished = next(s["t"] for s in theirs if s["text"] == theirs[-1]["text"])
+            growing = [s for s in mine[:-1] if s["t"] < finished]
+            assert len(growing) >= 2, (mine, finished)  # two partial replies shown while the other ran
+        shot(tabs[1], "two-pages.png")
+    finally:
+        for context in contexts:
+            context.close()
+
+
+def test_a_chat_waiting_for_room_says_it_is_queued_then_replies(fresh, app_engine, monkeypatch):
+    """With the engine's batch full, a message waits: the status says "busy, queued (position 1)"
+    (no error), then the reply streams and equals the request's solo run."""
+    import threading
+
+    from fusion.api import FusionRequest, Sampling
+
+    scheduler = app_engine.scheduler
+    monkeypatch.setattr(scheduler, "max_rows", 1)
+    # No stop tokens: the row that fills the batch must not end by itself.
+    monkeypatch.setattr(scheduler, "eos", set())
+    monkeypatch.setattr(scheduler, "_eos_of", scheduler.tokenizer)
+    ask = "What is 12 + 7?"
+    expected = app_engine.generate(FusionRequest(), ask, Sampling(max_new_tokens=8), trace=False).text
+    base_chat(fresh, 8)
+    gate = threading.Event()
+    blocker = app_engine.stream(FusionRequest(), "Hi", Sampling(max_new_tokens=1000), cancel=gate, trace=False)
+    try:
+        next(blocker)  # it holds the only row
+        fresh.fill("#chat-input textarea", ask)
+        fresh.click("#send-btn")
+        fresh.wait_for_function("() => document.querySelector('#chat-status').innerText"
+                                ".includes('busy, queued (position 1)')", timeout=TIMEOUT_MS)
+        assert fresh.locator("#chatbot .bot-row").count() == 0
+        assert error_badges(fresh) == 0
+        shot(fresh, "chat-queued.png")
+    finally:
+        gate.set()
+        assert list(blocker)[-1].finish_reason == "cancelled"
+    wait_for_reply(fresh)
+    reply = fresh.locator("#chatbot .bot-row").last.inner_text().strip()
+    assert words(reply).endswith(words(expected)), (reply, expected)
+    assert "queued" not in fresh.inner_text("#chat-status")
+    assert not fresh.page_errors

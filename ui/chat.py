@@ -8,7 +8,7 @@ from fusion.api import Sampling
 
 from .choices import (adapter_choices, adapters_for, build_request, check_choice, default_selection,
                       describe_fusion, fusion_choices, method_choices, request_label, saved_fusion)
-from .common import TOAST_SECONDS, ParamPanel, Studio, error_line, log
+from .common import TOAST_SECONDS, ParamPanel, Studio, error_line, log, queued_note
 from .constants import APP, NONE
 from .trace_panel import TracePanel
 
@@ -144,6 +144,9 @@ def build_chat_tab(studio: Studio) -> dict:
                                 top_p=float(data[top_p]))
             for event in engine.stream(request_, said, sampling, system=(data[system] or "").strip() or None,
                                        cancel=flag):
+                if event.queued:  # the engine's batch is full: say so until the reply starts
+                    yield shown, gr.skip(), session, f"{label} · {queued_note(event.queued)}{mixed}", gr.skip(), *skip
+                    continue
                 reply = {"role": "assistant", "content": labelled(label, event.text)}
                 yield shown + [reply], gr.skip(), session, stats_line(label, event) + mixed, gr.skip(), *skip
         except Exception as exc:  # FusionError: the user's to fix; anything else: logged

@@ -44,6 +44,11 @@ def error_line(exc: BaseException) -> str:
     return short_paths(f"unexpected error ({type(exc).__name__}: {exc}); the server log has the details")
 
 
+def queued_note(place: int) -> str:
+    """What a request waiting for room in the engine's running batch shows: not an error."""
+    return f"busy, queued (position {place})…"
+
+
 # ---- per-session cancel flags ------------------------------------------------------------------
 class CancelFlags:
     """One threading.Event per (browser session, purpose); Stop sets it, the next run replaces it."""

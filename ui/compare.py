@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from fusion.math_data import EVAL_LANGUAGES, eval_examples
 
 from .choices import (adapters_for, build_request, check_choice, default_selection, describe_fusion, fusion_choices,
                       kind_choices, method_choices, request_label, saved_fusion)
-from .common import TOAST_SECONDS, ParamPanel, Studio, error_line
+from .common import TOAST_SECONDS, ParamPanel, Studio, error_line, queued_note
 from .constants import APP, NONE
 
 COLUMN_METHODS = ["lora_flow", "linear", "cat", "base"]  # first choices, left to right
@@ -53,6 +54,7 @@ class ColumnResult:
     seconds_to_first_token: float | None = None
     tokens_per_second: float | None = None
     finish_reason: str | None = None
+    queued: int = 0  # > 0: waiting for room in the engine's batch, at this place
 
     def summary(self) -> dict:
         return {"label": self.label, "text": self.text, "error": self.error,
@@ -63,35 +65,58 @@ class ColumnResult:
 
 def run_side_by_side(engine: Backend, requests: list, prompt: str, sampling: Sampling, system: str | None,
                      cancel: threading.Event):
-    """Advance every column's stream in turn (one generator, as an arena does); yields the results
-    after each step. A column whose request fails shows its error and the others go on."""
+    """Every column's stream at once, each pulled by a thread of its own, so the columns join the
+    engine's running batch together and decode in the same steps (and a remote column that stalls
+    holds up no other); yields the results after each event. A column whose request fails shows
+    its error and the others go on."""
     results = [ColumnResult(request_label(engine, r)) for r in requests]
-    streams = {}
+    events: queue.Queue = queue.Queue()  # (column, event | exception | None = that column ended)
+    leaving = threading.Event()  # the caller stopped listening: the columns end at their next event
+
+    def pull(i: int, request) -> None:
+        stream = None
+        try:
+            stream = engine.stream(request, prompt, sampling, system=system, cancel=cancel)
+            for event in stream:
+                events.put((i, event))
+                if leaving.is_set():
+                    break
+        except Exception as exc:
+            events.put((i, exc))
+        finally:
+            if stream is not None:
+                stream.close()
+            events.put((i, None))
+
+    live = 0
     for i, request in enumerate(requests):
         if isinstance(request, Exception):
             results[i].error, results[i].done = error_line(request), True
         else:
-            streams[i] = engine.stream(request, prompt, sampling, system=system, cancel=cancel)
-    yield results
-    while streams:
-        for i in list(streams):
+            threading.Thread(target=pull, args=(i, request), name=f"compare-column-{i}", daemon=True).start()
+            live += 1
+    try:
+        yield results
+        while live:
+            i, item = events.get()
             result = results[i]
-            try:
-                event = next(streams[i])
-            except StopIteration:
-                del streams[i]
+            if item is None:
+                live -= 1
                 continue
-            except Exception as exc:
-                result.error, result.done = error_line(exc), True
-                del streams[i]
+            if isinstance(item, Exception):
+                result.error, result.done = error_line(item), True
                 yield results
                 continue
-            result.text = event.text
-            result.seconds_to_first_token = event.seconds_to_first_token
-            if event.done:
-                result.done, result.trace = True, event.trace
-                result.tokens_per_second, result.finish_reason = event.tokens_per_second, event.finish_reason
+            result.text, result.queued = item.text, item.queued
+            result.seconds_to_first_token = item.seconds_to_first_token
+            if item.done:
+                result.done, result.trace = True, item.trace
+                result.tokens_per_second, result.finish_reason = item.tokens_per_second, item.finish_reason
             yield results
+    finally:
+        leaving.set()
+        if live:  # stopped early: rows still waiting in the engine's queue leave it too
+            cancel.set()
 
 
 def stats_text(result: ColumnResult) -> str:
@@ -105,6 +130,8 @@ def stats_text(result: ColumnResult) -> str:
     if result.done:
         parts.append({"cancelled": "stopped", "length": "token limit", "eos": "finished"}.get(
             result.finish_reason, result.finish_reason or "done"))
+    elif result.queued:
+        parts.append(queued_note(result.queued))
     elif result.seconds_to_first_token is None:
         parts.append("waiting…")
     return " · ".join(parts)
