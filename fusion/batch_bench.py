@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import write_random_lora, write_random_mixlora
+from .bench import NoStopTokenizer, write_random_lora, write_random_mixlora
 from .engine import Engine, FusionRequest
 from .generate import Sampling, stream_tokens
 from .runtime import Run, merged_into
@@ -52,22 +52,6 @@ def fusion_mix(loras: list[str], mixlora: str) -> list[tuple[str, FusionRequest]
             ("magnitude_prune k=2", FusionRequest([a, d], "magnitude_prune", {"density": 0.6})),
             ("lora_flow k=4", FusionRequest([a, b, c, d], "lora_flow")),
             ("linear k=2 (b)", FusionRequest([b, d], "linear", {"weights": [1.0, 0.5]}))]
-
-
-class _NoStop:
-    """The tokenizer with no stop tokens, so every stream decodes its whole budget."""
-
-    eos_token_id = None
-
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
-        self.unk_token_id = tokenizer.unk_token_id
-
-    def convert_tokens_to_ids(self, token):
-        return None
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
 
 
 def thread_per_request(engine: Engine, request: FusionRequest, ids: list[int], sampling: Sampling):
@@ -140,7 +124,7 @@ def run_concurrency_bench(model: str = "default", device: str = "cpu", dtype: st
         ids = engine.encode_messages(f"Write about {TOPICS[i % len(TOPICS)]}. {words}".strip())
         budget = low + (i * 37) % (high - low + 1)
         streams.append((label, request, ids, Sampling(max_new_tokens=budget)))
-    engine.tokenizer = _NoStop(engine.tokenizer)
+    engine.tokenizer = NoStopTokenizer(engine.tokenizer)
     engine.model.generation_config.eos_token_id = None
     for label, request, ids, _ in streams[:len(mix)]:  # build every plan and warm up both paths once
         for _ in thread_per_request(engine, request, ids, Sampling(max_new_tokens=2)):

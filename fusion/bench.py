@@ -2,12 +2,15 @@
 
 One process, one base model; every method is measured next to a base run and its ratio taken
 against that run, so machine drift cancels (min and max of those ratios are reported). Each
-measurement is a greedy decode of N tokens after a short chat prompt (batch 1, KV cache, no
-early stop, no detokenisation or trace recording: the model's own speed). Random rank-8 LoRAs
-on all seven projections (and a random 8-expert top-2 MixLoRA) of the base model's shape are
-written to a temporary folder, so results do not depend on the library's contents. The
-reference implementations (peft unmerged, peft X-LoRA, the `mixlora` package) run the same
-loop on separate copies of the base model in the same run.
+measurement is a greedy decode of N tokens after a short chat prompt through the engine's
+scheduler, the path every reply takes (one row per prompt of the batch, KV cache, detokenisation,
+no early stop, no trace recording). A static method is merged into the weights as the scheduler
+does for a lone static fusion, or kept as low-rank factors in the "(unmerged)" cases. Random
+rank-8 LoRAs on all seven projections (and a random 8-expert top-2 MixLoRA) of the base
+model's shape are written to a temporary folder, so results do not depend on the library's
+contents. The
+reference implementations (peft unmerged, peft X-LoRA, the `mixlora` package) run a plain
+batch decoding loop on separate copies of the base model in the same run.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from .engine import Engine, FusionRequest
-from .runtime import Run, activate
+from .generate import Sampling
 from .safe_io import first_line
 
 PROMPT = "Write a short story about a dragon who learns to count."
@@ -88,26 +91,55 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+class NoStopTokenizer:
+    """The tokenizer with no stop tokens, so every stream decodes its whole budget."""
+
+    eos_token_id = None
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.unk_token_id = tokenizer.unk_token_id
+
+    def convert_tokens_to_ids(self, token):
+        return None
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
 @torch.inference_mode()
-def decode_speed(model, input_ids: torch.Tensor, tokens: int, run: Run | None = None) -> dict:
-    """Greedy decode `tokens` tokens after a prefill; returns tokens/s, prefill and first-token time."""
+def decode_speed(model, input_ids: torch.Tensor, tokens: int) -> dict:
+    """A reference model's greedy decode of `tokens` tokens after a prefill, in a plain loop;
+    returns tokens/s and first-token time."""
     device = input_ids.device
     cache = DynamicCache(config=model.config)
     _sync(device)
     start = time.perf_counter()
-    with activate(run):
-        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[:, -1]
+    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[:, -1]
     token = logits.argmax(-1, keepdim=True)  # (B, 1)
     _sync(device)
     first = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(tokens):
-        with activate(run):
-            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
         token = logits.argmax(-1, keepdim=True)
     _sync(device)
     decode = time.perf_counter() - start
     return {"tokens_per_s": tokens * input_ids.shape[0] / decode, "first_token_s": first}
+
+
+def scheduler_speed(engine: Engine, request: FusionRequest, input_ids: torch.Tensor, tokens: int) -> dict:
+    """The same through the engine's scheduler, every row of `input_ids` a request of its own,
+    all submitted at once: tokens/s over the decode (after the last row's first token) and the
+    first-token time (submission to the last row's first token, its prefill included)."""
+    prompts = input_ids.tolist()
+    start = time.perf_counter()
+    finals = list(engine.generate_ids_many(request, prompts, Sampling(max_new_tokens=tokens + 1), trace=False))
+    _sync(input_ids.device)
+    wall = time.perf_counter() - start
+    first = max(e.seconds_to_first_token for e in finals)
+    decoded = sum(len(e.token_ids) - 1 for e in finals)
+    return {"tokens_per_s": decoded / (wall - first) if decoded else 0.0, "first_token_s": first}
 
 
 class Case:
@@ -121,8 +153,8 @@ class Case:
     def measure(self, ids: torch.Tensor, tokens: int) -> dict:
         if self.model is not None:  # a reference implementation on its own model copy
             return decode_speed(self.model, ids, tokens)
-        with self.engine.using(self.engine.plan(self.request), merge=self.merge) as plan:
-            return decode_speed(self.engine.model, ids, tokens, Run(plan))
+        self.engine.scheduler.merge_static = self.merge
+        return scheduler_speed(self.engine, self.request, ids, tokens)
 
 
 def _reference_models(engine: Engine, base_folder: str, loras: list[Path], mixlora_folder: Path, wanted: set,
@@ -198,6 +230,8 @@ def run_bench(model: str = "default", device: str = "cpu", dtype: str = "float32
         cases += _reference_models(engine, base_folder, loras, mix_folder, wanted, log)
 
     chat = engine.encode_messages(PROMPT)
+    engine.tokenizer = NoStopTokenizer(engine.tokenizer)  # every measurement decodes all its tokens
+    engine.model.generation_config.eos_token_id = None
     ids = torch.tensor([chat] * batch, device=engine.base.device)
     long_ids = torch.randint(100, 1000, (1, prefill), generator=torch.Generator().manual_seed(0)).to(engine.base.device)
     def switch_time(case: Case) -> float:

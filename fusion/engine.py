@@ -41,7 +41,8 @@ def clean_text(text: str, what: str = "message") -> str:
 
 class Engine(Backend):
     """The `Backend` over a model loaded in this process. Beyond the protocol, in-process callers
-    (the CLI, export, the lab, benchmarks) use `plan`, `using`, `logits`, `model` and `library`."""
+    (the CLI, export, the lab, benchmarks) use `plan`, `using`, `logits`, `generate_ids_many`,
+    `model` and `library`."""
 
     def __init__(self, model: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str = "float32",
                  adapters_dir=None, fusions_dir=None, progress=print, base=None, merge_static: str = "auto"):
@@ -198,6 +199,13 @@ class Engine(Backend):
     def stream_ids(self, request: FusionRequest, prompt_ids: list[int], sampling: Sampling,
                    cancel: threading.Event | None = None, trace: bool = True) -> Iterator[GenerationEvent]:
         yield from self.scheduler.stream(self.plan(request), prompt_ids, sampling, cancel, trace)
+
+    def generate_ids_many(self, request: FusionRequest, prompts: list[list[int]], sampling: Sampling,
+                          cancel: threading.Event | None = None, trace: bool = False) -> Iterator[GenerationEvent]:
+        """Whole replies to many token-id prompts under one request, decoded together in the
+        scheduler: the last event of each, in the prompts' order, as soon as it is ready."""
+        sampling = sampling.validate()
+        yield from self.scheduler.finals(self.plan(request), prompts, sampling, cancel, trace)
 
     @torch.no_grad()
     def logits(self, request: FusionRequest, input_ids: torch.Tensor, record: bool = False):

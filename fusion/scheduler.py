@@ -137,6 +137,28 @@ class Scheduler:
                 with self._cond:
                     self._cond.notify_all()
 
+    def finals(self, plan: FusionPlan, prompts: list[list[int]], sampling: Sampling,
+               cancel: threading.Event | None = None, record_trace: bool = False) -> Iterator[GenerationEvent]:
+        """Submit every prompt at once (they decode together, beyond the caps they queue) and yield
+        each one's last event in the prompts' order; closing the iterator early cancels the rest."""
+        tickets = [self.submit(plan, ids, sampling, cancel, record_trace) for ids in prompts]
+        try:
+            for ticket in tickets:
+                while True:
+                    item = ticket.events.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.done:
+                        yield item
+                        break
+        finally:
+            unfinished = [t for t in tickets if t.state != "done"]
+            for ticket in unfinished:
+                ticket.cancel.set()
+            if unfinished:
+                with self._cond:
+                    self._cond.notify_all()
+
     def status(self) -> dict:
         with self._cond:
             return {"running": len(self._running), "queued": len(self._pending), "max_rows": self.max_rows,

@@ -11,10 +11,10 @@ es/ru/zh, and HumanEval pass@1 for the rows that apply to code.
   reported as the reference language; the mean is over es, ru and zh.
 * Code (HumanEval's English prompts): Base and the task row with ``task-code``; the language
   fusions are not fitted for code (no target-language code data), so their cells show "—".
-* Generation goes through the engine's fusion plans (the same plans the app streams with) in
-  left-padded greedy batches; a test checks that it gives the same replies as
-  ``Engine.generate``.
-* Every finished batch is cached in ``runs/eval-cache.json`` under a fingerprint of the
+* Generation goes through the engine's scheduler, the path the app streams with: all of a
+  cell's problems are submitted at once and decode together; a test checks that it gives the
+  same replies as a solo decoding loop.
+* Replies are cached (every ``--batch-size`` problems) in ``runs/eval-cache.json`` under a fingerprint of the
   adapter/fusion files, so an interrupted evaluation continues where it stopped and a larger
   ``-n`` only evaluates the new problems (the problem list for a seed is a prefix-stable list).
 """
@@ -29,12 +29,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from fusion.api import FusionRequest
-from fusion.generate import stop_token_ids
-from fusion.runtime import Run, activate
+from fusion.api import FusionRequest, Sampling
 from .evaluate_code import problems as code_problems
 from .evaluate_code import program, question, run_program
 from .evaluate_math import final_number, is_correct
@@ -108,55 +107,12 @@ def fingerprint(engine, request) -> str:
 
 
 # ---------------------------------------------------------------------------- generation
-@torch.inference_mode()
-def greedy_replies(engine, request, questions: list[str], max_new_tokens: int = 64,
-                   batch_size: int = 8) -> list[str]:
-    """Greedy replies to single-turn questions under a request's fusion, in left-padded batches."""
-    from transformers import DynamicCache  # here: `python -m fusion --help` builds this module's arguments
-
-    model, tok = engine.model, engine.tokenizer
-    eos = stop_token_ids(tok, model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
-    device = next(model.parameters()).device
+def greedy_replies(engine, request, questions: list[str], max_new_tokens: int = 64) -> Iterator[str]:
+    """Greedy replies to single-turn questions under a request's fusion, in the questions' order;
+    all of them decode together in the engine's scheduler."""
     prompts = [engine.encode_messages(q) for q in questions]
-    replies = []
-    with engine.using(engine.plan(request)) as plan:
-        run = Run(plan)
-        for first in range(0, len(prompts), batch_size):
-            chunk = prompts[first:first + batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, p in enumerate(chunk):
-                ids[row, width - len(p):] = torch.tensor(p)
-                mask[row, width - len(p):] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = DynamicCache(config=model.config)
-            with activate(run):
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                               past_key_values=cache, use_cache=True).logits[:, -1]
-            generated = [[] for _ in chunk]
-            done = [False] * len(chunk)
-            for _ in range(max_new_tokens):
-                nxt = logits.argmax(-1)
-                for row, token in enumerate(nxt.tolist()):
-                    if done[row]:
-                        continue
-                    if token in eos:
-                        done[row] = True
-                    else:
-                        generated[row].append(token)
-                        done[row] = len(generated[row]) >= max_new_tokens
-                if all(done):
-                    break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                positions = positions[:, -1:] + 1
-                with activate(run):
-                    logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
-                                   past_key_values=cache, use_cache=True).logits[:, -1]
-            replies += [tok.decode(g, skip_special_tokens=True) for g in generated]
-    return replies
+    for event in engine.generate_ids_many(request, prompts, Sampling(max_new_tokens=max_new_tokens), trace=False):
+        yield event.text
 
 
 # ---------------------------------------------------------------------------- cache
@@ -191,11 +147,14 @@ def _evaluate_cell(engine, cache, key, fp, request, problems, score, question, m
     items = cache.items(key, fp)[: len(problems)]
     if len(items) < len(problems):
         log(f"  {key}: {len(items)}/{len(problems)} cached, generating the rest")
-    for first in range(len(items), len(problems), batch_size):
-        batch = problems[first:first + batch_size]
-        replies = greedy_replies(engine, request, [question(p) for p in batch], max_new_tokens, batch_size)
-        items = items + [score(p, r) for p, r in zip(batch, replies)]
-        cache.put(key, fp, items)
+    rest = problems[len(items):]
+    if not rest:
+        return items
+    for i, (problem, reply) in enumerate(zip(rest, greedy_replies(engine, request, [question(p) for p in rest],
+                                                                  max_new_tokens)), 1):
+        items = items + [score(problem, reply)]
+        if i % batch_size == 0 or i == len(rest):  # an interrupted cell resumes from here
+            cache.put(key, fp, items)
     return items
 
 
@@ -282,7 +241,8 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--langs", nargs="+", default=list(LANGS), choices=list(LANGS))
     p.add_argument("--code-n", type=int, default=20, help="HumanEval problems (0: no code column)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="save the cache every N replies (a cell's problems all decode together)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--cache", default=str(REPO / "runs" / "eval-cache.json"),
                    help="per-cell results, so an interrupted run continues ('' disables)")

@@ -2,9 +2,9 @@
 
 Fast: a couple of fitting steps and a couple of problems. What is checked: the target-language
 fitting data never touches the evaluation problems; each fusion step fits, saves its artifact
-with its CPU time, and is skipped when re-run; the table's batched greedy generation gives the
-same replies as `Engine.generate`; the Wilson intervals; and an interrupted evaluation resumes
-from its cache without redoing finished cells.
+with its CPU time, and is skipped when re-run; the table's greedy generation (every question of
+a cell in the scheduler at once) gives the same replies as a solo decoding loop; the Wilson
+intervals; and an interrupted evaluation resumes from its cache without redoing finished cells.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ def test_fusion_steps_fit_save_and_skip(tiny_engine):
 # ---------------------------------------------------------------------------- generation
 def test_batched_greedy_equals_engine_generate(tiny_engine):
     from fusion.engine import FusionRequest
-    from fusion.generate import Sampling
+    from fusion.generate import Sampling, stream_tokens
+    from fusion.runtime import Run
     from lab.fusions import build_fusions
 
     build_fusions(tiny_engine, langs=("es",), methods=("lora_flow",), mixlora=False, max_steps=2, examples=8,
@@ -156,8 +157,11 @@ def test_batched_greedy_equals_engine_generate(tiny_engine):
     questions = ["¿Cuánto es 2 + 3?", "Juan tiene 12 lápices y compra 7 más. ¿Cuántos tiene?", "hola"]
     for request in (FusionRequest(method="base"), FusionRequest(["lang-es", "task-math"], "linear"),
                     FusionRequest(fusion="es-math-flow")):
-        batched = suite.greedy_replies(tiny_engine, request, questions, max_new_tokens=6, batch_size=3)
-        one_by_one = [tiny_engine.generate(request, q, Sampling(max_new_tokens=6)).text for q in questions]
+        batched = list(suite.greedy_replies(tiny_engine, request, questions, max_new_tokens=6))
+        with tiny_engine.using(tiny_engine.plan(request)) as plan:
+            one_by_one = [list(stream_tokens(tiny_engine.model, tiny_engine.tokenizer, Run(plan),
+                                             tiny_engine.encode_messages(q), Sampling(max_new_tokens=6),
+                                             record_trace=False))[-1].text for q in questions]
         assert batched == one_by_one, request
 
 

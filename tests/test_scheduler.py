@@ -318,3 +318,29 @@ def test_merge_only_while_one_static_fusion_is_alone(studio, requests, monkeypat
         time.sleep(0.01)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+def test_many_prompts_at_once_come_back_in_order(studio, requests):
+    """`finals`: five prompts of different lengths submitted together to a scheduler with room for
+    two rows give each prompt's solo reply, in the prompts' order; leaving early cancels the rest."""
+    engine = studio.engine
+    scheduler = Scheduler(engine.model, engine.tokenizer, max_rows=2)
+    plan = engine.plan(requests["flow3"])
+    prompts = [prompt(studio, 3 + 2 * i, seed=40 + i) for i in range(5)]
+    sampling = Sampling(max_new_tokens=5)
+    solo = [collect(stream_tokens(engine.model, engine.tokenizer, Run(plan), ids, sampling, record_trace=False))[0]
+            for ids in prompts]
+    finals = list(scheduler.finals(plan, prompts, sampling))
+    assert [f.token_ids for f in finals] == [s.token_ids for s in solo]
+    assert [f.text for f in finals] == [s.text for s in solo] and all(f.trace is None for f in finals)
+
+    never_ending(scheduler)
+    replies = scheduler.finals(plan, prompts[:3], Sampling(max_new_tokens=200))
+    assert len(next(replies).token_ids) == 200  # the third prompt is admitted only now
+    at_close = scheduler.steps
+    replies.close()
+    deadline = time.time() + 30
+    while (scheduler.status()["running"] or scheduler.status()["queued"]) and time.time() < deadline:
+        time.sleep(0.01)
+    assert scheduler.status()["running"] == 0 and scheduler.status()["queued"] == 0
+    assert scheduler.steps - at_close < 100, "the rows left behind went on decoding"
