@@ -40,8 +40,10 @@ def build_app(engine: Backend) -> gr.Blocks:
     """The whole app around one engine, in this process or remote; the queue is configured, not launched."""
     studio = Studio(engine)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        gr.Markdown(f"## {TITLE}\nCompose LoRA adapters per request — static merges, fitted fusions and "
-                    "LoRA-Flow's per-token gates — and see which LoRA each layer leaned on.")
+        gr.Markdown(
+            f"## {TITLE}\nCompose LoRA adapters per request — static merges, fitted fusions and "
+            "LoRA-Flow's per-token gates — and see which LoRA each layer leaned on."
+        )
         register_api(engine)  # first, so the public endpoint names are never taken by UI events
         with gr.Tabs():
             build_chat_tab(studio)
@@ -52,13 +54,21 @@ def build_app(engine: Backend) -> gr.Blocks:
         # After a fit, an import or a deletion, every picker and the library tables show the change;
         # pickers that follow a method (Compare's adapters) keep offering the kind it takes.
         by_method = studio.pickers.by_method
-        outputs = (studio.pickers.components() + [a for a, _ in by_method]
-                   + [library["table"], library["fusions"], library["errors"], library["delete"]])
+        outputs = (
+            studio.pickers.components()
+            + [a for a, _ in by_method]
+            + [library["table"], library["fusions"], library["errors"], library["delete"]]
+        )
 
         def refresh_all(*methods):
-            return (*studio.pickers.updates(engine), *studio.pickers.kind_updates(engine, list(methods)),
-                    library_rows(engine), fusion_rows(engine), errors_text(engine),
-                    gr.update(choices=removable_choices(engine)))
+            return (
+                *studio.pickers.updates(engine),
+                *studio.pickers.kind_updates(engine, list(methods)),
+                library_rows(engine),
+                fusion_rows(engine),
+                errors_text(engine),
+                gr.update(choices=removable_choices(engine)),
+            )
 
         methods = [m for _, m in by_method]
         for event in [fit["event"], *library["events"]]:
@@ -75,8 +85,9 @@ def security_warnings(host: str, share: bool, auth: str | None) -> list[str]:
     if auth:
         return warnings
     if host in ("0.0.0.0", "::"):
-        warnings.append(f"binding {host} makes the studio reachable from other machines without a password; "
-                        "add --auth USER:PASS")
+        warnings.append(
+            f"binding {host} makes the studio reachable from other machines without a password; add --auth USER:PASS"
+        )
     if share:
         warnings.append("--share publishes the studio on a public link without a password; add --auth USER:PASS")
     return warnings
@@ -93,20 +104,28 @@ def parse_auth(value: str | None):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=TITLE)
-    parser.add_argument("--model", default="default",
-                        help="base model: 'default' (embedded SmolLM2-135M-Instruct), a folder or a hub id")
-    parser.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, else cpu), cpu, "
-                                                          "cuda or cuda:1")
-    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on cpu), float32, "
-                                                        "bfloat16 or float16")
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="base model: 'default' (embedded SmolLM2-135M-Instruct), a folder or a hub id",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (a CUDA GPU when there is one, else cpu), cpu, cuda or cuda:1"
+    )
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on cpu), float32, bfloat16 or float16"
+    )
     parser.add_argument("--adapters", default=None, help="adapter library folder (default: assets/adapters)")
     parser.add_argument("--fusions", default=None, help="saved fusions folder (default: assets/fusions)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--auth", default=None, help="USER:PASS required to open the app")
     parser.add_argument("--share", action="store_true", help="also publish on a temporary public link")
-    parser.add_argument("--backend", default=None,
-                        help="URL of engine replicas (python -m fusion serve); the app then loads no model itself")
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="URL of engine replicas (python -m fusion serve); the app then loads no model itself",
+    )
     return parser.parse_args(argv)
 
 
@@ -121,8 +140,13 @@ def open_engine(args: argparse.Namespace) -> Backend:
     """The in-process engine, or a client of remote replicas when --backend is given."""
     if args.backend:
         return RemoteEngine(args.backend)
-    return Engine(model=args.model, device=args.device, dtype=resolved_dtype(args.device, args.dtype),
-                  adapters_dir=args.adapters, fusions_dir=args.fusions)
+    return Engine(
+        model=args.model,
+        device=args.device,
+        dtype=resolved_dtype(args.device, args.dtype),
+        adapters_dir=args.adapters,
+        fusions_dir=args.fusions,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,8 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, message in engine.library_errors().items():
         print(f"note: adapter {name} was not loaded: {message}", file=sys.stderr)
     demo = build_app(engine)
-    demo.launch(server_name=args.host, server_port=args.port, auth=auth, share=args.share, theme=theme(),
-                css=CSS, show_error=False, max_file_size=f"{APP.max_upload_mb}mb")
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        auth=auth,
+        share=args.share,
+        theme=theme(),
+        css=CSS,
+        show_error=False,
+        max_file_size=f"{APP.max_upload_mb}mb",
+    )
     return 0
 
 

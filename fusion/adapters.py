@@ -6,7 +6,6 @@ injected into the base model, so any number of requests can share one loaded cop
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -27,7 +26,8 @@ ROLES = ("language", "task", "other")
 # name, as in LoRA-Flow's released LoRAs) and `...q_proj.lora_A.default.weight`.
 _LORA_KEY = re.compile(
     r"layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<module>[a-z_]+_proj)\."
-    r"lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$")
+    r"lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$"
+)
 _MAX_RANK = 4096
 
 
@@ -64,12 +64,20 @@ class LoraAdapter:
     kind = "lora"
 
     def summary(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "role": self.role, "rank": self.rank,
-                "alpha": self.alpha, "targets": list(self.targets), "base_model": self.base_model,
-                "size_bytes": self.size_bytes, "description": self.description,
-                "path": self.path}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "role": self.role,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "targets": list(self.targets),
+            "base_model": self.base_model,
+            "size_bytes": self.size_bytes,
+            "description": self.description,
+            "path": self.path,
+        }
 
-    def to(self, device, dtype) -> "LoraAdapter":
+    def to(self, device, dtype) -> LoraAdapter:
         for f in self.factors.values():
             f.A = f.A.to(device=device, dtype=dtype)
             f.B = f.B.to(device=device, dtype=dtype)
@@ -114,8 +122,7 @@ def _scale(config: dict, module_key: str, rank: int, path: Path) -> float:
     return alpha / rank
 
 
-def parse_lora_state(state: dict[str, torch.Tensor], config: dict, path: Path
-                     ) -> dict[tuple[int, str], LoraFactors]:
+def parse_lora_state(state: dict[str, torch.Tensor], config: dict, path: Path) -> dict[tuple[int, str], LoraFactors]:
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         if "lora_magnitude_vector" in key:
@@ -123,19 +130,22 @@ def parse_lora_state(state: dict[str, torch.Tensor], config: dict, path: Path
         match = _LORA_KEY.search(key)
         if match is None:
             if "lora_" in key:
-                raise FusionError(f"{path}: tensor {key} is not a LoRA weight of a decoder-layer "
-                                  "projection (expected ...layers.N.self_attn|mlp.X_proj.lora_A|B.weight)")
+                raise FusionError(
+                    f"{path}: tensor {key} is not a LoRA weight of a decoder-layer "
+                    "projection (expected ...layers.N.self_attn|mlp.X_proj.lora_A|B.weight)"
+                )
             continue  # e.g. a saved bias or head; ignored like peft's modules_to_save
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
-            raise FusionError(f"{path}: tensor {key} must be 2-D, got shape "
-                              f"{tuple(getattr(tensor, 'shape', ()))}")
+            raise FusionError(f"{path}: tensor {key} must be 2-D, got shape {tuple(getattr(tensor, 'shape', ()))}")
         if not tensor.is_floating_point():
             raise FusionError(f"{path}: tensor {key} has dtype {tensor.dtype}; a float type was expected")
         slot = (int(match["layer"]), match["module"])
         halves.setdefault(slot, {})[match["ab"]] = tensor
     if not halves:
-        raise FusionError(f"{path}: no LoRA tensors found (expected keys like "
-                          "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight)")
+        raise FusionError(
+            f"{path}: no LoRA tensors found (expected keys like "
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight)"
+        )
     factors = {}
     for (layer, module), pair in sorted(halves.items()):
         where = f"layers.{layer}.{module}"
@@ -145,8 +155,9 @@ def parse_lora_state(state: dict[str, torch.Tensor], config: dict, path: Path
             raise FusionError(f"{path}: {where} has no {missing} tensor")
         A, B = pair["A"], pair["B"]
         if A.shape[0] != B.shape[1]:
-            raise FusionError(f"{path}: {where} lora_A has rank {A.shape[0]} but lora_B has rank "
-                              f"{B.shape[1]}; they must match")
+            raise FusionError(
+                f"{path}: {where} lora_A has rank {A.shape[0]} but lora_B has rank {B.shape[1]}; they must match"
+            )
         if A.shape[0] > _MAX_RANK or A.shape[0] < 1:
             raise FusionError(f"{path}: {where} rank {A.shape[0]} is outside 1..{_MAX_RANK}")
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
@@ -172,11 +183,12 @@ def check_targets(targets, modules: set[str], config_path) -> None:
         missed = sorted(m for m in modules if not any(m == t or m.endswith("." + t) for t in targets))
         shown = ", ".join(targets)
     else:
-        raise FusionError(f"{config_path}: target_modules must be a list of module names or a pattern, "
-                          f"got {targets!r}")
+        raise FusionError(f"{config_path}: target_modules must be a list of module names or a pattern, got {targets!r}")
     if missed:
-        raise FusionError(f"{config_path}: target_modules ({shown}) do not name {missed[0].rsplit('.', 1)[-1]}, "
-                          "which the weights adapt; the config does not describe these tensors")
+        raise FusionError(
+            f"{config_path}: target_modules ({shown}) do not name {missed[0].rsplit('.', 1)[-1]}, "
+            "which the weights adapt; the config does not describe these tensors"
+        )
 
 
 def validate_against(factors: dict[tuple[int, str], LoraFactors], model, path: str) -> None:
@@ -184,18 +196,23 @@ def validate_against(factors: dict[tuple[int, str], LoraFactors], model, path: s
     layers = model.model.layers
     for (layer, module), f in factors.items():
         if layer >= len(layers):
-            raise FusionError(f"{path}: layers.{layer}.{module} refers to layer {layer}, but the base "
-                              f"model has {len(layers)} layers")
+            raise FusionError(
+                f"{path}: layers.{layer}.{module} refers to layer {layer}, but the base model has {len(layers)} layers"
+            )
         block = layers[layer].self_attn if module in ATTENTION_MODULES else layers[layer].mlp
         linear = getattr(block, module, None)
         if linear is None or module not in ALL_MODULES:
             raise FusionError(f"{path}: layers.{layer}.{module} is not a projection of the base model")
         if f.A.shape[1] != linear.in_features:
-            raise FusionError(f"{path}: layers.{layer}.{module}.lora_A has shape {tuple(f.A.shape)}; "
-                              f"expected ({f.rank}, {linear.in_features}) for this base model")
+            raise FusionError(
+                f"{path}: layers.{layer}.{module}.lora_A has shape {tuple(f.A.shape)}; "
+                f"expected ({f.rank}, {linear.in_features}) for this base model"
+            )
         if f.B.shape[0] != linear.out_features:
-            raise FusionError(f"{path}: layers.{layer}.{module}.lora_B has shape {tuple(f.B.shape)}; "
-                              f"expected ({linear.out_features}, {f.rank}) for this base model")
+            raise FusionError(
+                f"{path}: layers.{layer}.{module}.lora_B has shape {tuple(f.B.shape)}; "
+                f"expected ({linear.out_features}, {f.rank}) for this base model"
+            )
 
 
 def load_lora(path: str | Path, name: str | None = None, model=None) -> LoraAdapter:
@@ -208,8 +225,9 @@ def load_lora(path: str | Path, name: str | None = None, model=None) -> LoraAdap
     if peft_type != "LORA":
         raise FusionError(f"{folder}: adapter_config.json has peft_type {peft_type!r}; a LORA adapter was expected")
     if "r" in config and not (isinstance(config["r"], int) and 0 < config["r"] <= _MAX_RANK):
-        raise FusionError(f"{folder}: adapter_config.json declares rank r={config['r']!r}; "
-                          f"expected an integer in 1..{_MAX_RANK}")
+        raise FusionError(
+            f"{folder}: adapter_config.json declares rank r={config['r']!r}; expected an integer in 1..{_MAX_RANK}"
+        )
     weights = find_weights_file(folder)
     state = load_tensor_file(weights)
     factors = parse_lora_state(state, config, weights)
@@ -221,9 +239,15 @@ def load_lora(path: str | Path, name: str | None = None, model=None) -> LoraAdap
     name = name or folder.name
     ranks = {f.rank for f in factors.values()}
     return LoraAdapter(
-        name=name, factors=factors, role=infer_role(name, studio.get("role")),
-        rank=max(ranks), alpha=float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
+        name=name,
+        factors=factors,
+        role=infer_role(name, studio.get("role")),
+        rank=max(ranks),
+        alpha=float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
         targets=tuple(m for m in ALL_MODULES if any(k[1] == m for k in factors)),
-        base_model=str(config.get("base_model_name_or_path") or ""), path=str(folder),
-        description=str(studio.get("description", "")), size_bytes=weights.stat().st_size,
-        meta=studio)
+        base_model=str(config.get("base_model_name_or_path") or ""),
+        path=str(folder),
+        description=str(studio.get("description", "")),
+        size_bytes=weights.stat().st_size,
+        meta=studio,
+    )

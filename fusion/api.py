@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from .artifacts import FusionArtifact
 from .errors import FusionError
@@ -28,8 +29,7 @@ class FusionRequest:
     fusion: str | None = None  # a saved fitted fusion: supplies method, adapters and params
 
     def key(self) -> str:
-        return json.dumps([self.fusion, self.method, list(self.adapters), self.params], sort_keys=True,
-                          default=str)
+        return json.dumps([self.fusion, self.method, list(self.adapters), self.params], sort_keys=True, default=str)
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Sampling:
     seed: int = 0
     stop: tuple[str, ...] = ()
 
-    def validate(self) -> "Sampling":
+    def validate(self) -> Sampling:
         if not (1 <= int(self.max_new_tokens) <= LIMITS.max_new_tokens):
             raise FusionError(f"max_new_tokens must lie in [1, {LIMITS.max_new_tokens}], got {self.max_new_tokens}")
         if not (0.0 <= float(self.temperature) <= 5.0):
@@ -82,9 +82,14 @@ class BaseInfo:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "BaseInfo":
-        return cls(name=str(data["name"]), num_layers=int(data["num_layers"]), hidden_size=int(data["hidden_size"]),
-                   device=str(data["device"]), dtype=str(data["dtype"]))
+    def from_dict(cls, data: dict) -> BaseInfo:
+        return cls(
+            name=str(data["name"]),
+            num_layers=int(data["num_layers"]),
+            hidden_size=int(data["hidden_size"]),
+            device=str(data["device"]),
+            dtype=str(data["dtype"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -130,8 +135,9 @@ class Backend(Protocol):
         """Read the library folders again (adapters or fusions added or removed on disk)."""
         ...
 
-    def import_adapter(self, source: str, name: str | None = None, role: str | None = None,
-                       overwrite: bool = False) -> dict:
+    def import_adapter(
+        self, source: str, name: str | None = None, role: str | None = None, overwrite: bool = False
+    ) -> dict:
         """Validate a peft adapter folder or zip and add it to the library; -> its summary."""
         ...
 
@@ -144,25 +150,48 @@ class Backend(Protocol):
         """The method and adapters a request runs; FusionError when it names unknown ones."""
         ...
 
-    def stream(self, request: FusionRequest, messages: list[dict] | str, sampling: Sampling | None = None,
-               system: str | None = None, cancel: threading.Event | None = None,
-               trace: bool = True) -> Iterator[GenerationEvent]:
+    def stream(
+        self,
+        request: FusionRequest,
+        messages: list[dict] | str,
+        sampling: Sampling | None = None,
+        system: str | None = None,
+        cancel: threading.Event | None = None,
+        trace: bool = True,
+    ) -> Iterator[GenerationEvent]:
         """One event per new piece of text; the last has done=True and, if asked, the trace."""
         ...
 
-    def generate(self, request: FusionRequest, messages: list[dict] | str, sampling: Sampling | None = None,
-                 system: str | None = None, cancel: threading.Event | None = None,
-                 trace: bool = True) -> GenerationEvent:
+    def generate(
+        self,
+        request: FusionRequest,
+        messages: list[dict] | str,
+        sampling: Sampling | None = None,
+        system: str | None = None,
+        cancel: threading.Event | None = None,
+        trace: bool = True,
+    ) -> GenerationEvent:
         """The whole reply: the last event of `stream`."""
         event = None
         for event in self.stream(request, messages, sampling, system=system, cancel=cancel, trace=trace):
             pass
         return event
 
-    def fit(self, method_name: str, adapters: list[str], records: list[dict] | str, params: dict | None = None,
-            train: dict | None = None, save_as: str | None = None, out: str | None = None,
-            overwrite: bool = False, system: str | None = None, on_progress=None,
-            cancel: threading.Event | None = None, **options) -> FusionArtifact:
+    def fit(
+        self,
+        method_name: str,
+        adapters: list[str],
+        records: list[dict] | str,
+        params: dict | None = None,
+        train: dict | None = None,
+        save_as: str | None = None,
+        out: str | None = None,
+        overwrite: bool = False,
+        system: str | None = None,
+        on_progress=None,
+        cancel: threading.Event | None = None,
+        **options,
+    ) -> FusionArtifact:
         """Fit a method's learnable part on chat examples; -> the fitted fusion (or trained adapter),
         stored under `save_as` in the library (or in the folder `out`) unless `cancel` was set."""
         ...
@@ -170,8 +199,12 @@ class Backend(Protocol):
 
 # ---- the wire format between fusion/remote.py and fusion/serve.py ------------------------------
 def request_to_dict(request: FusionRequest) -> dict:
-    return {"adapters": list(request.adapters), "method": request.method, "params": dict(request.params or {}),
-            "fusion": request.fusion}
+    return {
+        "adapters": list(request.adapters),
+        "method": request.method,
+        "params": dict(request.params or {}),
+        "fusion": request.fusion,
+    }
 
 
 def request_from_dict(data: dict) -> FusionRequest:
@@ -183,8 +216,9 @@ def request_from_dict(data: dict) -> FusionRequest:
         raise FusionError("'request.adapters' must be a list of adapter names")
     if not isinstance(params, dict):
         raise FusionError("'request.params' must be an object")
-    return FusionRequest(adapters=adapters, method=str(data.get("method") or "base"), params=params,
-                         fusion=data.get("fusion") or None)
+    return FusionRequest(
+        adapters=adapters, method=str(data.get("method") or "base"), params=params, fusion=data.get("fusion") or None
+    )
 
 
 def sampling_to_dict(sampling: Sampling) -> dict:
@@ -207,10 +241,16 @@ def sampling_from_dict(data: dict | None) -> Sampling:
 
 def event_to_dict(event: GenerationEvent, with_trace: bool) -> dict:
     data = {
-        "text": event.text, "delta": event.delta, "done": event.done, "finish_reason": event.finish_reason,
-        "token_ids": list(event.token_ids), "prompt_tokens": event.prompt_tokens,
-        "seconds_to_first_token": event.seconds_to_first_token, "tokens_per_second": event.tokens_per_second,
-        "queued": event.queued}
+        "text": event.text,
+        "delta": event.delta,
+        "done": event.done,
+        "finish_reason": event.finish_reason,
+        "token_ids": list(event.token_ids),
+        "prompt_tokens": event.prompt_tokens,
+        "seconds_to_first_token": event.seconds_to_first_token,
+        "tokens_per_second": event.tokens_per_second,
+        "queued": event.queued,
+    }
     if with_trace and event.trace is not None:
         data["trace"] = event.trace.to_dict()
     return data
@@ -218,9 +258,16 @@ def event_to_dict(event: GenerationEvent, with_trace: bool) -> dict:
 
 def event_from_dict(data: dict) -> GenerationEvent:
     trace = Trace.from_dict(data["trace"]) if data.get("trace") else None
-    return GenerationEvent(text=data["text"], delta=data["delta"], done=bool(data["done"]),
-                           finish_reason=data.get("finish_reason"), token_ids=list(data.get("token_ids") or []),
-                           prompt_tokens=int(data.get("prompt_tokens") or 0),
-                           seconds_to_first_token=data.get("seconds_to_first_token"),
-                           tokens_per_second=data.get("tokens_per_second"), trace=trace,
-                           replica=data.get("replica"), queued=int(data.get("queued") or 0))
+    return GenerationEvent(
+        text=data["text"],
+        delta=data["delta"],
+        done=bool(data["done"]),
+        finish_reason=data.get("finish_reason"),
+        token_ids=list(data.get("token_ids") or []),
+        prompt_tokens=int(data.get("prompt_tokens") or 0),
+        seconds_to_first_token=data.get("seconds_to_first_token"),
+        tokens_per_second=data.get("tokens_per_second"),
+        trace=trace,
+        replica=data.get("replica"),
+        queued=int(data.get("queued") or 0),
+    )

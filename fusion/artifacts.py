@@ -27,20 +27,34 @@ class FusionArtifact:
     path: str = ""
 
     def summary(self) -> dict:
-        return {"name": self.name, "method": self.method, "adapters": self.adapters,
-                "params": self.params, "meta": self.meta, "path": self.path}
+        return {
+            "name": self.name,
+            "method": self.method,
+            "adapters": self.adapters,
+            "params": self.params,
+            "meta": self.meta,
+            "path": self.path,
+        }
 
 
 def save_artifact(artifact: FusionArtifact, folder: str | Path, overwrite: bool = False) -> Path:
     folder = Path(folder)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
-        doc = {"format": FORMAT_VERSION, "name": artifact.name, "method": artifact.method,
-               "adapters": artifact.adapters, "params": artifact.params, "meta": artifact.meta}
+        doc = {
+            "format": FORMAT_VERSION,
+            "name": artifact.name,
+            "method": artifact.method,
+            "adapters": artifact.adapters,
+            "params": artifact.params,
+            "meta": artifact.meta,
+        }
         (tmp / "fusion.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
         if artifact.tensors:
             # looked up on the module at call time, so a test can interrupt a save midway
-            safetensors.torch.save_file({k: v.detach().float().contiguous().cpu() for k, v in artifact.tensors.items()},
-                                        str(tmp / "tensors.safetensors"))
+            safetensors.torch.save_file(
+                {k: v.detach().float().contiguous().cpu() for k, v in artifact.tensors.items()},
+                str(tmp / "tensors.safetensors"),
+            )
     artifact.path = str(folder)
     return folder
 
@@ -56,6 +70,12 @@ def load_artifact(folder: str | Path) -> FusionArtifact:
     tensors = {}
     if (folder / "tensors.safetensors").is_file():
         tensors = load_tensor_file(folder / "tensors.safetensors")
-    return FusionArtifact(name=str(doc.get("name") or folder.name), method=str(doc["method"]),
-                          adapters=list(doc["adapters"]), params=dict(doc.get("params") or {}),
-                          tensors=tensors, meta=dict(doc.get("meta") or {}), path=str(folder))
+    return FusionArtifact(
+        name=str(doc.get("name") or folder.name),
+        method=str(doc["method"]),
+        adapters=list(doc["adapters"]),
+        params=dict(doc.get("params") or {}),
+        tensors=tensors,
+        meta=dict(doc.get("meta") or {}),
+        path=str(folder),
+    )

@@ -28,30 +28,39 @@ from .engine import Engine, FusionRequest
 from .generate import Sampling, stream_tokens
 from .runtime import Run, merged_into
 
-TOPICS = ["a lighthouse keeper who finds a map", "why the sky is blue", "a robot learning to paint",
-          "the history of the bicycle", "a dragon who learns to count", "how bread rises",
-          "a city under the sea", "the first winter of a young fox"]
+TOPICS = [
+    "a lighthouse keeper who finds a map",
+    "why the sky is blue",
+    "a robot learning to paint",
+    "the history of the bicycle",
+    "a dragon who learns to count",
+    "how bread rises",
+    "a city under the sea",
+    "the first winter of a young fox",
+]
 
 
 def fusion_mix(loras: list[str], mixlora: str) -> list[tuple[str, FusionRequest]]:
     """Sixteen different fusions; the first one is the single stream's."""
     a, b, c, d = loras
-    return [("lora_flow k=2", FusionRequest([a, b], "lora_flow")),
-            ("linear k=2", FusionRequest([a, b], "linear", {"weights": [0.6, 0.4]})),
-            ("cat k=2", FusionRequest([b, c], "cat")),
-            ("mixlora 8x top-2", FusionRequest([mixlora], "mixlora")),
-            ("ties k=2", FusionRequest([a, c], "ties", {"density": 0.5})),
-            ("single", FusionRequest([b], "single")),
-            ("lora_flow k=3", FusionRequest([a, b, c], "lora_flow")),
-            ("lorahub k=2", FusionRequest([c, d], "lorahub", {"weights": [0.7, 0.3]})),
-            ("linear k=4", FusionRequest([a, b, c, d], "linear")),
-            ("lora_flow k=2 (b)", FusionRequest([c, d], "lora_flow")),
-            ("dare_linear k=2", FusionRequest([b, d], "dare_linear", {"density": 0.7})),
-            ("single (b)", FusionRequest([d], "single")),
-            ("cat k=3", FusionRequest([a, c, d], "cat")),
-            ("magnitude_prune k=2", FusionRequest([a, d], "magnitude_prune", {"density": 0.6})),
-            ("lora_flow k=4", FusionRequest([a, b, c, d], "lora_flow")),
-            ("linear k=2 (b)", FusionRequest([b, d], "linear", {"weights": [1.0, 0.5]}))]
+    return [
+        ("lora_flow k=2", FusionRequest([a, b], "lora_flow")),
+        ("linear k=2", FusionRequest([a, b], "linear", {"weights": [0.6, 0.4]})),
+        ("cat k=2", FusionRequest([b, c], "cat")),
+        ("mixlora 8x top-2", FusionRequest([mixlora], "mixlora")),
+        ("ties k=2", FusionRequest([a, c], "ties", {"density": 0.5})),
+        ("single", FusionRequest([b], "single")),
+        ("lora_flow k=3", FusionRequest([a, b, c], "lora_flow")),
+        ("lorahub k=2", FusionRequest([c, d], "lorahub", {"weights": [0.7, 0.3]})),
+        ("linear k=4", FusionRequest([a, b, c, d], "linear")),
+        ("lora_flow k=2 (b)", FusionRequest([c, d], "lora_flow")),
+        ("dare_linear k=2", FusionRequest([b, d], "dare_linear", {"density": 0.7})),
+        ("single (b)", FusionRequest([d], "single")),
+        ("cat k=3", FusionRequest([a, c, d], "cat")),
+        ("magnitude_prune k=2", FusionRequest([a, d], "magnitude_prune", {"density": 0.6})),
+        ("lora_flow k=4", FusionRequest([a, b, c, d], "lora_flow")),
+        ("linear k=2 (b)", FusionRequest([b, d], "linear", {"weights": [1.0, 0.5]})),
+    ]
 
 
 def thread_per_request(engine: Engine, request: FusionRequest, ids: list[int], sampling: Sampling):
@@ -99,21 +108,36 @@ def _run_streams(streams, start_stream) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    return {"tokens": sum(tokens), "wall_s": round(wall, 3), "tokens_per_s": round(sum(tokens) / wall, 2),
-            "p50_inter_token_s": round(statistics.median(gaps), 4) if gaps else None}
+    return {
+        "tokens": sum(tokens),
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(sum(tokens) / wall, 2),
+        "p50_inter_token_s": round(statistics.median(gaps), 4) if gaps else None,
+    }
 
 
-def run_concurrency_bench(model: str = "default", device: str = "cpu", dtype: str = "float32",
-                          concurrency: tuple[int, ...] = (1, 8, 16), token_range: tuple[int, int] = (64, 128),
-                          rank: int = 8, log=print) -> dict:
+def run_concurrency_bench(
+    model: str = "default",
+    device: str = "cpu",
+    dtype: str = "float32",
+    concurrency: tuple[int, ...] = (1, 8, 16),
+    token_range: tuple[int, int] = (64, 128),
+    rank: int = 8,
+    log=print,
+) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix="fusion-batch-bench-"))
-    engine = Engine(model=model, device=device, dtype=dtype, adapters_dir=scratch / "adapters",
-                    fusions_dir=scratch / "fusions", progress=log)
+    engine = Engine(
+        model=model,
+        device=device,
+        dtype=dtype,
+        adapters_dir=scratch / "adapters",
+        fusions_dir=scratch / "fusions",
+        progress=log,
+    )
     names = ["lang", "task", "task2", "task3"]
     for i, name in enumerate(names):
         write_random_lora(scratch / "adapters" / name, engine.model, rank=rank, seed=i)
-    write_random_mixlora(scratch / "adapters" / "mix", engine.model, engine.base.info.get("source") or "",
-                         rank=rank)
+    write_random_mixlora(scratch / "adapters" / "mix", engine.model, engine.base.info.get("source") or "", rank=rank)
     engine.library.rescan()
     mix = fusion_mix(names, "mix")
     low, high = token_range
@@ -126,7 +150,7 @@ def run_concurrency_bench(model: str = "default", device: str = "cpu", dtype: st
         streams.append((label, request, ids, Sampling(max_new_tokens=budget)))
     engine.tokenizer = NoStopTokenizer(engine.tokenizer)
     engine.model.generation_config.eos_token_id = None
-    for label, request, ids, _ in streams[:len(mix)]:  # build every plan and warm up both paths once
+    for _label, request, ids, _ in streams[: len(mix)]:  # build every plan and warm up both paths once
         for _ in thread_per_request(engine, request, ids, Sampling(max_new_tokens=2)):
             pass
         for _ in engine.stream_ids(request, ids, Sampling(max_new_tokens=2), trace=False):
@@ -140,43 +164,69 @@ def run_concurrency_bench(model: str = "default", device: str = "cpu", dtype: st
         log(f"{n} stream(s): scheduler")
         batched = _run_streams(chosen, lambda r, ids, s: engine.stream_ids(r, ids, s, trace=False))
         log(f"{n} stream(s): scheduler, base model only")
-        plain = _run_streams([(base, ids, s) for _, ids, s in chosen],
-                             lambda r, ids, s: engine.stream_ids(r, ids, s, trace=False))
-        rows.append({"streams": n, "fusions": [label for label, *_ in streams[:n]],
-                     "thread_per_request": today, "scheduler": batched, "scheduler_base_only": plain,
-                     "speedup": round(batched["tokens_per_s"] / today["tokens_per_s"], 2),
-                     "mixed_vs_base_batched": round(batched["tokens_per_s"] / plain["tokens_per_s"], 3)})
-    machine = {"device": str(engine.base.device), "dtype": str(engine.base.dtype), "model": engine.base.name,
-               "torch": torch.__version__, "threads": torch.get_num_threads(), "rank": rank,
-               "new_tokens": list(token_range)}
+        plain = _run_streams(
+            [(base, ids, s) for _, ids, s in chosen], lambda r, ids, s: engine.stream_ids(r, ids, s, trace=False)
+        )
+        rows.append(
+            {
+                "streams": n,
+                "fusions": [label for label, *_ in streams[:n]],
+                "thread_per_request": today,
+                "scheduler": batched,
+                "scheduler_base_only": plain,
+                "speedup": round(batched["tokens_per_s"] / today["tokens_per_s"], 2),
+                "mixed_vs_base_batched": round(batched["tokens_per_s"] / plain["tokens_per_s"], 3),
+            }
+        )
+    machine = {
+        "device": str(engine.base.device),
+        "dtype": str(engine.base.dtype),
+        "model": engine.base.name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "rank": rank,
+        "new_tokens": list(token_range),
+    }
     if engine.base.device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(engine.base.device)
     return {"machine": machine, "rows": rows}
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'streams':>7} {'thread/req tok/s':>17} {'scheduler tok/s':>16} {'speed-up':>9} "
-             f"{'base batched tok/s':>19} {'mixed/base':>11} {'p50 gap ms (thread/sched)':>26}"]
+    lines = [
+        f"{'streams':>7} {'thread/req tok/s':>17} {'scheduler tok/s':>16} {'speed-up':>9} "
+        f"{'base batched tok/s':>19} {'mixed/base':>11} {'p50 gap ms (thread/sched)':>26}"
+    ]
     for row in result["rows"]:
         t, s, b = row["thread_per_request"], row["scheduler"], row["scheduler_base_only"]
-        gap = lambda r: "-" if r["p50_inter_token_s"] is None else f"{1000 * r['p50_inter_token_s']:.1f}"
-        lines.append(f"{row['streams']:>7} {t['tokens_per_s']:>17.2f} {s['tokens_per_s']:>16.2f} "
-                     f"{row['speedup']:>8.2f}x {b['tokens_per_s']:>19.2f} {row['mixed_vs_base_batched']:>11.3f} "
-                     f"{gap(t) + ' / ' + gap(s):>26}")
+
+        def gap(r):
+            return "-" if r["p50_inter_token_s"] is None else f"{1000 * r['p50_inter_token_s']:.1f}"
+
+        lines.append(
+            f"{row['streams']:>7} {t['tokens_per_s']:>17.2f} {s['tokens_per_s']:>16.2f} "
+            f"{row['speedup']:>8.2f}x {b['tokens_per_s']:>19.2f} {row['mixed_vs_base_batched']:>11.3f} "
+            f"{gap(t) + ' / ' + gap(s):>26}"
+        )
     m = result["machine"]
-    lines.append(f"[{m['model']} on {m['device']} {m['dtype']}, rank-{m['rank']} LoRAs, "
-                 f"{m['new_tokens'][0]}-{m['new_tokens'][1]} new tokens per stream, torch {m['torch']}, "
-                 f"{m['threads']} threads]")
+    lines.append(
+        f"[{m['model']} on {m['device']} {m['dtype']}, rank-{m['rank']} LoRAs, "
+        f"{m['new_tokens'][0]}-{m['new_tokens'][1]} new tokens per stream, torch {m['torch']}, "
+        f"{m['threads']} threads]"
+    )
     return "\n".join(lines)
 
 
 def main(args) -> int:
     import sys
 
-    log = (lambda *a, **k: print(*a, file=sys.stderr))
+    def log(*a, **k):
+        print(*a, file=sys.stderr)
+
     concurrency = tuple(int(x) for x in str(args.concurrency).split(",") if x.strip())
     low, _, high = str(args.stream_tokens).partition(",")
-    result = run_concurrency_bench(args.model or "default", args.device, args.dtype, concurrency,
-                                   (int(low), int(high or low)), args.rank, log)
+    result = run_concurrency_bench(
+        args.model or "default", args.device, args.dtype, concurrency, (int(low), int(high or low)), args.rank, log
+    )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0

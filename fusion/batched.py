@@ -33,7 +33,7 @@ class RowCache:
         for layer in prefill.layers:
             for source, store in ((layer.keys[0], self.keys), (layer.values[0], self.values)):
                 buffer = source.new_empty(source.shape[0], capacity, source.shape[2])
-                buffer[:, :source.shape[1]] = source
+                buffer[:, : source.shape[1]] = source
                 store.append(buffer)
         self.length = prefill.layers[0].keys.shape[-2]
 
@@ -57,7 +57,7 @@ def _entries(delta, dynamic: bool):
     if isinstance(delta, GroupMember):
         A, B = delta_factors(delta)
         slots = delta.group.slot_of_rank
-        slots = None if slots is None else slots[delta.start:delta.end]
+        slots = None if slots is None else slots[delta.start : delta.end]
         yield (id(delta.group), delta.start), A, B, 1.0, slots
     else:  # a dynamic delta keeps its per-rank slots; its fixed factor, if any, goes into B
         yield id(delta), delta.A, (delta.B if delta.coef is None else delta.B * delta.coef), 1.0, delta.slot_of_rank
@@ -122,8 +122,7 @@ def build_table(layer: int, names: tuple[str, ...], plans: list[FusionPlan], dev
             slots[index[row], start:end] = s + 1
     dynamic = bool((slots > 0).any())
     table_rows = None if len(users) == n else torch.tensor(users, dtype=torch.long, device=device)
-    return Table(torch.cat(As, 0), members, coef.to(device, dtype),
-                 slots.to(device) if dynamic else None, table_rows)
+    return Table(torch.cat(As, 0), members, coef.to(device, dtype), slots.to(device) if dynamic else None, table_rows)
 
 
 class Layout:
@@ -169,8 +168,9 @@ class Layout:
         self.gate_W = torch.stack(W, 1)  # (L, n_flow, S, d)
         self.gate_b = torch.stack(b, 1)  # (L, n_flow, S)
         self.gate_mask = torch.stack(mask).to(device, dtype) if width > min(ks) else None  # (n_flow, S)
-        self.gate_temps = (torch.tensor(temps, device=device, dtype=dtype).unsqueeze(-1)
-                           if any(t != 1.0 for t in temps) else None)  # (n_flow, 1)
+        self.gate_temps = (
+            torch.tensor(temps, device=device, dtype=dtype).unsqueeze(-1) if any(t != 1.0 for t in temps) else None
+        )  # (n_flow, 1)
 
     def gate(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, d) the residual stream entering the layer -> (gate weights of the LoRA-Flow rows
@@ -216,8 +216,10 @@ def decode_step(model, layout: Layout, tokens: torch.Tensor, caches: list[RowCac
             gate_log.append(weights)
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        ys = {name: F.linear(h, getattr(attn, name).weight, getattr(attn, name).bias)
-              for name in ("q_proj", "k_proj", "v_proj")}
+        ys = {
+            name: F.linear(h, getattr(attn, name).weight, getattr(attn, name).bias)
+            for name in ("q_proj", "k_proj", "v_proj")
+        }
         if tables[0] is not None:
             tables[0].apply(h, ys, gates)
         head_dim = attn.head_dim
@@ -232,8 +234,11 @@ def decode_step(model, layout: Layout, tokens: torch.Tensor, caches: list[RowCac
             keys[:, cache.length] = k[i, :, 0]
             values[:, cache.length] = v[i]
             # 4-D: with 3-D inputs the CPU kernel takes a path ~300x slower
-            out.append(F.scaled_dot_product_attention(q[i:i + 1], keys[None, :, :end], values[None, :, :end],
-                                                      scale=attn.scaling, enable_gqa=True))  # (1, H, 1, hd)
+            out.append(
+                F.scaled_dot_product_attention(
+                    q[i : i + 1], keys[None, :, :end], values[None, :, :end], scale=attn.scaling, enable_gqa=True
+                )
+            )  # (1, H, 1, hd)
         o = torch.cat(out).reshape(n, -1)  # (N, H * hd)
         ys = {"o_proj": F.linear(o, attn.o_proj.weight, attn.o_proj.bias)}
         if tables[1] is not None:
@@ -264,8 +269,14 @@ def _mlp(mlp, layer: int, h: torch.Tensor, tables, gates, layout: Layout, sinks)
     for (plan, rows, _), sink in zip(layout.moe_groups, sinks):
         routers, experts, top_k, act = plan.experts
         mixed, down, _, probs, chosen = expert_mixture(
-            h.index_select(0, rows), ys["gate_proj"].index_select(0, rows), ys["up_proj"].index_select(0, rows),
-            routers[layer], experts.get(layer, {}), top_k, act or mlp.act_fn)
+            h.index_select(0, rows),
+            ys["gate_proj"].index_select(0, rows),
+            ys["up_proj"].index_select(0, rows),
+            routers[layer],
+            experts.get(layer, {}),
+            top_k,
+            act or mlp.act_fn,
+        )
         m.index_copy_(0, rows, mixed)
         sink.on_router(layer, probs.unsqueeze(1), chosen.unsqueeze(1))
         if down is not None:
@@ -286,7 +297,7 @@ def _record(layout: Layout, runs: list, gate_log: list, sinks: list) -> None:
         for j, (i, k) in enumerate(zip(layout.flow, layout.flow_ks)):
             run = runs[i]
             if run is not None and run.record:
-                run.steps.append({layer: stacked[layer, j:j + 1, :k] for layer in range(stacked.shape[0])})
+                run.steps.append({layer: stacked[layer, j : j + 1, :k] for layer in range(stacked.shape[0])})
     for (_, _, members), sink in zip(layout.moe_groups, sinks):
         if not sink.seen:
             continue

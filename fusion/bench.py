@@ -57,31 +57,69 @@ def write_random_lora(folder: Path, model, rank: int = 8, alpha: int = 16, seed:
             state[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * std
             state[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * std
     folder.mkdir(parents=True)
-    (folder / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
-         "target_modules": list(TARGETS), "bias": "none", "base_model_name_or_path": ""}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": rank,
+                "lora_alpha": alpha,
+                "lora_dropout": 0.0,
+                "target_modules": list(TARGETS),
+                "bias": "none",
+                "base_model_name_or_path": "",
+            }
+        )
+    )
     save_file(state, str(folder / "adapter_model.safetensors"))
     return folder
 
 
-def write_random_mixlora(folder: Path, model, base_folder: str, experts: int = 8, top_k: int = 2, rank: int = 8,
-                         alpha: int = 16, seed: int = 0, std: float = 0.02):
+def write_random_mixlora(
+    folder: Path,
+    model,
+    base_folder: str,
+    experts: int = 8,
+    top_k: int = 2,
+    rank: int = 8,
+    alpha: int = 16,
+    seed: int = 0,
+    std: float = 0.02,
+):
     g = torch.Generator().manual_seed(seed)
     state = {}
     for layer in range(model.config.num_hidden_layers):
-        state[f"mixlora.layers.{layer}.mlp.moe_gate.weight"] = torch.randn(
-            experts, model.config.hidden_size, generator=g) * 0.02
+        state[f"mixlora.layers.{layer}.mlp.moe_gate.weight"] = (
+            torch.randn(experts, model.config.hidden_size, generator=g) * 0.02
+        )
         for name, (d_in, d_out) in _linear_shapes(model).items():
-            prefixes = ([f"mixlora.layers.{layer}.self_attn.{name}"] if name in TARGETS[:4] else
-                        [f"mixlora.layers.{layer}.mlp.{name}.experts.{e}" for e in range(experts)])
+            prefixes = (
+                [f"mixlora.layers.{layer}.self_attn.{name}"]
+                if name in TARGETS[:4]
+                else [f"mixlora.layers.{layer}.mlp.{name}.experts.{e}" for e in range(experts)]
+            )
             for prefix in prefixes:
                 state[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * std
                 state[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * std
     folder.mkdir(parents=True)
-    (folder / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "MIXLORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_folder, "r": rank,
-         "lora_alpha": alpha, "lora_dropout": 0.05, "target_modules": list(TARGETS), "routing_strategy": "mixlora",
-         "num_experts": experts, "top_k": top_k, "act_fn": "silu", "bias": "none"}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "MIXLORA",
+                "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": base_folder,
+                "r": rank,
+                "lora_alpha": alpha,
+                "lora_dropout": 0.05,
+                "target_modules": list(TARGETS),
+                "routing_strategy": "mixlora",
+                "num_experts": experts,
+                "top_k": top_k,
+                "act_fn": "silu",
+                "bias": "none",
+            }
+        )
+    )
     torch.save(state, str(folder / "adapter_model.bin"))
     return folder
 
@@ -143,9 +181,23 @@ def scheduler_speed(engine: Engine, request: FusionRequest, input_ids: torch.Ten
 
 
 class Case:
-    def __init__(self, name: str, engine: Engine | None = None, request: FusionRequest | None = None,
-                 merge: bool = False, model=None, group: str = "ours"):
-        self.name, self.engine, self.request, self.merge, self.model, self.group = name, engine, request, merge, model, group
+    def __init__(
+        self,
+        name: str,
+        engine: Engine | None = None,
+        request: FusionRequest | None = None,
+        merge: bool = False,
+        model=None,
+        group: str = "ours",
+    ):
+        self.name, self.engine, self.request, self.merge, self.model, self.group = (
+            name,
+            engine,
+            request,
+            merge,
+            model,
+            group,
+        )
         self.speeds: list[float] = []
         self.first: list[float] = []
         self.extra: dict = {}
@@ -157,8 +209,9 @@ class Case:
         return scheduler_speed(self.engine, self.request, ids, tokens)
 
 
-def _reference_models(engine: Engine, base_folder: str, loras: list[Path], mixlora_folder: Path, wanted: set,
-                      log) -> list[Case]:
+def _reference_models(
+    engine: Engine, base_folder: str, loras: list[Path], mixlora_folder: Path, wanted: set, log
+) -> list[Case]:
     cases = []
 
     def fresh():
@@ -174,8 +227,13 @@ def _reference_models(engine: Engine, base_folder: str, loras: list[Path], mixlo
     if "xlora" in wanted:
         try:
             from peft import XLoraConfig, get_peft_model
-            config = XLoraConfig(task_type="CAUSAL_LM", hidden_size=engine.model.config.hidden_size,
-                                 xlora_depth=1, adapters={"0": str(loras[0]), "1": str(loras[1])})
+
+            config = XLoraConfig(
+                task_type="CAUSAL_LM",
+                hidden_size=engine.model.config.hidden_size,
+                xlora_depth=1,
+                adapters={"0": str(loras[0]), "1": str(loras[1])},
+            )
             base = fresh()
             base.config.use_cache = False
             xlora = get_peft_model(base, config).eval()
@@ -185,6 +243,7 @@ def _reference_models(engine: Engine, base_folder: str, loras: list[Path], mixlo
     if "mixlora" in wanted:
         try:
             from mixlora import MixLoraModelForCausalLM  # the reference package, optional
+
             model, _ = MixLoraModelForCausalLM.from_pretrained(str(mixlora_folder))
             model = model.to(engine.base.device).eval()
             for layer in model.model.layers:  # its expert LoRAs sit outside the module tree
@@ -197,15 +256,32 @@ def _reference_models(engine: Engine, base_folder: str, loras: list[Path], mixlo
     return cases
 
 
-def run_bench(model: str = "default", device: str = "cpu", dtype: str = "float32", methods: list[str] | None = None,
-              tokens: int = 64, repeats: int = 3, prefill: int = 512, references: str = "all", batch: int = 1,
-              log=print) -> dict:
+def run_bench(
+    model: str = "default",
+    device: str = "cpu",
+    dtype: str = "float32",
+    methods: list[str] | None = None,
+    tokens: int = 64,
+    repeats: int = 3,
+    prefill: int = 512,
+    references: str = "all",
+    batch: int = 1,
+    log=print,
+) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix="fusion-bench-"))
-    engine = Engine(model=model, device=device, dtype=dtype, adapters_dir=scratch / "adapters",
-                    fusions_dir=scratch / "fusions", progress=log)
+    engine = Engine(
+        model=model,
+        device=device,
+        dtype=dtype,
+        adapters_dir=scratch / "adapters",
+        fusions_dir=scratch / "fusions",
+        progress=log,
+    )
     base_folder = engine.base.info["source"]
-    loras = [write_random_lora(scratch / "adapters" / n, engine.model, seed=i)
-             for i, n in enumerate(("lang", "task", "task2", "task3"))]
+    loras = [
+        write_random_lora(scratch / "adapters" / n, engine.model, seed=i)
+        for i, n in enumerate(("lang", "task", "task2", "task3"))
+    ]
     mix_folder = write_random_mixlora(scratch / "adapters" / "mix", engine.model, base_folder)
     engine.library.rescan()
     pair, four = ["lang", "task"], ["lang", "task", "task2", "task3"]
@@ -224,8 +300,13 @@ def run_bench(model: str = "default", device: str = "cpu", dtype: str = "float32
     if methods:
         catalogue = [c for c in catalogue if c[0] == "base" or c[1].method in methods or c[0] in methods]
     cases = [Case(name, engine, req, merge) for name, req, merge in catalogue]
-    wanted = {"peft", "xlora", "mixlora"} if references == "all" else set() if references == "none" else set(
-        references.split(","))
+    wanted = (
+        {"peft", "xlora", "mixlora"}
+        if references == "all"
+        else set()
+        if references == "none"
+        else set(references.split(","))
+    )
     if wanted and engine.base.info["source"]:
         cases += _reference_models(engine, base_folder, loras, mix_folder, wanted, log)
 
@@ -234,6 +315,7 @@ def run_bench(model: str = "default", device: str = "cpu", dtype: str = "float32
     engine.model.generation_config.eos_token_id = None
     ids = torch.tensor([chat] * batch, device=engine.base.device)
     long_ids = torch.randint(100, 1000, (1, prefill), generator=torch.Generator().manual_seed(0)).to(engine.base.device)
+
     def switch_time(case: Case) -> float:
         """A method change with the adapters already loaded: build the plan, merge and restore."""
         engine.clear_plan_cache()
@@ -253,7 +335,7 @@ def run_bench(model: str = "default", device: str = "cpu", dtype: str = "float32
         log(f"round {r + 1}/{repeats}")
         # Every method is measured right next to a base run (before it in even rounds, after it in
         # odd ones) and its ratio is taken against that run: drift of the machine cancels out.
-        for case in (others if r % 2 == 0 else others[::-1]):
+        for case in others if r % 2 == 0 else others[::-1]:
             pair = (base, case) if r % 2 == 0 else (case, base)
             got = {id(c): c.measure(ids, tokens) for c in pair}
             b, c = got[id(base)], got[id(case)]
@@ -273,25 +355,44 @@ def run_bench(model: str = "default", device: str = "cpu", dtype: str = "float32
         ratios = case.extra.get("ratios", [1.0])
         prefill_ratios = case.extra.get("prefill_ratios", [1.0])
         switches = case.extra.get("switches")
-        rows.append({"name": case.name, "group": case.group, "tokens_per_s": round(statistics.median(case.speeds), 2),
-                     "ratio_to_base": round(statistics.median(ratios), 3),
-                     "ratio_spread": [round(min(ratios), 3), round(max(ratios), 3)],
-                     "first_token_s": round(statistics.median(case.first), 4),
-                     "prefill_s": round(statistics.median(case.extra["prefill"]), 4),
-                     "prefill_overhead": round(statistics.median(prefill_ratios) - 1, 3),
-                     "switch_s": round(statistics.median(switches), 4) if switches else None,
-                     "runs": [round(s, 2) for s in case.speeds]})
+        rows.append(
+            {
+                "name": case.name,
+                "group": case.group,
+                "tokens_per_s": round(statistics.median(case.speeds), 2),
+                "ratio_to_base": round(statistics.median(ratios), 3),
+                "ratio_spread": [round(min(ratios), 3), round(max(ratios), 3)],
+                "first_token_s": round(statistics.median(case.first), 4),
+                "prefill_s": round(statistics.median(case.extra["prefill"]), 4),
+                "prefill_overhead": round(statistics.median(prefill_ratios) - 1, 3),
+                "switch_s": round(statistics.median(switches), 4) if switches else None,
+                "runs": [round(s, 2) for s in case.speeds],
+            }
+        )
     by_name = {row["name"]: row for row in rows}
     speedups = {}
-    for ours, ref in (("lora_flow k=2", "peft 2 LoRAs (unmerged)"), ("lora_flow k=2", "peft X-LoRA k=2"),
-                      ("linear k=2 (merged)", "peft 2 LoRAs (unmerged)"), ("single (merged)", "peft single (unmerged)"),
-                      ("mixlora 8x top-2", "mixlora package 8x top-2")):
+    for ours, ref in (
+        ("lora_flow k=2", "peft 2 LoRAs (unmerged)"),
+        ("lora_flow k=2", "peft X-LoRA k=2"),
+        ("linear k=2 (merged)", "peft 2 LoRAs (unmerged)"),
+        ("single (merged)", "peft single (unmerged)"),
+        ("mixlora 8x top-2", "mixlora package 8x top-2"),
+    ):
         if ours in by_name and ref in by_name:
             speedups[f"{ours} vs {ref}"] = round(by_name[ours]["tokens_per_s"] / by_name[ref]["tokens_per_s"], 2)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    machine = {"device": str(engine.base.device), "dtype": str(engine.base.dtype), "model": engine.base.name,
-               "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
-               platform.machine(), "batch": batch, "tokens": tokens, "repeats": repeats, "prefill_tokens": prefill}
+    machine = {
+        "device": str(engine.base.device),
+        "dtype": str(engine.base.dtype),
+        "model": engine.base.name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "batch": batch,
+        "tokens": tokens,
+        "repeats": repeats,
+        "prefill_tokens": prefill,
+    }
     if engine.base.device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(engine.base.device)
         machine["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(engine.base.device) / 2**20, 1)
@@ -299,28 +400,46 @@ def run_bench(model: str = "default", device: str = "cpu", dtype: str = "float32
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'method':<28} {'tok/s':>8} {'x base':>7} {'(min-max)':>13} {'TTFT s':>8} {'prefill s':>10} "
-             f"{'+prefill':>9} {'switch s':>9}"]
+    lines = [
+        f"{'method':<28} {'tok/s':>8} {'x base':>7} {'(min-max)':>13} {'TTFT s':>8} {'prefill s':>10} "
+        f"{'+prefill':>9} {'switch s':>9}"
+    ]
     for row in result["rows"]:
         switch = "" if row["switch_s"] is None else f"{row['switch_s']:.3f}"
         lo, hi = row.get("ratio_spread", [row["ratio_to_base"]] * 2)
-        lines.append(f"{row['name']:<28} {row['tokens_per_s']:>8.2f} {row['ratio_to_base']:>7.3f} "
-                     f"{f'({lo:.2f}-{hi:.2f})':>13} "
-                     f"{row['first_token_s']:>8.3f} {row['prefill_s']:>10.3f} {row['prefill_overhead']:>+9.1%} "
-                     f"{switch:>9}")
+        lines.append(
+            f"{row['name']:<28} {row['tokens_per_s']:>8.2f} {row['ratio_to_base']:>7.3f} "
+            f"{f'({lo:.2f}-{hi:.2f})':>13} "
+            f"{row['first_token_s']:>8.3f} {row['prefill_s']:>10.3f} {row['prefill_overhead']:>+9.1%} "
+            f"{switch:>9}"
+        )
     for name, value in result["speedups"].items():
         lines.append(f"speed-up {name}: {value:.2f}x")
     m = result["machine"]
-    lines.append(f"[{m['model']} on {m['device']} {m['dtype']}, batch {m['batch']}, {m['tokens']} tokens x "
-                 f"{m['repeats']} interleaved rounds, torch {m['torch']}, {m['threads']} threads; "
-                 f"peak RSS {result['peak_rss_mb']:.0f} MB]")
+    lines.append(
+        f"[{m['model']} on {m['device']} {m['dtype']}, batch {m['batch']}, {m['tokens']} tokens x "
+        f"{m['repeats']} interleaved rounds, torch {m['torch']}, {m['threads']} threads; "
+        f"peak RSS {result['peak_rss_mb']:.0f} MB]"
+    )
     return "\n".join(lines)
 
 
 def main(args) -> int:
-    log = (lambda *a, **k: print(*a, file=sys.stderr))
+    def log(*a, **k):
+        print(*a, file=sys.stderr)
+
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    result = run_bench(args.model or "default", args.device, args.dtype, methods, args.tokens, args.repeats, args.prefill,
-                       args.references, getattr(args, "batch", 1), log)
+    result = run_bench(
+        args.model or "default",
+        args.device,
+        args.dtype,
+        methods,
+        args.tokens,
+        args.repeats,
+        args.prefill,
+        args.references,
+        getattr(args, "batch", 1),
+        log,
+    )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0

@@ -17,9 +17,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="'default' (embedded SmolLM2-135M-Instruct), a local folder, or a hub id "
-                             "(default: the preset's model, else 'default')")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="'default' (embedded SmolLM2-135M-Instruct), a local folder, or a hub id "
+        "(default: the preset's model, else 'default')",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--adapters-dir", default=None, help="adapter library folder (default assets/adapters)")
@@ -31,11 +34,21 @@ def _request_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, help="one adapter folder (e.g. a MixLoRA checkpoint)")
     parser.add_argument("--method", default=None, help="fusion method (see `methods`)")
     parser.add_argument("--fusion", default=None, help="a saved fitted fusion (sets method, adapters, params)")
-    parser.add_argument("--gates", default=None, help="LoRA-Flow gates: fusion name, folder, released .pt or hf:repo/path")
-    parser.add_argument("--preset", default=None,
-                        help="a paper's released setup, e.g. lora-flow:es-math or mixlora:alpaca-7b (GPU host, network)")
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="method parameter, repeatable (e.g. --param weights=0.3,0.7)")
+    parser.add_argument(
+        "--gates", default=None, help="LoRA-Flow gates: fusion name, folder, released .pt or hf:repo/path"
+    )
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help="a paper's released setup, e.g. lora-flow:es-math or mixlora:alpaca-7b (GPU host, network)",
+    )
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method parameter, repeatable (e.g. --param weights=0.3,0.7)",
+    )
 
 
 def _params(items: list[str]) -> dict:
@@ -55,9 +68,16 @@ def _engine(args, quiet: bool):
     model = args.model
     if model is None and getattr(args, "preset", None):
         from .presets import get_preset
+
         model = get_preset(args.preset).model
-    return Engine(model=model or "default", device=args.device, dtype=args.dtype, adapters_dir=args.adapters_dir,
-                  fusions_dir=args.fusions_dir, progress=progress)
+    return Engine(
+        model=model or "default",
+        device=args.device,
+        dtype=args.dtype,
+        adapters_dir=args.adapters_dir,
+        fusions_dir=args.fusions_dir,
+        progress=progress,
+    )
 
 
 def _request(args):
@@ -65,6 +85,7 @@ def _request(args):
 
     if getattr(args, "preset", None):
         from .presets import get_preset
+
         request = get_preset(args.preset).request
         request.params.update(_params(args.param))
         return request
@@ -74,8 +95,9 @@ def _request(args):
     params = _params(args.param)
     if args.gates:
         params["gates"] = args.gates
-    method = args.method or ("base" if not adapters and not args.fusion else
-                             "single" if len(adapters) == 1 else "linear")
+    method = args.method or (
+        "base" if not adapters and not args.fusion else "single" if len(adapters) == 1 else "linear"
+    )
     return FusionRequest(adapters=adapters, method=method, params=params, fusion=args.fusion)
 
 
@@ -112,8 +134,9 @@ def cmd_generate(args) -> int:
 
     engine = _engine(args, quiet=args.json)
     request = _request(args)
-    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        seed=args.seed)
+    sampling = Sampling(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
     final = None
     for event in engine.stream(request, args.prompt, sampling, system=args.system):
         if not args.json and event.delta:
@@ -124,20 +147,39 @@ def cmd_generate(args) -> int:
         trace.save(args.trace_out)
     if args.json:
         method, adapters, params = engine.resolve(request)
-        print(json.dumps({
-            "text": final.text, "method": method.name, "adapters": [a.name for a in adapters], "params": params,
-            "finish_reason": final.finish_reason, "prompt_tokens": final.prompt_tokens,
-            "new_tokens": len(final.token_ids), "seconds_to_first_token": final.seconds_to_first_token,
-            "tokens_per_second": final.tokens_per_second,
-            "trace": None if trace is None else {"shape": list(trace.shape), "slot_names": trace.slot_names,
-                                                 "kind": trace.kind, "tokens": trace.tokens,
-                                                 "weights": trace.weights.tolist() if args.full_trace else None},
-        }, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "text": final.text,
+                    "method": method.name,
+                    "adapters": [a.name for a in adapters],
+                    "params": params,
+                    "finish_reason": final.finish_reason,
+                    "prompt_tokens": final.prompt_tokens,
+                    "new_tokens": len(final.token_ids),
+                    "seconds_to_first_token": final.seconds_to_first_token,
+                    "tokens_per_second": final.tokens_per_second,
+                    "trace": None
+                    if trace is None
+                    else {
+                        "shape": list(trace.shape),
+                        "slot_names": trace.slot_names,
+                        "kind": trace.kind,
+                        "tokens": trace.tokens,
+                        "weights": trace.weights.tolist() if args.full_trace else None,
+                    },
+                },
+                ensure_ascii=False,
+            )
+        )
     else:
         print()
         if trace is not None:
-            print(f"[{final.finish_reason}; {len(final.token_ids)} tokens; trace {trace.kind} "
-                  f"shape {tuple(trace.shape)} slots {trace.slot_names}]", file=sys.stderr)
+            print(
+                f"[{final.finish_reason}; {len(final.token_ids)} tokens; trace {trace.kind} "
+                f"shape {tuple(trace.shape)} slots {trace.slot_names}]",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -149,8 +191,17 @@ def cmd_fit(args) -> int:
     engine = _engine(args, quiet=False)
     request = _request(args)
     records = load_records(args.data)
-    train = {k: v for k, v in {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-                               "max_steps": args.max_steps, "seed": args.seed}.items() if v is not None}
+    train = {
+        k: v
+        for k, v in {
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "max_steps": args.max_steps,
+            "seed": args.seed,
+        }.items()
+        if v is not None
+    }
     from tqdm import tqdm
 
     bar = tqdm(total=None, desc=f"fit {request.method}", unit="step")
@@ -163,19 +214,39 @@ def cmd_fit(args) -> int:
 
     cancel = threading.Event()
     try:
-        artifact = engine.fit(request.method, request.adapters, records, request.params, train=train,
-                              save_as=args.save_as, out=args.out, overwrite=args.overwrite,
-                              on_progress=progress, cancel=cancel)
+        artifact = engine.fit(
+            request.method,
+            request.adapters,
+            records,
+            request.params,
+            train=train,
+            save_as=args.save_as,
+            out=args.out,
+            overwrite=args.overwrite,
+            on_progress=progress,
+            cancel=cancel,
+        )
     except KeyboardInterrupt:
         cancel.set()
         raise
     finally:
         bar.close()
     losses = artifact.meta.get("losses", [])
-    print(json.dumps({"name": artifact.name, "method": artifact.method, "adapters": artifact.adapters,
-                      "path": artifact.path, "params": artifact.params, "steps": len(losses),
-                      "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-                      "seconds": artifact.meta.get("seconds")}))
+    print(
+        json.dumps(
+            {
+                "name": artifact.name,
+                "method": artifact.method,
+                "adapters": artifact.adapters,
+                "path": artifact.path,
+                "params": artifact.params,
+                "steps": len(losses),
+                "first_loss": losses[0] if losses else None,
+                "last_loss": losses[-1] if losses else None,
+                "seconds": artifact.meta.get("seconds"),
+            }
+        )
+    )
     return 0
 
 
@@ -186,8 +257,16 @@ def cmd_export(args) -> int:
     request = _request(args)
     write = export_merged if args.merged else export_peft
     out = write(engine, request, args.out, overwrite=args.overwrite)
-    print(json.dumps({"out": str(out), "kind": "merged model" if args.merged else "peft LoRA",
-                      "method": request.method, "adapters": request.adapters}))
+    print(
+        json.dumps(
+            {
+                "out": str(out),
+                "kind": "merged model" if args.merged else "peft LoRA",
+                "method": request.method,
+                "adapters": request.adapters,
+            }
+        )
+    )
     return 0
 
 
@@ -270,8 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--references", default="all", help="'all', 'none' or a subset of peft,xlora,mixlora")
-    p.add_argument("--concurrency", default=None,
-                   help="e.g. 1,8,16: concurrent streams, each its own fusion, scheduler vs thread per request")
+    p.add_argument(
+        "--concurrency",
+        default=None,
+        help="e.g. 1,8,16: concurrent streams, each its own fusion, scheduler vs thread per request",
+    )
     p.add_argument("--stream-tokens", default="64,128", help="with --concurrency: new tokens per stream, min,max")
     p.add_argument("--rank", type=int, default=8, help="with --concurrency: rank of the random LoRAs")
     p.add_argument("--json", action="store_true")

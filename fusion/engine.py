@@ -7,9 +7,9 @@ import threading
 import time
 import unicodedata
 from collections import OrderedDict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -44,8 +44,17 @@ class Engine(Backend):
     (the CLI, export, the lab, benchmarks) use `plan`, `using`, `logits`, `generate_ids_many`,
     `model` and `library`."""
 
-    def __init__(self, model: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str = "float32",
-                 adapters_dir=None, fusions_dir=None, progress=print, base=None, merge_static: str = "auto"):
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        device: str | None = "cpu",
+        dtype: str = "float32",
+        adapters_dir=None,
+        fusions_dir=None,
+        progress=print,
+        base=None,
+        merge_static: str = "auto",
+    ):
         """merge_static: "auto" merges a static fusion into the weights while it is the only
         fusion decoding and no one else uses the model (exact restore afterwards); "never"
         always applies it as low-rank factors."""
@@ -62,8 +71,14 @@ class Engine(Backend):
         self._plans: OrderedDict[tuple, FusionPlan] = OrderedDict()
         self._plans_lock = threading.Lock()
         # Every generation decodes in one continuous batch, whatever its fusion.
-        self.scheduler = Scheduler(self.model, lambda: self.tokenizer, self._model_lock, merge_static == "auto",
-                                   LIMITS.max_batch_rows, LIMITS.kv_budget_mb * 2**20)
+        self.scheduler = Scheduler(
+            self.model,
+            lambda: self.tokenizer,
+            self._model_lock,
+            merge_static == "auto",
+            LIMITS.max_batch_rows,
+            LIMITS.kv_budget_mb * 2**20,
+        )
 
     # ---- what is available -------------------------------------------------------------
     def methods(self) -> list[dict]:
@@ -76,8 +91,13 @@ class Engine(Backend):
         return [f.summary() for f in self.library.fusions.values()]
 
     def base_info(self) -> BaseInfo:
-        return BaseInfo(name=self.base.name, num_layers=self.base.num_layers, hidden_size=self.base.hidden_size,
-                        device=str(self.base.device), dtype=str(self.base.dtype).replace("torch.", ""))
+        return BaseInfo(
+            name=self.base.name,
+            num_layers=self.base.num_layers,
+            hidden_size=self.base.hidden_size,
+            device=str(self.base.device),
+            dtype=str(self.base.dtype).replace("torch.", ""),
+        )
 
     def library_errors(self) -> dict[str, str]:
         return dict(self.library.errors)
@@ -88,8 +108,7 @@ class Engine(Backend):
     def rescan(self) -> None:
         self.library.rescan()
 
-    def import_adapter(self, source, name: str | None = None, role: str | None = None,
-                       overwrite: bool = False) -> dict:
+    def import_adapter(self, source, name: str | None = None, role: str | None = None, overwrite: bool = False) -> dict:
         adapter = self.library.import_adapter(source, name=name, role=role, overwrite=overwrite)
         return adapter.summary()
 
@@ -123,8 +142,12 @@ class Engine(Backend):
 
     def plan(self, request: FusionRequest) -> FusionPlan:
         method, adapters, params = self.resolve(request)
-        key = (self.library.version, method.name, tuple((a.name, a.path) for a in adapters),
-               json.dumps(params, sort_keys=True, default=str))
+        key = (
+            self.library.version,
+            method.name,
+            tuple((a.name, a.path) for a in adapters),
+            json.dumps(params, sort_keys=True, default=str),
+        )
         with self._plans_lock:
             if key in self._plans:
                 self._plans.move_to_end(key)
@@ -153,8 +176,9 @@ class Engine(Backend):
         FusionError (a dynamic plan, or a busy model); merge=False never merges.
         """
         if merge is None:
-            merge = bool(plan.is_static and plan.deltas and self.merge_static == "auto"
-                         and self._model_lock.try_exclusive())
+            merge = bool(
+                plan.is_static and plan.deltas and self.merge_static == "auto" and self._model_lock.try_exclusive()
+            )
         elif merge:
             if not plan.is_static:
                 raise FusionError(f"method {plan.method!r} fuses per token; it cannot be merged into the weights")
@@ -185,23 +209,43 @@ class Engine(Backend):
             cleaned.append({"role": m["role"], "content": clean_text(str(m.get("content", "")))})
         ids = encode_chat(self.tokenizer, cleaned, add_generation_prompt=True)
         if len(ids) > LIMITS.max_prompt_tokens:
-            raise FusionError(f"the conversation is {len(ids)} tokens long; the limit is "
-                              f"{LIMITS.max_prompt_tokens}: shorten it or clear the history")
+            raise FusionError(
+                f"the conversation is {len(ids)} tokens long; the limit is "
+                f"{LIMITS.max_prompt_tokens}: shorten it or clear the history"
+            )
         return ids
 
-    def stream(self, request: FusionRequest, messages: list[dict] | str, sampling: Sampling | None = None,
-               system: str | None = None, cancel: threading.Event | None = None,
-               trace: bool = True) -> Iterator[GenerationEvent]:
+    def stream(
+        self,
+        request: FusionRequest,
+        messages: list[dict] | str,
+        sampling: Sampling | None = None,
+        system: str | None = None,
+        cancel: threading.Event | None = None,
+        trace: bool = True,
+    ) -> Iterator[GenerationEvent]:
         sampling = (sampling or Sampling()).validate()
         prompt_ids = self.encode_messages(messages, system)
         yield from self.stream_ids(request, prompt_ids, sampling, cancel, trace)
 
-    def stream_ids(self, request: FusionRequest, prompt_ids: list[int], sampling: Sampling,
-                   cancel: threading.Event | None = None, trace: bool = True) -> Iterator[GenerationEvent]:
+    def stream_ids(
+        self,
+        request: FusionRequest,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        cancel: threading.Event | None = None,
+        trace: bool = True,
+    ) -> Iterator[GenerationEvent]:
         yield from self.scheduler.stream(self.plan(request), prompt_ids, sampling, cancel, trace)
 
-    def generate_ids_many(self, request: FusionRequest, prompts: list[list[int]], sampling: Sampling,
-                          cancel: threading.Event | None = None, trace: bool = False) -> Iterator[GenerationEvent]:
+    def generate_ids_many(
+        self,
+        request: FusionRequest,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        cancel: threading.Event | None = None,
+        trace: bool = False,
+    ) -> Iterator[GenerationEvent]:
         """Whole replies to many token-id prompts under one request, decoded together in the
         scheduler: the last event of each, in the prompts' order, as soon as it is ready."""
         sampling = sampling.validate()
@@ -216,10 +260,21 @@ class Engine(Backend):
         return out, run
 
     # ---- fitting -------------------------------------------------------------------------
-    def fit(self, method_name: str, adapters: list[str], records: list[dict] | str, params: dict | None = None,
-            train: dict | None = None, save_as: str | None = None, out: str | None = None,
-            overwrite: bool = False, system: str | None = None, on_progress=None,
-            cancel: threading.Event | None = None, **options) -> FusionArtifact:
+    def fit(
+        self,
+        method_name: str,
+        adapters: list[str],
+        records: list[dict] | str,
+        params: dict | None = None,
+        train: dict | None = None,
+        save_as: str | None = None,
+        out: str | None = None,
+        overwrite: bool = False,
+        system: str | None = None,
+        on_progress=None,
+        cancel: threading.Event | None = None,
+        **options,
+    ) -> FusionArtifact:
         """Fit a method's learnable part on examples.
 
         Fusion methods (lora_flow, cat, lorahub) learn weights over the chosen adapters and
@@ -244,26 +299,38 @@ class Engine(Backend):
         examples = tokenize_records(self.tokenizer, records, system)
         unknown = sorted(set(train or {}) - set(TrainConfig.__dataclass_fields__))
         if unknown:
-            raise FusionError(f"unknown training option {unknown[0]!r}; known: "
-                              f"{', '.join(sorted(TrainConfig.__dataclass_fields__))}")
+            raise FusionError(
+                f"unknown training option {unknown[0]!r}; known: {', '.join(sorted(TrainConfig.__dataclass_fields__))}"
+            )
         start = time.perf_counter()
         with self._model_lock.shared():
             result = self._fit_locked(method, adapter_objs, examples, coerced, train, options, on_progress, cancel)
         meta = dict(result.meta)
-        meta.update({"examples": len(examples), "seconds": round(time.perf_counter() - start, 2),
-                     "losses": [round(x, 5) for x in result.losses],
-                     "cancelled": bool(cancel is not None and cancel.is_set()),
-                     "base_model": self.base.name})
+        meta.update(
+            {
+                "examples": len(examples),
+                "seconds": round(time.perf_counter() - start, 2),
+                "losses": [round(x, 5) for x in result.losses],
+                "cancelled": bool(cancel is not None and cancel.is_set()),
+                "base_model": self.base.name,
+            }
+        )
         if result.param_ref:
             meta["param_ref"] = result.param_ref
         store = not meta["cancelled"]
         if method.fit_from_scratch:
             return self._save_trained_adapter(method_name, result, coerced, meta, save_as, out, overwrite, store)
-        params_out = {k: v for k, v in {**coerced, **result.params}.items()
-                      if v not in (None, "") and k != result.param_ref}
-        artifact = FusionArtifact(name=save_as or (Path(out).name if out else f"{method_name}-fit"),
-                                  method=method_name, adapters=[a.name for a in adapter_objs],
-                                  params=params_out, tensors=result.tensors, meta=meta)
+        params_out = {
+            k: v for k, v in {**coerced, **result.params}.items() if v not in (None, "") and k != result.param_ref
+        }
+        artifact = FusionArtifact(
+            name=save_as or (Path(out).name if out else f"{method_name}-fit"),
+            method=method_name,
+            adapters=[a.name for a in adapter_objs],
+            params=params_out,
+            tensors=result.tensors,
+            meta=meta,
+        )
         if save_as and store:
             artifact = self.library.save_fusion(artifact, overwrite=overwrite)
         elif out and store:
@@ -272,9 +339,15 @@ class Engine(Backend):
 
     def _fit_locked(self, method, adapters, examples, params, train, options, on_progress, cancel) -> FitResult:
         """Training runs forwards on the shared model, so it must never see merged weights."""
-        return method.fit(self.ctx, adapters, examples, params,
-                          {"train": dict(train or {}), "pad_id": self.tokenizer.pad_token_id, **options},
-                          on_progress, cancel)
+        return method.fit(
+            self.ctx,
+            adapters,
+            examples,
+            params,
+            {"train": dict(train or {}), "pad_id": self.tokenizer.pad_token_id, **options},
+            on_progress,
+            cancel,
+        )
 
     def _save_trained_adapter(self, method_name, result, params, meta, save_as, out, overwrite, store=True):
         name = save_as or (Path(out).name if out else f"{method_name}-trained")

@@ -30,8 +30,10 @@ def _module_name(layer: int, module: str) -> str:
 def export_peft(engine, request, out: str | Path, overwrite: bool = False) -> Path:
     plan = engine.plan(request)
     if not plan.is_static:
-        raise FusionError(f"method {plan.method!r} fuses per token; only static fusions export as a LoRA "
-                          "(serve dynamic methods with this engine)")
+        raise FusionError(
+            f"method {plan.method!r} fuses per token; only static fusions export as a LoRA "
+            "(serve dynamic methods with this engine)"
+        )
     if not plan.deltas:
         raise FusionError(f"method {plan.method!r} has no adapter delta to export")
     state, ranks = {}, {}
@@ -45,18 +47,36 @@ def export_peft(engine, request, out: str | Path, overwrite: bool = False) -> Pa
     pattern = {name: r for name, r in ranks.items() if r != rank}
     _, adapters, params = engine.resolve(request)
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
-        "rank_pattern": pattern, "alpha_pattern": dict(pattern), "lora_dropout": 0.0, "bias": "none",
-        "target_modules": sorted({m for _, m in plan.deltas}), "fan_in_fan_out": False, "use_rslora": False,
-        "base_model_name_or_path": engine.base.info.get("source", ""), "inference_mode": True,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": rank,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted({m for _, m in plan.deltas}),
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "base_model_name_or_path": engine.base.info.get("source", ""),
+        "inference_mode": True,
     }
     with atomic_folder(out, overwrite=overwrite) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         save_file(state, str(tmp / "adapter_model.safetensors"))
-        (tmp / "studio.json").write_text(json.dumps({
-            "role": "other", "description": f"{plan.method} fusion of {', '.join(a.name for a in adapters)}",
-            "fusion": {"method": plan.method, "adapters": [a.name for a in adapters], "params": params},
-            "max_rank": max(ranks.values())}, indent=2, default=str), encoding="utf-8")
+        (tmp / "studio.json").write_text(
+            json.dumps(
+                {
+                    "role": "other",
+                    "description": f"{plan.method} fusion of {', '.join(a.name for a in adapters)}",
+                    "fusion": {"method": plan.method, "adapters": [a.name for a in adapters], "params": params},
+                    "max_rank": max(ranks.values()),
+                },
+                indent=2,
+                default=str,
+            ),
+            encoding="utf-8",
+        )
     return Path(out)
 
 

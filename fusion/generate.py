@@ -67,8 +67,15 @@ def stop_token_ids(tokenizer, model) -> set[int]:
 
 
 @torch.inference_mode()
-def stream_tokens(model, tokenizer, run: Run, prompt_ids: list[int], sampling: Sampling,
-                  cancel: threading.Event | None = None, record_trace: bool = True):
+def stream_tokens(
+    model,
+    tokenizer,
+    run: Run,
+    prompt_ids: list[int],
+    sampling: Sampling,
+    cancel: threading.Event | None = None,
+    record_trace: bool = True,
+):
     """Yield GenerationEvents; the last one has done=True and, if asked, the trace."""
     from transformers import DynamicCache
 
@@ -102,15 +109,21 @@ def stream_tokens(model, tokenizer, run: Run, prompt_ids: list[int], sampling: S
         if stop_at >= 0:
             new_text, finish = new_text[:stop_at], "stop"
         if not new_text.endswith("\ufffd") or finish == "stop":  # hold back half a UTF-8 character
-            delta, text = new_text[len(text):], new_text
+            delta, text = new_text[len(text) :], new_text
             if delta:
-                yield GenerationEvent(text, delta, token_ids=list(generated), prompt_tokens=len(prompt_ids),
-                                      seconds_to_first_token=first_token_at)
+                yield GenerationEvent(
+                    text,
+                    delta,
+                    token_ids=list(generated),
+                    prompt_tokens=len(prompt_ids),
+                    seconds_to_first_token=first_token_at,
+                )
         if finish == "stop" or len(generated) >= sampling.max_new_tokens:
             break
         with activate(run):
-            logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
-                           use_cache=True).logits[0, -1]
+            logits = model(
+                input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True
+            ).logits[0, -1]
     elapsed = time.perf_counter() - start
     decode_time = elapsed - (first_token_at or 0.0)
     tps = (len(generated) - 1) / decode_time if len(generated) > 1 and decode_time > 0 else None
@@ -122,11 +135,18 @@ def stream_tokens(model, tokenizer, run: Run, prompt_ids: list[int], sampling: S
         if generated and finish not in ("cancelled",) and len(run.steps) + len(run.router_steps) > 0:
             # Feed the last token too so every token of the reply has its own trace row.
             with activate(run):
-                model(input_ids=torch.tensor([[generated[-1]]], device=device), past_key_values=cache,
-                      use_cache=True)
+                model(input_ids=torch.tensor([[generated[-1]]], device=device), past_key_values=cache, use_cache=True)
         all_ids = list(prompt_ids) + generated
         tokens = token_labels(tokenizer, all_ids)
         trace = build_trace(run, tokens, len(prompt_ids), model.config.num_hidden_layers)
-    yield GenerationEvent(final_text, final_text[len(text):], done=True, finish_reason=finish,
-                          token_ids=generated, prompt_tokens=len(prompt_ids),
-                          seconds_to_first_token=first_token_at, tokens_per_second=tps, trace=trace)
+    yield GenerationEvent(
+        final_text,
+        final_text[len(text) :],
+        done=True,
+        finish_reason=finish,
+        token_ids=generated,
+        prompt_tokens=len(prompt_ids),
+        seconds_to_first_token=first_token_at,
+        tokens_per_second=tps,
+        trace=trace,
+    )

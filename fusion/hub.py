@@ -22,7 +22,7 @@ def is_hub_ref(ref: str) -> bool:
 
 
 def split_ref(ref: str) -> tuple[str, str]:
-    parts = ref[len(PREFIX):].strip("/").split("/")
+    parts = ref[len(PREFIX) :].strip("/").split("/")
     if len(parts) < 2 or not all(parts[:2]):
         raise FusionError(f"hub reference {ref!r} must look like hf:owner/repo or hf:owner/repo/sub/path")
     return "/".join(parts[:2]), "/".join(parts[2:])
@@ -44,8 +44,10 @@ def resolve_ref(ref: str) -> str:
         path = download(repo_id, subpath, offline)
     except Exception as exc:  # the hub client raises many types; all mean "not available"
         if offline or "connect" in str(exc).lower() or "offline" in str(exc).lower():
-            raise FusionError(f"cannot fetch {ref} without network access: download it once while online "
-                              f"(huggingface-cli download {repo_id}) or pass a local path") from None
+            raise FusionError(
+                f"cannot fetch {ref} without network access: download it once while online "
+                f"(huggingface-cli download {repo_id}) or pass a local path"
+            ) from None
         raise FusionError(f"cannot fetch {ref}: {first_line(exc)}") from None
     if not path.exists():
         raise FusionError(f"{ref}: the repository {repo_id} has no {subpath!r}")

@@ -13,10 +13,10 @@ import tempfile
 import threading
 import uuid
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from .adapters import LoraAdapter, load_lora
+from .adapters import load_lora
 from .artifacts import FusionArtifact, load_artifact, save_artifact
 from .errors import FusionError
 from .hub import is_hub_ref, resolve_ref
@@ -47,8 +47,9 @@ def load_adapter_folder(folder: Path, name: str | None, model) -> object:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     loader = ADAPTER_LOADERS.get(peft_type)
     if loader is None:
-        raise FusionError(f"{folder}: adapter type {peft_type!r} is not supported "
-                          f"(supported: {', '.join(ADAPTER_LOADERS)})")
+        raise FusionError(
+            f"{folder}: adapter type {peft_type!r} is not supported (supported: {', '.join(ADAPTER_LOADERS)})"
+        )
     return loader(folder, name or folder.name, model)
 
 
@@ -60,8 +61,14 @@ def some(names, shown: int = 6) -> str:
 
 
 class Library:
-    def __init__(self, model, adapters_dir: str | Path | None = None, fusions_dir: str | Path | None = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        model,
+        adapters_dir: str | Path | None = None,
+        fusions_dir: str | Path | None = None,
+        device=None,
+        dtype=None,
+    ):
         self.model = model
         self.adapters_dir = Path(adapters_dir) if adapters_dir else DEFAULT_ADAPTERS_DIR
         self.fusions_dir = Path(fusions_dir) if fusions_dir else DEFAULT_FUSIONS_DIR
@@ -117,8 +124,9 @@ class Library:
                 return self.adapters[key]
         if ref in self.errors:
             raise FusionError(self.errors[ref])
-        raise FusionError(f"adapter {ref!r} is neither in the library ({some(self.adapters) or 'empty'}) "
-                          "nor an existing folder")
+        raise FusionError(
+            f"adapter {ref!r} is neither in the library ({some(self.adapters) or 'empty'}) nor an existing folder"
+        )
 
     def get_fusion(self, ref: str) -> FusionArtifact:
         with self._lock:
@@ -127,8 +135,10 @@ class Library:
         path = Path(ref).expanduser()
         if path.is_dir():
             return load_artifact(path)
-        raise FusionError(f"fitted fusion {ref!r} is neither in the library "
-                          f"({some(self.fusions) or 'none yet'}) nor an existing folder")
+        raise FusionError(
+            f"fitted fusion {ref!r} is neither in the library "
+            f"({some(self.fusions) or 'none yet'}) nor an existing folder"
+        )
 
     def remove(self, name: str, kind: str) -> None:
         """Delete a saved fusion (kind "fusion") or a library adapter (kind "adapter") by name.
@@ -140,8 +150,10 @@ class Library:
             elif kind == "adapter" and (name in self.adapters or name in self.errors):
                 users = sorted(f.name for f in self.fusions.values() if name in f.adapters)
                 if users:
-                    raise FusionError(f"adapter {name!r} is used by the saved fusion{'s' if len(users) > 1 else ''} "
-                                      f"{', '.join(users)}; delete {'them' if len(users) > 1 else 'it'} first")
+                    raise FusionError(
+                        f"adapter {name!r} is used by the saved fusion{'s' if len(users) > 1 else ''} "
+                        f"{', '.join(users)}; delete {'them' if len(users) > 1 else 'it'} first"
+                    )
                 folder = self.adapters_dir / name
             else:
                 raise FusionError(f"there is no {kind} named {name!r} in the library")
@@ -178,8 +190,9 @@ class Library:
             self.version += 1
             return adapter
 
-    def import_adapter(self, source: str | Path, name: str | None = None, role: str | None = None,
-                       overwrite: bool = False):
+    def import_adapter(
+        self, source: str | Path, name: str | None = None, role: str | None = None, overwrite: bool = False
+    ):
         """Validate a peft adapter folder or zip against the base model, then copy it in."""
         source = Path(source)
         with tempfile.TemporaryDirectory() as scratch:
@@ -192,8 +205,13 @@ class Library:
             adapter = load_adapter_folder(folder, name, self.model)  # validates before anything is copied
             with self._lock, atomic_folder(self.adapters_dir / name, overwrite=overwrite) as tmp:
                 for item in folder.iterdir():
-                    if item.is_file() and item.name in ("adapter_config.json", "adapter_model.safetensors",
-                                                        "adapter_model.bin", "studio.json", "README.md"):
+                    if item.is_file() and item.name in (
+                        "adapter_config.json",
+                        "adapter_model.safetensors",
+                        "adapter_model.bin",
+                        "studio.json",
+                        "README.md",
+                    ):
                         shutil.copy2(item, tmp / item.name)
                 if role:
                     meta = read_json(tmp / "studio.json") if (tmp / "studio.json").is_file() else {}

@@ -7,8 +7,8 @@ import re
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _ANSWER_IS = re.compile(
-    r"(?:answer is|answer:|respuesta es|ответ[:\s]|答案是|答案[:：])\s*\**\s*(-?\d[\d,]*(?:\.\d+)?)",
-    re.IGNORECASE)
+    r"(?:answer is|answer:|respuesta es|ответ[:\s]|答案是|答案[:：])\s*\**\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE
+)
 
 
 def final_number(text: str) -> float | None:

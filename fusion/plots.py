@@ -23,8 +23,7 @@ DIFFERENCE = "task − language"  # gate traces with two slots: last slot minus 
 TOP_EXPERT = "top-1 expert"  # router traces: categorical colour
 MEAN_MODULE = "mean of modules"
 
-PALETTE = ["#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692",
-           "#B6E880", "#FF97FF", "#FECB52"]
+PALETTE = ["#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880", "#FF97FF", "#FECB52"]
 _FONT = dict(family="Inter, system-ui, sans-serif", size=12)
 
 
@@ -102,17 +101,23 @@ def _values(weights: torch.Tensor, trace: Trace, slot: str | None) -> tuple[torc
 
 
 def _layout(fig: go.Figure, title: str, height: int, x_title: str) -> go.Figure:
-    fig.update_layout(title=dict(text=title, x=0.01, font=dict(size=14)), height=height,
-                      margin=dict(l=56, r=20, t=44, b=80), font=_FONT, plot_bgcolor="white",
-                      paper_bgcolor="white")
+    fig.update_layout(
+        title=dict(text=title, x=0.01, font=dict(size=14)),
+        height=height,
+        margin=dict(l=56, r=20, t=44, b=80),
+        font=_FONT,
+        plot_bgcolor="white",
+        paper_bgcolor="white",
+    )
     fig.update_xaxes(title_text=x_title, showgrid=False)
     return fig
 
 
 def empty_figure(message: str, height: int = 260) -> go.Figure:
     fig = go.Figure()
-    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
-                       font=dict(size=14, color="#555"))
+    fig.add_annotation(
+        text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font=dict(size=14, color="#555")
+    )
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return _layout(fig, "", height, "")
@@ -123,8 +128,14 @@ def _height(layers: int, compact: bool) -> int:
     return max(260, per_row * layers + 140)
 
 
-def heatmap(trace: Trace, view: str = VIEW_TAIL, prompt_tail: int = 16, slot: str | None = None,
-            module: str | None = None, compact: bool = False) -> go.Figure:
+def heatmap(
+    trace: Trace,
+    view: str = VIEW_TAIL,
+    prompt_tail: int = 16,
+    slot: str | None = None,
+    module: str | None = None,
+    compact: bool = False,
+) -> go.Figure:
     """The trace as layers x tokens (dynamic methods) or layers x LoRAs (static methods).
 
     The figure's first trace has one z row per layer.
@@ -147,33 +158,68 @@ def heatmap(trace: Trace, view: str = VIEW_TAIL, prompt_tail: int = 16, slot: st
         k = len(trace.slot_names)
         colours = [PALETTE[i % len(PALETTE)] for i in range(k)]
         scale = [[edge, colours[min(i, k - 1)]] for i in range(k) for edge in (i / k, (i + 1) / k)]
-        data = go.Heatmap(z=z.tolist(), x=x, y=list(range(layers)), text=hover,
-                          hovertemplate="%{text}<extra></extra>", colorscale=scale, zmin=-0.5,
-                          zmax=k - 0.5, xgap=1, ygap=1,
-                          colorbar=dict(title="top-1", tickvals=list(range(k)), ticktext=trace.slot_names))
+        data = go.Heatmap(
+            z=z.tolist(),
+            x=x,
+            y=list(range(layers)),
+            text=hover,
+            hovertemplate="%{text}<extra></extra>",
+            colorscale=scale,
+            zmin=-0.5,
+            zmax=k - 0.5,
+            xgap=1,
+            ygap=1,
+            colorbar=dict(title="top-1", tickvals=list(range(k)), ticktext=trace.slot_names),
+        )
         title = "Router: top-1 expert per token and layer"
     elif name == DIFFERENCE:
         extent = max(1e-6, float(z.abs().max()))
-        data = go.Heatmap(z=z.tolist(), x=x, y=list(range(layers)), text=hover,
-                          hovertemplate="%{text}<extra></extra>", colorscale="RdBu_r", zmid=0.0,
-                          zmin=-extent, zmax=extent, xgap=1, ygap=1,
-                          colorbar=dict(title=dict(text=f"{trace.slot_names[1]}<br>minus<br>"
-                                                        f"{trace.slot_names[0]}", side="top")))
+        data = go.Heatmap(
+            z=z.tolist(),
+            x=x,
+            y=list(range(layers)),
+            text=hover,
+            hovertemplate="%{text}<extra></extra>",
+            colorscale="RdBu_r",
+            zmid=0.0,
+            zmin=-extent,
+            zmax=extent,
+            xgap=1,
+            ygap=1,
+            colorbar=dict(title=dict(text=f"{trace.slot_names[1]}<br>minus<br>{trace.slot_names[0]}", side="top")),
+        )
         title = f"Gates: red = {trace.slot_names[1]}, blue = {trace.slot_names[0]}"
     else:
         # Router probabilities lie in [0, 1]: a fixed scale keeps two replies comparable. Raw
         # LoRA-Flow gates may leave [0, 1], so their scale follows the data.
         fixed = dict(zmin=0.0, zmax=1.0) if trace.kind == "router" else {}
-        data = go.Heatmap(z=z.tolist(), x=x, y=list(range(layers)), text=hover,
-                          hovertemplate="%{text}<extra></extra>", colorscale="Viridis", xgap=1, ygap=1,
-                          colorbar=dict(title=name), **fixed)
+        data = go.Heatmap(
+            z=z.tolist(),
+            x=x,
+            y=list(range(layers)),
+            text=hover,
+            hovertemplate="%{text}<extra></extra>",
+            colorscale="Viridis",
+            xgap=1,
+            ygap=1,
+            colorbar=dict(title=name),
+            **fixed,
+        )
         title = f"{'Router probability' if trace.kind == 'router' else 'Gate weight'} of {name}"
     fig = go.Figure(data)
     first_reply = trace.prompt_tokens - indices[0] - 0.5
     if 0 < first_reply < len(indices):
         fig.add_vline(x=first_reply, line=dict(color="#222", width=2, dash="dot"))
-        fig.add_annotation(x=first_reply, y=1.0, yref="paper", text="reply →", showarrow=False,
-                           xanchor="left", yanchor="bottom", font=dict(size=11))
+        fig.add_annotation(
+            x=first_reply,
+            y=1.0,
+            yref="paper",
+            text="reply →",
+            showarrow=False,
+            xanchor="left",
+            yanchor="bottom",
+            font=dict(size=11),
+        )
     fig.update_xaxes(tickmode="array", tickvals=x[::every], ticktext=labels[::every], tickangle=-60)
     fig.update_yaxes(title_text="layer", autorange=True, dtick=max(1, layers // 15))
     return _layout(fig, title, _height(layers, compact), "token")
@@ -189,8 +235,11 @@ def _hover_text(trace: Trace, indices: list[int], weights: torch.Tensor, name: s
         row = []
         for column, index in enumerate(indices):
             part = "reply" if index >= trace.prompt_tokens else "prompt"
-            token = (f"part of {readable[index][1:]!r}" if trace.tokens[index] == PART_OF_NEXT and readable[index][1:]
-                     else repr(trace.tokens[index]))
+            token = (
+                f"part of {readable[index][1:]!r}"
+                if trace.tokens[index] == PART_OF_NEXT and readable[index][1:]
+                else repr(trace.tokens[index])
+            )
             lines = [f"token #{index} ({part}): {token}", f"layer {layer}"]
             w = weights[column, layer].tolist()
             lines += [f"{slot_name}: {value:.4f}" for slot_name, value in zip(trace.slot_names, w)]
@@ -211,8 +260,10 @@ def _static_heatmap(trace: Trace, module: str | None, compact: bool) -> go.Figur
     else:
         module = None
     layers, k = per_layer.shape
-    hover = [[f"layer {layer}<br>{trace.slot_names[s]}: {float(per_layer[layer, s]):.4f}"
-              for s in range(k)] for layer in range(layers)]
+    hover = [
+        [f"layer {layer}<br>{trace.slot_names[s]}: {float(per_layer[layer, s]):.4f}" for s in range(k)]
+        for layer in range(layers)
+    ]
     finite = per_layer.nan_to_num(0.0)
     extent = max(1e-6, float(finite.abs().max()))
     if float(finite.min()) >= 0:
@@ -221,11 +272,21 @@ def _static_heatmap(trace: Trace, module: str | None, compact: bool) -> go.Figur
         scale = dict(colorscale="Blues", zmin=0.0, zmax=max(1.0, extent))
     else:  # negated task vectors: the sign matters
         scale = dict(colorscale="RdBu_r", zmid=0.0, zmin=-extent, zmax=extent)
-    fig = go.Figure(go.Heatmap(z=per_layer.tolist(), x=list(trace.slot_names), y=list(range(layers)),
-                               text=hover, hovertemplate="%{text}<extra></extra>", xgap=2, ygap=1,
-                               # values in the cells only while the cells are tall enough to read them
-                               texttemplate="%{z:.2f}" if layers <= 12 and k <= 8 else None,
-                               colorbar=dict(title="weight"), **scale))
+    fig = go.Figure(
+        go.Heatmap(
+            z=per_layer.tolist(),
+            x=list(trace.slot_names),
+            y=list(range(layers)),
+            text=hover,
+            hovertemplate="%{text}<extra></extra>",
+            xgap=2,
+            ygap=1,
+            # values in the cells only while the cells are tall enough to read them
+            texttemplate="%{z:.2f}" if layers <= 12 and k <= 8 else None,
+            colorbar=dict(title="weight"),
+            **scale,
+        )
+    )
     fig.update_yaxes(title_text="layer", dtick=max(1, layers // 15))
     where = f" ({module})" if module else ""
     title = f"{trace.method}: fixed weights{where} (every token)"
@@ -241,7 +302,7 @@ def token_scores(trace: Trace, layer: int | None = None, slot: str | None = None
     n = _rows(trace)
     if not trace.slot_names or trace.prompt_tokens >= n:
         return [(trace.tokens[i], None) for i in range(trace.prompt_tokens, len(trace.tokens))]
-    weights = trace.weights[trace.prompt_tokens:n].float()  # (T, L, k)
+    weights = trace.weights[trace.prompt_tokens : n].float()  # (T, L, k)
     if layer is None or not (0 <= int(layer) < weights.shape[1]):
         per_token = weights.mean(dim=1)  # (T, k)
     else:
@@ -253,14 +314,22 @@ def token_scores(trace: Trace, layer: int | None = None, slot: str | None = None
     scores = scores.clamp(-1.0, 1.0)
     # Tokens holding the first bytes of a split character are left empty, so the highlighted
     # reply reads as the text; the character itself sits on its last token.
-    reply = trace.tokens[trace.prompt_tokens:]
+    reply = trace.tokens[trace.prompt_tokens :]
     return [("" if token == PART_OF_NEXT else token, round(float(s), 4)) for token, s in zip(reply, scores)]
 
 
 def loss_figure(losses: list[float], total_steps: int | None = None, title: str = "Training loss") -> go.Figure:
     steps = list(range(1, len(losses) + 1))
-    fig = go.Figure(go.Scatter(x=steps, y=list(losses), mode="lines+markers", line=dict(color=PALETTE[0]),
-                               marker=dict(size=4), hovertemplate="step %{x}<br>loss %{y:.4f}<extra></extra>"))
+    fig = go.Figure(
+        go.Scatter(
+            x=steps,
+            y=list(losses),
+            mode="lines+markers",
+            line=dict(color=PALETTE[0]),
+            marker=dict(size=4),
+            hovertemplate="step %{x}<br>loss %{y:.4f}<extra></extra>",
+        )
+    )
     if total_steps:
         fig.update_xaxes(range=[0.5, max(total_steps, len(losses)) + 0.5])
     fig.update_yaxes(title_text="loss", gridcolor="#eee")
@@ -270,5 +339,10 @@ def loss_figure(losses: list[float], total_steps: int | None = None, title: str 
 def trace_summary(trace: Trace | None) -> dict | None:
     if trace is None:
         return None
-    return {"shape": list(trace.shape), "slot_names": list(trace.slot_names), "kind": trace.kind,
-            "method": trace.method, "prompt_tokens": trace.prompt_tokens}
+    return {
+        "shape": list(trace.shape),
+        "slot_names": list(trace.slot_names),
+        "kind": trace.kind,
+        "method": trace.method,
+        "prompt_tokens": trace.prompt_tokens,
+    }

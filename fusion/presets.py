@@ -28,15 +28,21 @@ class Preset:
 
 def lora_flow_preset(language: str, task: str) -> Preset:
     if language not in LORA_FLOW_LANGUAGES or task not in LORA_FLOW_TASKS:
-        raise FusionError(f"LoRA-Flow released gates for {LORA_FLOW_LANGUAGES} x {LORA_FLOW_TASKS}; "
-                          f"got {language}-{task}")
+        raise FusionError(
+            f"LoRA-Flow released gates for {LORA_FLOW_LANGUAGES} x {LORA_FLOW_TASKS}; got {language}-{task}"
+        )
     temperature = 1.1 if task == "math" and language in ("zh", "ru") else 1.0
     request = FusionRequest(
         adapters=[f"{LORA_FLOW_REPO}/LoRAs/{language}_lora", f"{LORA_FLOW_REPO}/LoRAs/{task}_lora"],
         method="lora_flow",
-        params={"gates": f"{LORA_FLOW_REPO}/Gates/{language}_{task}.pt", "temperature": temperature})
-    return Preset(f"lora-flow:{language}-{task}", LLAMA2_7B, request,
-                  f"LoRA-Flow paper: {language} language LoRA + {task} task LoRA with the released gates")
+        params={"gates": f"{LORA_FLOW_REPO}/Gates/{language}_{task}.pt", "temperature": temperature},
+    )
+    return Preset(
+        f"lora-flow:{language}-{task}",
+        LLAMA2_7B,
+        request,
+        f"LoRA-Flow paper: {language} language LoRA + {task} task LoRA with the released gates",
+    )
 
 
 def get_preset(name: str) -> Preset:
@@ -44,8 +50,12 @@ def get_preset(name: str) -> Preset:
         language, task = name.split(":", 1)[1].split("-", 1)
         return lora_flow_preset(language, task)
     if name == "mixlora:alpaca-7b":
-        return Preset(name, LLAMA2_7B, FusionRequest(["hf:TUDB-Labs/alpaca-mixlora-7b"], "mixlora"),
-                      "MixLoRA's released 8-expert top-2 adapter trained on Alpaca")
+        return Preset(
+            name,
+            LLAMA2_7B,
+            FusionRequest(["hf:TUDB-Labs/alpaca-mixlora-7b"], "mixlora"),
+            "MixLoRA's released 8-expert top-2 adapter trained on Alpaca",
+        )
     raise FusionError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
 
 

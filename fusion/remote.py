@@ -15,10 +15,20 @@ import json
 import threading
 import time
 import urllib.parse
-from typing import Iterator
+from collections.abc import Iterator
 
-from .api import (Backend, BaseInfo, FusionRequest, GenerationEvent, LibraryFolders, RequestInfo, Sampling,
-                  event_from_dict, request_to_dict, sampling_to_dict)
+from .api import (
+    Backend,
+    BaseInfo,
+    FusionRequest,
+    GenerationEvent,
+    LibraryFolders,
+    RequestInfo,
+    Sampling,
+    event_from_dict,
+    request_to_dict,
+    sampling_to_dict,
+)
 from .errors import FusionError
 
 
@@ -28,8 +38,9 @@ class BackendUnavailable(FusionError):
 
 
 class RemoteEngine(Backend):
-    def __init__(self, url: str, timeout: float = 600.0, retries: int = 3, retry_wait: float = 2.0,
-                 library_ttl: float = 2.0):
+    def __init__(
+        self, url: str, timeout: float = 600.0, retries: int = 3, retry_wait: float = 2.0, library_ttl: float = 2.0
+    ):
         parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise FusionError(f"--backend must be an http(s) URL such as http://127.0.0.1:8000, got {url!r}")
@@ -56,7 +67,9 @@ class RemoteEngine(Backend):
             response = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise BackendUnavailable(f"the backend at {self.url} did not answer ({type(exc).__name__}: {exc})") from None
+            raise BackendUnavailable(
+                f"the backend at {self.url} did not answer ({type(exc).__name__}: {exc})"
+            ) from None
         if response.status != 200:
             text = response.read(2000).decode("utf-8", "replace")
             conn.close()
@@ -67,8 +80,9 @@ class RemoteEngine(Backend):
             message = " ".join(str(message).split()) or f"HTTP {response.status}"
             if response.status in (400, 404, 422):
                 raise FusionError(message)
-            raise BackendUnavailable(f"the backend at {self.url} failed the request (HTTP {response.status}: "
-                                     f"{message[:300]})")
+            raise BackendUnavailable(
+                f"the backend at {self.url} failed the request (HTTP {response.status}: {message[:300]})"
+            )
         return conn, response
 
     def _with_retries(self, attempt):
@@ -91,6 +105,7 @@ class RemoteEngine(Backend):
                 raise BackendUnavailable(f"the backend at {self.url} sent a broken answer ({exc})") from None
             finally:
                 conn.close()
+
         return self._with_retries(attempt)
 
     def _cached(self, key: str, ttl: float | None, fetch):
@@ -134,14 +149,18 @@ class RemoteEngine(Backend):
     def rescan(self) -> None:
         self._library(rescan=True)
 
-    def import_adapter(self, source: str, name: str | None = None, role: str | None = None,
-                       overwrite: bool = False) -> dict:
-        raise FusionError("this studio uses a remote backend: copy the adapter folder into the serving host's "
-                          "library; the replicas pick it up by themselves")
+    def import_adapter(
+        self, source: str, name: str | None = None, role: str | None = None, overwrite: bool = False
+    ) -> dict:
+        raise FusionError(
+            "this studio uses a remote backend: copy the adapter folder into the serving host's "
+            "library; the replicas pick it up by themselves"
+        )
 
     def remove(self, name: str, kind: str) -> None:
-        raise FusionError("this studio uses a remote backend: delete the folder in the serving host's "
-                          "library and rescan")
+        raise FusionError(
+            "this studio uses a remote backend: delete the folder in the serving host's library and rescan"
+        )
 
     def describe(self, request: FusionRequest) -> RequestInfo:
         """Looks up a saved fusion and checks the method's name; the replica validates the rest
@@ -158,12 +177,23 @@ class RemoteEngine(Backend):
             adapters = []
         return RequestInfo(method=method, adapters=[a.split("/")[-1] for a in adapters], fusion=request.fusion)
 
-    def stream(self, request: FusionRequest, messages: list[dict] | str, sampling: Sampling | None = None,
-               system: str | None = None, cancel: threading.Event | None = None,
-               trace: bool = True) -> Iterator[GenerationEvent]:
+    def stream(
+        self,
+        request: FusionRequest,
+        messages: list[dict] | str,
+        sampling: Sampling | None = None,
+        system: str | None = None,
+        cancel: threading.Event | None = None,
+        trace: bool = True,
+    ) -> Iterator[GenerationEvent]:
         sampling = (sampling or Sampling()).validate()
-        body = {"request": request_to_dict(request), "messages": messages, "system": system,
-                "sampling": sampling_to_dict(sampling), "trace": bool(trace)}
+        body = {
+            "request": request_to_dict(request),
+            "messages": messages,
+            "system": system,
+            "sampling": sampling_to_dict(sampling),
+            "trace": bool(trace),
+        }
         for attempt in range(self.retries + 1):
             try:
                 yield from self._stream_once(body, cancel)
@@ -192,8 +222,10 @@ class RemoteEngine(Backend):
                 try:
                     data = json.loads(line)
                 except ValueError:
-                    raise BackendUnavailable(f"the backend at {self.url} broke off the reply "
-                                             f"({line[:200].decode('utf-8', 'replace').strip()})") from None
+                    raise BackendUnavailable(
+                        f"the backend at {self.url} broke off the reply "
+                        f"({line[:200].decode('utf-8', 'replace').strip()})"
+                    ) from None
                 if "error" in data:
                     if data.get("retry"):
                         raise BackendUnavailable(data["error"])
@@ -205,9 +237,22 @@ class RemoteEngine(Backend):
         finally:
             conn.close()
 
-    def fit(self, method_name: str, adapters: list[str], records: list[dict] | str, params: dict | None = None,
-            train: dict | None = None, save_as: str | None = None, out: str | None = None,
-            overwrite: bool = False, system: str | None = None, on_progress=None,
-            cancel: threading.Event | None = None, **options):
-        raise FusionError("this studio uses a remote backend: fit on the serving host with "
-                          "`python -m fusion fit ... --save-as NAME`; the replicas pick it up by themselves")
+    def fit(
+        self,
+        method_name: str,
+        adapters: list[str],
+        records: list[dict] | str,
+        params: dict | None = None,
+        train: dict | None = None,
+        save_as: str | None = None,
+        out: str | None = None,
+        overwrite: bool = False,
+        system: str | None = None,
+        on_progress=None,
+        cancel: threading.Event | None = None,
+        **options,
+    ):
+        raise FusionError(
+            "this studio uses a remote backend: fit on the serving host with "
+            "`python -m fusion fit ... --save-as NAME`; the replicas pick it up by themselves"
+        )

@@ -13,9 +13,9 @@ import ctypes
 import ctypes.util
 import sys
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +26,12 @@ from .errors import FusionError
 _local = threading.local()
 
 
-def current_run() -> "Run | None":
+def current_run() -> Run | None:
     return getattr(_local, "run", None)
 
 
 @contextmanager
-def activate(run: "Run | None"):
+def activate(run: Run | None):
     """Make `run` the active fusion for model calls on this thread, for the block's duration."""
     previous = getattr(_local, "run", None)
     _local.run = run
@@ -66,7 +66,7 @@ class LowRankDelta:
     # Batched decoding shares one table of the adapters' own factors among many plans through it.
     parts: tuple = ()
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, run: "Run", layer: int) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, y: torch.Tensor, run: Run, layer: int) -> torch.Tensor:
         h = F.linear(x, self.A)  # (..., R)
         if self.coef is not None:
             h = h * self.coef
@@ -74,7 +74,6 @@ class LowRankDelta:
             weights = run.layer_weights[layer]  # (B, T, k)
             h = h * weights.index_select(-1, self.slot_of_rank)
         return add_low_rank(y, h, self.B)
-
 
 
 @dataclass
@@ -95,7 +94,7 @@ class GroupMember:
     B: torch.Tensor  # (d_out, end - start), static scales folded in
     parts: tuple = ()  # as LowRankDelta.parts
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, run: "Run", layer: int) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, y: torch.Tensor, run: Run, layer: int) -> torch.Tensor:
         cached = run.group_inputs.get(self.group.key)
         if cached is None or cached[0] is not x:
             h = F.linear(x, self.group.A)  # (..., R_total)
@@ -103,7 +102,7 @@ class GroupMember:
                 h = h * run.layer_weights[layer].index_select(-1, self.group.slot_of_rank)
             cached = (x, h)
             run.group_inputs[self.group.key] = cached
-        return add_low_rank(y, cached[1][..., self.start:self.end], self.B)
+        return add_low_rank(y, cached[1][..., self.start : self.end], self.B)
 
 
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -120,8 +119,9 @@ def group_shared_inputs(deltas: dict) -> dict:
         for names in SHARED_INPUTS:
             members = [(n, deltas.get((layer, n))) for n in names]
             members = [(n, d) for n, d in members if isinstance(d, LowRankDelta)]
-            if len(members) < 2 or any(d.coef is not None or d.A.requires_grad or d.B.requires_grad
-                                       for _, d in members):
+            if len(members) < 2 or any(
+                d.coef is not None or d.A.requires_grad or d.B.requires_grad for _, d in members
+            ):
                 continue
             dynamic = [d.slot_of_rank is not None for _, d in members]
             if any(dynamic) and not all(dynamic):
@@ -304,17 +304,26 @@ def merged_into(model: torch.nn.Module, plan: FusionPlan, reuse_buffers: bool | 
                 # W + B A in one addmm: no dense delta is materialised on its own.
                 if buffers is not None:
                     out = buffers.get((layer, name))
-                    if out is None or out.shape != weight.shape or out.dtype != weight.dtype or \
-                            out.device != weight.device:
+                    if (
+                        out is None
+                        or out.shape != weight.shape
+                        or out.dtype != weight.dtype
+                        or out.device != weight.device
+                    ):
                         with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
                             out = buffers[(layer, name)] = torch.empty_like(weight)
                     merged = torch.addmm(weight, B, A, out=out)
                 else:
                     merged = torch.addmm(weight, B, A)
                 linear.weight = torch.nn.Parameter(merged, requires_grad=False)
-        yield FusionPlan(method=plan.method, slot_names=plan.slot_names, static_weights=plan.static_weights,
-                         module_weights=plan.module_weights, trace_kind=plan.trace_kind,
-                         info={**plan.info, "merged": True})
+        yield FusionPlan(
+            method=plan.method,
+            slot_names=plan.slot_names,
+            static_weights=plan.static_weights,
+            module_weights=plan.module_weights,
+            trace_kind=plan.trace_kind,
+            info={**plan.info, "merged": True},
+        )
     finally:
         for (layer, name), weight in originals.items():
             linear_of(model, layer, name).weight = weight
@@ -336,7 +345,7 @@ def delta_factors(delta) -> tuple[torch.Tensor, torch.Tensor]:
     """(A (r, d_in), B (d_out, r)) of a static delta, plain or grouped, with any per-rank factor
     folded into B: the update is B @ A."""
     if isinstance(delta, GroupMember):
-        return delta.group.A[delta.start:delta.end], delta.B
+        return delta.group.A[delta.start : delta.end], delta.B
     if isinstance(delta, LowRankDelta):
         if delta.slot_of_rank is not None:
             raise FusionError("a dynamic fusion has no fixed factors")

@@ -61,8 +61,10 @@ def load_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise FusionError(f"{path} was refused: it is a pickle that holds more than tensors "
-                          f"(weights-only loading: {first_line(exc, 160)})") from None
+        raise FusionError(
+            f"{path} was refused: it is a pickle that holds more than tensors "
+            f"(weights-only loading: {first_line(exc, 160)})"
+        ) from None
     except Exception as exc:  # torch.load raises many types on bytes that are not a pickle
         raise FusionError(f"{path} is not a readable torch weights file ({first_line(exc)})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -18,9 +18,9 @@ import queue
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
@@ -34,15 +34,22 @@ from .trace import build_trace
 class Ticket:
     """A submitted request as its caller sees it: its events, and where it stands."""
 
-    events: "queue.Queue[GenerationEvent | BaseException]" = field(default_factory=queue.Queue)
+    events: queue.Queue[GenerationEvent | BaseException] = field(default_factory=queue.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     state: str = "queued"  # queued | running | done
     position: int = 0  # 1 = next to be admitted, while queued
 
 
 class _Row:
-    def __init__(self, ticket: Ticket, plan: FusionPlan, prompt_ids: list[int], sampling: Sampling,
-                 record: bool, user_cancel: threading.Event | None):
+    def __init__(
+        self,
+        ticket: Ticket,
+        plan: FusionPlan,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        record: bool,
+        user_cancel: threading.Event | None,
+    ):
         self.ticket, self.plan, self.prompt_ids, self.sampling = ticket, plan, list(prompt_ids), sampling
         self.record, self.user_cancel = record, user_cancel
         self.generator = torch.Generator().manual_seed(int(sampling.seed)) if sampling.temperature > 0 else None
@@ -62,8 +69,15 @@ class _Row:
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, lock: ModelLock | None = None, merge_static: bool = True,
-                 max_rows: int = 16, kv_budget_bytes: int | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        lock: ModelLock | None = None,
+        merge_static: bool = True,
+        max_rows: int = 16,
+        kv_budget_bytes: int | None = None,
+    ):
         """tokenizer: the tokenizer, or a function giving the current one (an engine's may change)."""
         self.model = model
         self._tokenizer = tokenizer if callable(tokenizer) and not hasattr(tokenizer, "decode") else (lambda: tokenizer)
@@ -91,15 +105,20 @@ class Scheduler:
         return self._tokenizer()
 
     # ---- the callers' side ---------------------------------------------------------------------
-    def submit(self, plan: FusionPlan, prompt_ids: list[int], sampling: Sampling,
-               cancel: threading.Event | None = None, record_trace: bool = True) -> Ticket:
+    def submit(
+        self,
+        plan: FusionPlan,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        cancel: threading.Event | None = None,
+        record_trace: bool = True,
+    ) -> Ticket:
         sampling.validate()
         if self._eos_of is not self.tokenizer:
             self.eos, self._eos_of = stop_token_ids(self.tokenizer, self.model), self.tokenizer
         ticket = Ticket()
         row = _Row(ticket, plan, prompt_ids, sampling, record_trace, cancel)
-        row.kv_bytes = RowCache.bytes_for(self.model.config, len(prompt_ids) + sampling.max_new_tokens + 1,
-                                          self.dtype)
+        row.kv_bytes = RowCache.bytes_for(self.model.config, len(prompt_ids) + sampling.max_new_tokens + 1, self.dtype)
         with self._cond:
             self._pending.append(row)
             if self._thread is None or not self._thread.is_alive():
@@ -108,8 +127,14 @@ class Scheduler:
             self._cond.notify_all()
         return ticket
 
-    def stream(self, plan: FusionPlan, prompt_ids: list[int], sampling: Sampling,
-               cancel: threading.Event | None = None, record_trace: bool = True) -> Iterator[GenerationEvent]:
+    def stream(
+        self,
+        plan: FusionPlan,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        cancel: threading.Event | None = None,
+        record_trace: bool = True,
+    ) -> Iterator[GenerationEvent]:
         """Submit and yield the request's events; closing the iterator early cancels the row.
         While the request waits for room, events with `queued` = its place in the queue come first."""
         ticket = self.submit(plan, prompt_ids, sampling, cancel, record_trace)
@@ -137,8 +162,14 @@ class Scheduler:
                 with self._cond:
                     self._cond.notify_all()
 
-    def finals(self, plan: FusionPlan, prompts: list[list[int]], sampling: Sampling,
-               cancel: threading.Event | None = None, record_trace: bool = False) -> Iterator[GenerationEvent]:
+    def finals(
+        self,
+        plan: FusionPlan,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        cancel: threading.Event | None = None,
+        record_trace: bool = False,
+    ) -> Iterator[GenerationEvent]:
         """Submit every prompt at once (they decode together, beyond the caps they queue) and yield
         each one's last event in the prompts' order; closing the iterator early cancels the rest."""
         tickets = [self.submit(plan, ids, sampling, cancel, record_trace) for ids in prompts]
@@ -161,9 +192,14 @@ class Scheduler:
 
     def status(self) -> dict:
         with self._cond:
-            return {"running": len(self._running), "queued": len(self._pending), "max_rows": self.max_rows,
-                    "kv_bytes": sum(r.kv_bytes for r in self._running), "kv_budget_bytes": self.kv_budget,
-                    "merged": None if self._merged is None else self._merged[0].method}
+            return {
+                "running": len(self._running),
+                "queued": len(self._pending),
+                "max_rows": self.max_rows,
+                "kv_bytes": sum(r.kv_bytes for r in self._running),
+                "kv_budget_bytes": self.kv_budget,
+                "merged": None if self._merged is None else self._merged[0].method,
+            }
 
     # ---- the loop ----------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -277,11 +313,17 @@ class Scheduler:
         if stop_at >= 0:
             new_text, row.finish = new_text[:stop_at], "stop"
         if not new_text.endswith("\ufffd") or row.finish == "stop":  # hold back half a UTF-8 character
-            delta, row.text = new_text[len(row.text):], new_text
+            delta, row.text = new_text[len(row.text) :], new_text
             if delta:
-                row.ticket.events.put(GenerationEvent(row.text, delta, token_ids=list(row.generated),
-                                                      prompt_tokens=len(row.prompt_ids),
-                                                      seconds_to_first_token=row.first_token_at))
+                row.ticket.events.put(
+                    GenerationEvent(
+                        row.text,
+                        delta,
+                        token_ids=list(row.generated),
+                        prompt_tokens=len(row.prompt_ids),
+                        seconds_to_first_token=row.first_token_at,
+                    )
+                )
         if row.finish == "stop" or len(row.generated) >= s.max_new_tokens:
             if row.record and (row.run.steps or row.run.router_steps):
                 row.closing, row.next_token = True, row.generated[-1]  # its trace row needs one more feed
@@ -300,14 +342,24 @@ class Scheduler:
         trace = None
         if row.record and row.run is not None:
             ids = row.prompt_ids + row.generated
-            trace = build_trace(row.run, token_labels(self.tokenizer, ids), len(row.prompt_ids),
-                                self.model.config.num_hidden_layers)
+            trace = build_trace(
+                row.run, token_labels(self.tokenizer, ids), len(row.prompt_ids), self.model.config.num_hidden_layers
+            )
         row.cache = None
         row.ticket.state = "done"
-        row.ticket.events.put(GenerationEvent(final, final[len(row.text):], done=True, finish_reason=row.finish,
-                                              token_ids=row.generated, prompt_tokens=len(row.prompt_ids),
-                                              seconds_to_first_token=row.first_token_at, tokens_per_second=tps,
-                                              trace=trace))
+        row.ticket.events.put(
+            GenerationEvent(
+                final,
+                final[len(row.text) :],
+                done=True,
+                finish_reason=row.finish,
+                token_ids=row.generated,
+                prompt_tokens=len(row.prompt_ids),
+                seconds_to_first_token=row.first_token_at,
+                tokens_per_second=tps,
+                trace=trace,
+            )
+        )
 
     # ---- the model's weights -------------------------------------------------------------------------
     def _compute_plan(self, plan: FusionPlan) -> FusionPlan:

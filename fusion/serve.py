@@ -39,8 +39,9 @@ try:
     from fastapi.responses import JSONResponse, StreamingResponse
     from ray import serve
 except ImportError as exc:  # the app and the engine work without Ray; only serving needs it
-    raise FusionError(f"serving replicas needs Ray Serve ({exc.name} is missing): "
-                      "pip install -r requirements-scale.txt") from None
+    raise FusionError(
+        f"serving replicas needs Ray Serve ({exc.name} is missing): pip install -r requirements-scale.txt"
+    ) from None
 
 import torch  # noqa: E402 - after the check above, which names what is missing
 
@@ -53,8 +54,13 @@ def _error(message: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-@serve.deployment(name="StudioEngine", max_ongoing_requests=8, health_check_period_s=2, health_check_timeout_s=30,
-                  graceful_shutdown_timeout_s=2)
+@serve.deployment(
+    name="StudioEngine",
+    max_ongoing_requests=8,
+    health_check_period_s=2,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=2,
+)
 @serve.ingress(api)
 class StudioEngine:
     """One engine per replica. `options`: model, device, dtype, adapters_dir, fusions_dir, threads."""
@@ -62,9 +68,14 @@ class StudioEngine:
     def __init__(self, options: dict):
         if options.get("threads"):
             torch.set_num_threads(int(options["threads"]))
-        self.engine = Engine(model=options.get("model") or "default", device=options.get("device") or "cpu",
-                             dtype=options.get("dtype") or "float32", adapters_dir=options.get("adapters_dir"),
-                             fusions_dir=options.get("fusions_dir"), progress=lambda *a, **k: None)
+        self.engine = Engine(
+            model=options.get("model") or "default",
+            device=options.get("device") or "cpu",
+            dtype=options.get("dtype") or "float32",
+            adapters_dir=options.get("adapters_dir"),
+            fusions_dir=options.get("fusions_dir"),
+            progress=lambda *a, **k: None,
+        )
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a Serve replica (direct construction)
@@ -75,8 +86,7 @@ class StudioEngine:
     def _library_stamp(self):
         """Modification times of the library folders: a save or an import (atomic renames) on the
         serving host changes them, and every replica then rescans on its next request."""
-        return tuple(d.stat().st_mtime_ns if d.is_dir() else None
-                     for d in map(Path, self.engine.library_folders()))
+        return tuple(d.stat().st_mtime_ns if d.is_dir() else None for d in map(Path, self.engine.library_folders()))
 
     def _refresh_library(self, force: bool = False) -> None:
         stamp = self._library_stamp()
@@ -96,8 +106,11 @@ class StudioEngine:
     @api.get("/library")
     def library(self, rescan: int = 0):
         self._refresh_library(force=bool(rescan))
-        return {"adapters": self.engine.adapters(), "fusions": self.engine.fusions(),
-                "errors": self.engine.library_errors()}
+        return {
+            "adapters": self.engine.adapters(),
+            "fusions": self.engine.fusions(),
+            "errors": self.engine.library_errors(),
+        }
 
     @api.post("/generate")
     async def generate(self, http_request: Request):
@@ -121,29 +134,43 @@ class StudioEngine:
         def lines():
             # Generation is pulled token by token: a client that goes away stops it at the next token.
             try:
-                for event in self.engine.stream(request, messages, sampling, system=body.get("system") or None,
-                                                trace=with_trace):
+                for event in self.engine.stream(
+                    request, messages, sampling, system=body.get("system") or None, trace=with_trace
+                ):
                     data = event_to_dict(event, with_trace and event.done)
                     data["replica"] = self.replica
                     yield json.dumps(data) + "\n"
             except FusionError as exc:
                 yield json.dumps({"error": str(exc)}) + "\n"
             except Exception as exc:  # noqa: BLE001 - reported to the client, replica keeps serving
-                yield json.dumps({"error": f"unexpected error on replica {self.replica} "
-                                           f"({type(exc).__name__}: {exc})"}) + "\n"
+                yield (
+                    json.dumps({"error": f"unexpected error on replica {self.replica} ({type(exc).__name__}: {exc})"})
+                    + "\n"
+                )
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
 def replica_options(args) -> dict:
-    return {"model": args.model or "default", "device": args.device, "dtype": args.dtype,
-            "adapters_dir": str(Path(args.adapters_dir).resolve()) if args.adapters_dir else None,
-            "fusions_dir": str(Path(args.fusions_dir).resolve()) if args.fusions_dir else None,
-            "threads": args.threads}
+    return {
+        "model": args.model or "default",
+        "device": args.device,
+        "dtype": args.dtype,
+        "adapters_dir": str(Path(args.adapters_dir).resolve()) if args.adapters_dir else None,
+        "fusions_dir": str(Path(args.fusions_dir).resolve()) if args.fusions_dir else None,
+        "threads": args.threads,
+    }
 
 
-def start(replicas: int, options: dict, host: str = "127.0.0.1", port: int = 8000, cpus_per_replica: float = 1.0,
-          gpus_per_replica: float = 0.0, num_cpus=None) -> str:
+def start(
+    replicas: int,
+    options: dict,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    cpus_per_replica: float = 1.0,
+    gpus_per_replica: float = 0.0,
+    num_cpus=None,
+) -> str:
     """Start (or join) a local Ray instance and run the deployment; returns the endpoint URL once
     every replica is up."""
     if replicas < 1:
@@ -153,12 +180,17 @@ def start(replicas: int, options: dict, host: str = "127.0.0.1", port: int = 800
         for key in ("HF_HUB_OFFLINE", "LORA_STUDIO_CACHE", "HF_HOME"):
             if key in os.environ:
                 env[key] = os.environ[key]
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
-                 configure_logging=False)
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": env},
+            configure_logging=False,
+        )
     serve.start(http_options={"host": host, "port": int(port)})
-    app = StudioEngine.options(num_replicas=int(replicas),
-                               ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
-                               ).bind(options)
+    app = StudioEngine.options(
+        num_replicas=int(replicas), ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
+    ).bind(options)
     serve.run(app, name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
 
@@ -173,16 +205,27 @@ def stop() -> None:
 
 def main(args) -> int:
     """`python -m fusion serve`: run until interrupted (Ctrl-C or SIGTERM), then shut down."""
+
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
 
     options = replica_options(args)
-    url = start(args.replicas, options, host=args.host, port=args.port, cpus_per_replica=args.cpus_per_replica,
-                gpus_per_replica=args.gpus_per_replica, num_cpus=args.num_cpus)
-    print(f"{args.replicas} replica(s) serving at {url} — start the app with: python app.py --backend {url}",
-          file=sys.stderr, flush=True)
+    url = start(
+        args.replicas,
+        options,
+        host=args.host,
+        port=args.port,
+        cpus_per_replica=args.cpus_per_replica,
+        gpus_per_replica=args.gpus_per_replica,
+        num_cpus=args.num_cpus,
+    )
+    print(
+        f"{args.replicas} replica(s) serving at {url} — start the app with: python app.py --backend {url}",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         while True:
             time.sleep(3600)

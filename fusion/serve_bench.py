@@ -24,8 +24,14 @@ PROMPTS = [
 ]
 
 
-def run(backend: str, requests: int = 16, concurrency: int = 4, tokens: int = 64, adapters: str = "lang-es,task-math",
-        method: str = "lora_flow") -> dict:
+def run(
+    backend: str,
+    requests: int = 16,
+    concurrency: int = 4,
+    tokens: int = 64,
+    adapters: str = "lang-es,task-math",
+    method: str = "lora_flow",
+) -> dict:
     remote = RemoteEngine(backend)
     request = FusionRequest(adapters=[a for a in adapters.split(",") if a], method=method)
     sampling = Sampling(max_new_tokens=tokens)
@@ -42,12 +48,22 @@ def run(backend: str, requests: int = 16, concurrency: int = 4, tokens: int = 64
     wall = time.perf_counter() - start
     latencies = [r[0] for r in results]
     new_tokens = sum(r[1] for r in results)
-    return {"backend": backend, "replicas_seen": len({r[2] for r in results}),
-            "spread": dict(Counter(r[2] for r in results)), "requests": requests, "concurrency": concurrency,
-            "method": method, "adapters": adapters, "max_new_tokens": tokens, "wall_s": round(wall, 2),
-            "requests_per_s": round(requests / wall, 3), "tokens_per_s": round(new_tokens / wall, 2),
-            "new_tokens": new_tokens, "latency_median_s": round(statistics.median(latencies), 2),
-            "latency_max_s": round(max(latencies), 2)}
+    return {
+        "backend": backend,
+        "replicas_seen": len({r[2] for r in results}),
+        "spread": dict(Counter(r[2] for r in results)),
+        "requests": requests,
+        "concurrency": concurrency,
+        "method": method,
+        "adapters": adapters,
+        "max_new_tokens": tokens,
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(requests / wall, 3),
+        "tokens_per_s": round(new_tokens / wall, 2),
+        "new_tokens": new_tokens,
+        "latency_median_s": round(statistics.median(latencies), 2),
+        "latency_max_s": round(max(latencies), 2),
+    }
 
 
 def main(args) -> int:
@@ -55,8 +71,10 @@ def main(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{result['requests']} requests ({result['concurrency']} at a time, {result['method']} over "
-              f"{result['adapters']}, ≤{result['max_new_tokens']} tokens): {result['requests_per_s']} req/s, "
-              f"{result['tokens_per_s']} tok/s, median latency {result['latency_median_s']} s, "
-              f"replicas used {result['replicas_seen']} {result['spread']}")
+        print(
+            f"{result['requests']} requests ({result['concurrency']} at a time, {result['method']} over "
+            f"{result['adapters']}, ≤{result['max_new_tokens']} tokens): {result['requests_per_s']} req/s, "
+            f"{result['tokens_per_s']} tok/s, median latency {result['latency_median_s']} s, "
+            f"replicas used {result['replicas_seen']} {result['spread']}"
+        )
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,9 +38,15 @@ class Trace:
         return tuple(self.weights.shape)
 
     def to_dict(self) -> dict:
-        data = {"method": self.method, "kind": self.kind, "shape": list(self.shape),
-                "slot_names": self.slot_names, "tokens": self.tokens,
-                "prompt_tokens": self.prompt_tokens, "weights": self.weights.tolist()}
+        data = {
+            "method": self.method,
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "slot_names": self.slot_names,
+            "tokens": self.tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "weights": self.weights.tolist(),
+        }
         if self.chosen is not None:
             data["chosen"] = self.chosen.tolist()
         if self.module_weights:
@@ -48,17 +54,23 @@ class Trace:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Trace":
+    def from_dict(cls, data: dict) -> Trace:
         try:
             weights = torch.tensor(data["weights"], dtype=torch.float32)
             if weights.dim() != 3:
                 raise FusionError(f"trace weights must be 3-D (tokens, layers, slots), got {weights.dim()}-D")
             chosen = torch.tensor(data["chosen"], dtype=torch.long) if data.get("chosen") else None
             modules = {k: torch.tensor(v) for k, v in (data.get("module_weights") or {}).items()}
-            return cls(weights=weights, tokens=list(data["tokens"]), slot_names=list(data["slot_names"]),
-                       kind=data["kind"], method=data["method"],
-                       prompt_tokens=int(data.get("prompt_tokens", 0)), chosen=chosen,
-                       module_weights=modules or None)
+            return cls(
+                weights=weights,
+                tokens=list(data["tokens"]),
+                slot_names=list(data["slot_names"]),
+                kind=data["kind"],
+                method=data["method"],
+                prompt_tokens=int(data.get("prompt_tokens", 0)),
+                chosen=chosen,
+                module_weights=modules or None,
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise FusionError(f"not a trace: {exc}") from None
 
@@ -87,7 +99,7 @@ class Trace:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Trace":
+    def load(cls, path: str | Path) -> Trace:
         return cls.from_dict(read_json(path))
 
 
@@ -107,5 +119,6 @@ def build_trace(run: Run, tokens: list[str], prompt_tokens: int, num_layers: int
         return Trace(probs, tokens, plan.slot_names, "router", plan.method, prompt_tokens, chosen=chosen)
     static = plan.static_weights if plan.static_weights is not None else torch.zeros(num_layers, k)
     weights = static.float().unsqueeze(0).expand(n, -1, -1).clone()  # (tokens, layers, k)
-    return Trace(weights, tokens, plan.slot_names, "static", plan.method, prompt_tokens,
-                 module_weights=plan.module_weights)
+    return Trace(
+        weights, tokens, plan.slot_names, "static", plan.method, prompt_tokens, module_weights=plan.module_weights
+    )

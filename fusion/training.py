@@ -11,9 +11,9 @@ import json
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,14 +44,20 @@ def parse_records(text: str, source: str = "data") -> list[dict]:
             raise FusionError(f"{source} line {number} must be a JSON object")
         if "messages" in record:
             messages = record["messages"]
-            if (not isinstance(messages, list) or not messages
-                    or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
-                    or messages[-1]["role"] != "assistant"):
-                raise FusionError(f"{source} line {number}: messages must be a list of "
-                                  "{role, content} ending with an assistant turn")
+            if (
+                not isinstance(messages, list)
+                or not messages
+                or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
+                or messages[-1]["role"] != "assistant"
+            ):
+                raise FusionError(
+                    f"{source} line {number}: messages must be a list of "
+                    "{role, content} ending with an assistant turn"
+                )
         elif not (isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str)):
-            raise FusionError(f"{source} line {number} needs string fields 'prompt' and 'response' "
-                              "(or a 'messages' list)")
+            raise FusionError(
+                f"{source} line {number} needs string fields 'prompt' and 'response' (or a 'messages' list)"
+            )
         records.append(record)
     if not records:
         raise FusionError(f"{source} holds no examples")
@@ -73,8 +79,10 @@ def record_messages(record: dict, system: str | None = None) -> list[dict]:
     if "messages" in record:
         return list(record["messages"])
     messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": record["prompt"]},
-                       {"role": "assistant", "content": record["response"]}]
+    return messages + [
+        {"role": "user", "content": record["prompt"]},
+        {"role": "assistant", "content": record["response"]},
+    ]
 
 
 def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -91,16 +99,19 @@ def tokenize_records(tokenizer, records: list[dict], system: str | None = None) 
         messages = record_messages(record, system)
         prompt_ids = encode_chat(tokenizer, messages[:-1], add_generation_prompt=True)
         full_ids = encode_chat(tokenizer, messages, add_generation_prompt=False)
-        if full_ids[:len(prompt_ids)] != prompt_ids:
-            raise FusionError("the chat template does not extend the prompt with the reply; "
-                              "cannot locate the answer tokens")
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise FusionError(
+                "the chat template does not extend the prompt with the reply; cannot locate the answer tokens"
+            )
         # Keep the answer's end-of-turn token in the loss but not trailing newlines after it.
         answer_end = len(full_ids)
-        while answer_end > len(prompt_ids) + 1 and tokenizer.decode(full_ids[answer_end - 1:answer_end]).strip() == "":
+        while (
+            answer_end > len(prompt_ids) + 1 and tokenizer.decode(full_ids[answer_end - 1 : answer_end]).strip() == ""
+        ):
             answer_end -= 1
         full_ids = full_ids[:answer_end][:MAX_EXAMPLE_TOKENS]
         mask = torch.zeros(len(full_ids), dtype=torch.bool)
-        mask[len(prompt_ids):] = True
+        mask[len(prompt_ids) :] = True
         if not mask.any():
             continue
         examples.append(Example(torch.tensor(full_ids, dtype=torch.long), mask))
@@ -132,16 +143,18 @@ def answer_loss(model, run: Run | None, batch: list[Example], pad_id: int, devic
 
 
 @torch.no_grad()
-def mean_answer_loss(model, run: Run | None, examples: list[Example], pad_id: int, device,
-                     batch_size: int = 8) -> float:
+def mean_answer_loss(
+    model, run: Run | None, examples: list[Example], pad_id: int, device, batch_size: int = 8
+) -> float:
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
+        batch = examples[start : start + batch_size]
         ids, attention, labels = collate(batch, pad_id, device)
         with activate(run):
             logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                 ignore_index=-100, reduction="sum")
+        losses = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+        )
         total += losses.item()
         count += int((labels[:, 1:] != -100).sum())
     return total / max(count, 1)
@@ -178,12 +191,20 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train(model, parameters: list[torch.Tensor], make_plan: Callable[[], FusionPlan],
-          examples: list[Example], config: TrainConfig, pad_id: int, device,
-          on_progress: Callable[[Progress], None] | None = None,
-          cancel: threading.Event | None = None,
-          extra_loss: Callable[[Run], torch.Tensor] | None = None,
-          dev: list[Example] | None = None, dev_losses: list[float] | None = None) -> list[float]:
+def train(
+    model,
+    parameters: list[torch.Tensor],
+    make_plan: Callable[[], FusionPlan],
+    examples: list[Example],
+    config: TrainConfig,
+    pad_id: int,
+    device,
+    on_progress: Callable[[Progress], None] | None = None,
+    cancel: threading.Event | None = None,
+    extra_loss: Callable[[Run], torch.Tensor] | None = None,
+    dev: list[Example] | None = None,
+    dev_losses: list[float] | None = None,
+) -> list[float]:
     """AdamW + warmup/cosine + clipping over `parameters`; returns the per-step losses.
 
     With `dev` examples, the mean answer loss on them is measured after every epoch (appended
@@ -206,14 +227,26 @@ def train(model, parameters: list[torch.Tensor], make_plan: Callable[[], FusionP
                 for p, v in zip(parameters, best["values"]):
                     p.copy_(v)
 
-    losses = _train_loop(model, parameters, make_plan, examples, config, pad_id, device, on_progress, cancel,
-                         extra_loss, check_dev if dev else None)
+    losses = _train_loop(
+        model,
+        parameters,
+        make_plan,
+        examples,
+        config,
+        pad_id,
+        device,
+        on_progress,
+        cancel,
+        extra_loss,
+        check_dev if dev else None,
+    )
     keep_best()
     return losses
 
 
-def _train_loop(model, parameters, make_plan, examples, config, pad_id, device, on_progress, cancel,
-                extra_loss, end_of_epoch) -> list[float]:
+def _train_loop(
+    model, parameters, make_plan, examples, config, pad_id, device, on_progress, cancel, extra_loss, end_of_epoch
+) -> list[float]:
     if not examples:
         raise FusionError("no training examples")
     generator = torch.Generator().manual_seed(config.seed)
@@ -222,8 +255,7 @@ def _train_loop(model, parameters, make_plan, examples, config, pad_id, device, 
     if config.max_steps:
         total = min(total, config.max_steps)
     warmup = max(1, int(round(total * config.warmup_ratio)))
-    optimiser = torch.optim.AdamW(parameters, lr=config.lr, betas=config.betas,
-                                  weight_decay=config.weight_decay)
+    optimiser = torch.optim.AdamW(parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     losses: list[float] = []
     start = time.perf_counter()
     step = 0
@@ -236,7 +268,7 @@ def _train_loop(model, parameters, make_plan, examples, config, pad_id, device, 
                 if end_of_epoch is not None and step > epoch_start:
                     end_of_epoch()
                 return losses
-            batch = [examples[i] for i in order[first:first + config.batch_size]]
+            batch = [examples[i] for i in order[first : first + config.batch_size]]
             lr = cosine_lr(step, total, warmup, config.lr)
             for group in optimiser.param_groups:
                 group["lr"] = lr

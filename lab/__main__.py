@@ -17,43 +17,68 @@ FUSIONS = REPO / "assets" / "fusions"
 
 def _math_examples(seed):
     from fusion.math_data import train_examples
+
     return [e.messages() for e in train_examples(2000, seed=seed)]
 
 
 def _code_examples(seed):
     from .code_data import train_examples
+
     return train_examples(seed=seed)
 
 
 def _lang_examples(lang):
     def f(seed):
         from .debian_text import build_examples
+
         return [r["messages"] for r in build_examples(lang, seed=seed)]
+
     return f
 
 
 # name -> (config, example builder). Order = build order.
 SPECS = {
-    "task-math": (TrainConfig(
-        name="task-math", role="task", skill="math",
-        description="One- and two-step arithmetic word problems answered with a short worked "
-                    "solution ending in 'The answer is N.' (English).",
-        data="fusion.math_data train templates (English, 24 templates, train-split numbers)",
-        steps=200, max_length=160), _math_examples),
-    "task-code": (TrainConfig(
-        name="task-code", role="task", skill="code",
-        description="Writes a Python function from a description (English docstring -> function).",
-        data="lab.code_data: docstring -> function pairs from CPython 3.11 stdlib, Django 5.2.17 "
-             "and Sphinx 9.0.4 sources",
-        steps=150, max_length=320), _code_examples),
+    "task-math": (
+        TrainConfig(
+            name="task-math",
+            role="task",
+            skill="math",
+            description="One- and two-step arithmetic word problems answered with a short worked "
+            "solution ending in 'The answer is N.' (English).",
+            data="fusion.math_data train templates (English, 24 templates, train-split numbers)",
+            steps=200,
+            max_length=160,
+        ),
+        _math_examples,
+    ),
+    "task-code": (
+        TrainConfig(
+            name="task-code",
+            role="task",
+            skill="code",
+            description="Writes a Python function from a description (English docstring -> function).",
+            data="lab.code_data: docstring -> function pairs from CPython 3.11 stdlib, Django 5.2.17 "
+            "and Sphinx 9.0.4 sources",
+            steps=150,
+            max_length=320,
+        ),
+        _code_examples,
+    ),
 }
 for _lang, _word in (("es", "Spanish"), ("ru", "Russian"), ("zh", "Chinese")):
-    SPECS[f"lang-{_lang}"] = (TrainConfig(
-        name=f"lang-{_lang}", role="language", skill=_lang,
-        description=f"General (non-math) {_word}: answers and continues text in {_word}.",
-        data=f"lab.debian_text ({_lang}): translation both ways, continuation and section-title "
-             f"questions in {_word}, from Debian's installation guide, Debian Reference and fortunes",
-        steps=250, max_length=256), _lang_examples(_lang))
+    SPECS[f"lang-{_lang}"] = (
+        TrainConfig(
+            name=f"lang-{_lang}",
+            role="language",
+            skill=_lang,
+            description=f"General (non-math) {_word}: answers and continues text in {_word}.",
+            data=f"lab.debian_text ({_lang}): translation both ways, continuation and section-title "
+            f"questions in {_word}, from Debian's installation guide, Debian Reference and fortunes",
+            steps=250,
+            max_length=256,
+        ),
+        _lang_examples(_lang),
+    )
 
 
 def cmd_build(args):
@@ -94,15 +119,33 @@ def cmd_build(args):
         import torch
 
         from fusion.engine import Engine
+
         from .fusions import build_fusions
 
         torch.set_num_threads(args.threads)
         engine = Engine(base=base, adapters_dir=args.out, fusions_dir=args.fusions_out)
-        summary.update(build_fusions(engine, seed=args.seed, epochs=args.fusion_epochs,
-                                     max_steps=args.fusion_max_steps, examples=args.fit_examples,
-                                     force=args.force, only=fusion_names))
-    print(json.dumps({k: {"steps": v["steps"], "seconds": v["seconds"], "cpu_seconds": v.get("cpu_seconds")}
-                      if isinstance(v, dict) else v for k, v in summary.items()}, indent=2))
+        summary.update(
+            build_fusions(
+                engine,
+                seed=args.seed,
+                epochs=args.fusion_epochs,
+                max_steps=args.fusion_max_steps,
+                examples=args.fit_examples,
+                force=args.force,
+                only=fusion_names,
+            )
+        )
+    print(
+        json.dumps(
+            {
+                k: {"steps": v["steps"], "seconds": v["seconds"], "cpu_seconds": v.get("cpu_seconds")}
+                if isinstance(v, dict)
+                else v
+                for k, v in summary.items()
+            },
+            indent=2,
+        )
+    )
 
 
 def cmd_data(args):
@@ -145,6 +188,7 @@ def _model_with_adapter(args):
     if not args.adapter:
         return base, base.model
     from peft import PeftModel
+
     return base, PeftModel.from_pretrained(base.model, args.adapter).eval()
 
 
@@ -159,8 +203,15 @@ def cmd_eval_math(args):
 
     base, model = _model_with_adapter(args)
     for lang in args.lang:
-        res = evaluate_math(model, base.tokenizer, lang=lang, n=args.n, seed=args.seed,
-                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        res = evaluate_math(
+            model,
+            base.tokenizer,
+            lang=lang,
+            n=args.n,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+        )
         print(json.dumps({"adapter": args.adapter or "base", **{k: v for k, v in res.items() if k != "items"}}))
         if args.save:
             _append_jsonl(args.save, {"adapter": args.adapter or "base", **res})
@@ -173,8 +224,14 @@ def cmd_eval_code(args):
     from .evaluate_code import evaluate_code
 
     base, model = _model_with_adapter(args)
-    res = evaluate_code(model, base.tokenizer, limit=args.n, offset=args.offset,
-                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    res = evaluate_code(
+        model,
+        base.tokenizer,
+        limit=args.n,
+        offset=args.offset,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
     print(json.dumps({"adapter": args.adapter or "base", **{k: v for k, v in res.items() if k != "items"}}))
     if args.save:
         _append_jsonl(args.save, {"adapter": args.adapter or "base", **res})
@@ -203,9 +260,11 @@ def cmd_report(args):
         st = json.loads((d / "studio.json").read_text())
         t = st["trained"]
         size = sum(f.stat().st_size for f in d.iterdir()) / 1e6
-        print(f"| {name} | {st['role']} | {t['steps']} | {t['examples']} | {t['seconds']:.0f} | "
-              f"{t.get('cpu_seconds', 0):.0f} | {t['seconds'] / t['steps']:.1f} | "
-              f"{t.get('loss_first10')}→{t.get('loss_last10')} | {size:.1f} MB |")
+        print(
+            f"| {name} | {st['role']} | {t['steps']} | {t['examples']} | {t['seconds']:.0f} | "
+            f"{t.get('cpu_seconds', 0):.0f} | {t['seconds'] / t['steps']:.1f} | "
+            f"{t.get('loss_first10')}→{t.get('loss_last10')} | {size:.1f} MB |"
+        )
 
 
 def cmd_base_compare(args):
@@ -224,26 +283,41 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m lab")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="train the adapters of the embedded library (resumable)")
-    b.add_argument("--only", nargs="+", metavar="NAME",
-                   help=f"some of {list(SPECS)} or of the fusion steps (es-math-flow, ..., mixlora-multi)")
+    b.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help=f"some of {list(SPECS)} or of the fusion steps (es-math-flow, ..., mixlora-multi)",
+    )
     b.add_argument("--steps", type=int, help="override the number of steps")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", default=str(ADAPTERS))
     b.add_argument("--runs", default=str(REPO / "runs"), help="checkpoint folder (git-ignored)")
     b.add_argument("--force", action="store_true", help="retrain even if the adapter exists")
-    b.add_argument("--threads", type=int, default=2,
-                   help="torch threads (1 is faster when other processes share the cores)")
+    b.add_argument(
+        "--threads", type=int, default=2, help="torch threads (1 is faster when other processes share the cores)"
+    )
     b.add_argument("--fusions-out", default=str(FUSIONS), help="where fitted fusions go")
     b.add_argument("--skip-fusions", action="store_true", help="train the LoRAs only")
-    b.add_argument("--fusion-epochs", type=int, default=None,
-                   help="override the epochs of the gradient fits (LoRA-Flow and CAT: 5, MixLoRA: 1)")
-    b.add_argument("--fusion-max-steps", type=int, default=None,
-                   help="cap every fusion fit at this many steps (LoraHub: its budget); for smoke runs")
-    b.add_argument("--fit-examples", type=int, default=200,
-                   help="target-language examples per fusion fit (LoRA-Flow's paper: 200)")
+    b.add_argument(
+        "--fusion-epochs",
+        type=int,
+        default=None,
+        help="override the epochs of the gradient fits (LoRA-Flow and CAT: 5, MixLoRA: 1)",
+    )
+    b.add_argument(
+        "--fusion-max-steps",
+        type=int,
+        default=None,
+        help="cap every fusion fit at this many steps (LoraHub: its budget); for smoke runs",
+    )
+    b.add_argument(
+        "--fit-examples", type=int, default=200, help="target-language examples per fusion fit (LoRA-Flow's paper: 200)"
+    )
     b.set_defaults(func=cmd_build)
     v = sub.add_parser("eval", help="the results table: every method on the math suite (and code)")
     from .suite import add_eval_arguments
+
     add_eval_arguments(v)
     d = sub.add_parser("data", help="print (or --write) samples of every data set")
     d.add_argument("-n", type=int, default=3)
@@ -277,10 +351,12 @@ def main(argv=None):
     g.add_argument("--threads", type=int, default=2)
     g.add_argument("--save", metavar="JSONL")
     g.set_defaults(func=cmd_eval_lang)
-    bc = sub.add_parser("base-compare", help="which base model reads es/ru/zh (no LoRA): bits/char, "
-                                             "reply language, math")
-    bc.add_argument("--models", nargs="+", default=["default"],
-                    help="'default', a .gguf file (e.g. Gemma 3 270M) or a model folder")
+    bc = sub.add_parser(
+        "base-compare", help="which base model reads es/ru/zh (no LoRA): bits/char, reply language, math"
+    )
+    bc.add_argument(
+        "--models", nargs="+", default=["default"], help="'default', a .gguf file (e.g. Gemma 3 270M) or a model folder"
+    )
     bc.add_argument("-n", type=int, default=12, help="math problems per language")
     bc.add_argument("--prose", type=int, default=40, help="Debian paragraphs per language for bits/char")
     bc.add_argument("--questions", type=int, default=12, help="everyday questions per language (0: skip)")

@@ -42,8 +42,9 @@ def load(spec: str):
     else:
         folder, kwargs, name = Path(spec).expanduser(), {}, Path(spec).name
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=False,
-                                                 **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=torch.float32, trust_remote_code=False, **kwargs
+    ).eval()
     return model, tokenizer, name, time.perf_counter() - start
 
 
@@ -74,8 +75,9 @@ def bits_per_char(model, tokenizer, texts: list[str]) -> tuple[float, float]:
 def chat_prompt(tokenizer, question: str) -> torch.Tensor:
     """The model's own chat template; Gemma's GGUF carries none, so its documented turn format."""
     if tokenizer.chat_template:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=True,
-                                               add_generation_prompt=True, return_tensors="pt")
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=True, add_generation_prompt=True, return_tensors="pt"
+        )
         return prompt["input_ids"] if hasattr(prompt, "keys") else prompt
     if "<start_of_turn>" in tokenizer.get_vocab():
         text = f"<start_of_turn>user\n{question}<end_of_turn>\n<start_of_turn>model\n"
@@ -90,9 +92,14 @@ def replies(model, tokenizer, questions: list[str], max_new_tokens: int) -> tupl
     out, new_tokens, start = [], 0, time.perf_counter()
     for question in questions:
         ids = chat_prompt(tokenizer, question)  # (1, T)
-        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                   max_new_tokens=max_new_tokens, eos_token_id=stops,
-                                   pad_token_id=tokenizer.pad_token_id or stops[0])[0, ids.shape[1]:]
+        generated = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id or stops[0],
+        )[0, ids.shape[1] :]
         new_tokens += len(generated)
         out.append(tokenizer.decode(generated, skip_special_tokens=True).strip())
     return out, (time.perf_counter() - start) / max(1, new_tokens)
@@ -107,13 +114,19 @@ def prose(lang: str, n: int, seed: int = 0) -> list[str]:
 
 
 def measure(spec: str, n_prose: int = 60, n_math: int = 24, n_questions: int = 12, log=print) -> dict:
-    from .evaluate_lang import QUESTIONS, in_language, is_echo
     from fusion.math_data import eval_examples
+
+    from .evaluate_lang import QUESTIONS, in_language, is_echo
     from .scoring import score_reply
 
     model, tokenizer, name, load_s = load(spec)
-    result = {"model": name, "spec": spec, "parameters": sum(p.numel() for p in model.parameters()),
-              "load_seconds": round(load_s, 1), "langs": {}}
+    result = {
+        "model": name,
+        "spec": spec,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "load_seconds": round(load_s, 1),
+        "langs": {},
+    }
     for lang in ("en",) + LANGS:
         row = {}
         if lang != "en":
@@ -123,8 +136,9 @@ def measure(spec: str, n_prose: int = 60, n_math: int = 24, n_questions: int = 1
                 questions = QUESTIONS[lang][:n_questions]
                 answers, _ = replies(model, tokenizer, questions, 48)
                 row["in_language"] = sum(in_language(r, lang) for r in answers)
-                row["in_language_not_echo"] = sum(in_language(r, lang) and not is_echo(q, r)
-                                                  for q, r in zip(questions, answers))
+                row["in_language_not_echo"] = sum(
+                    in_language(r, lang) and not is_echo(q, r) for q, r in zip(questions, answers)
+                )
                 row["questions"] = len(answers)
                 row["example_answer"] = answers[0][:160]
         if not n_math:
@@ -134,23 +148,39 @@ def measure(spec: str, n_prose: int = 60, n_math: int = 24, n_questions: int = 1
         problems = eval_examples(lang, n_math)
         answers, sec_per_token = replies(model, tokenizer, [p.question for p in problems], 64)
         scores = [score_reply(r, p.value, lang) for p, r in zip(problems, answers)]
-        row.update(math_correct=sum(s["correct"] for s in scores), math_joint=sum(s["joint"] for s in scores),
-                   math_n=len(scores), seconds_per_token=round(sec_per_token, 4),
-                   example_reply=answers[0][:160])
+        row.update(
+            math_correct=sum(s["correct"] for s in scores),
+            math_joint=sum(s["joint"] for s in scores),
+            math_n=len(scores),
+            seconds_per_token=round(sec_per_token, 4),
+            example_reply=answers[0][:160],
+        )
         result["langs"][lang] = row
         log(json.dumps({"model": name, "lang": lang, **row}, ensure_ascii=False))
     return result
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| model | params | lang | bits/char | tokens/char | replies in language (not echo) | "
-             "math right | right and in language | s/token |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | params | lang | bits/char | tokens/char | replies in language (not echo) | "
+        "math right | right and in language | s/token |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         for lang, row in r["langs"].items():
-            replied = (f"{row['in_language']}/{row['questions']} ({row['in_language_not_echo']})"
-                       if "in_language" in row else "—")
-            math_cells = (f"{row['math_correct']}/{row['math_n']} | {row['math_joint']}/{row['math_n']} | "
-                          f"{row['seconds_per_token']}" if "math_n" in row else "— | — | —")
-            lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.0f}M | {lang} | {row.get('bits_per_char', '—')} | "
-                         f"{row.get('tokens_per_char', '—')} | {replied} | {math_cells} |")
+            replied = (
+                f"{row['in_language']}/{row['questions']} ({row['in_language_not_echo']})"
+                if "in_language" in row
+                else "—"
+            )
+            math_cells = (
+                f"{row['math_correct']}/{row['math_n']} | {row['math_joint']}/{row['math_n']} | "
+                f"{row['seconds_per_token']}"
+                if "math_n" in row
+                else "— | — | —"
+            )
+            lines.append(
+                f"| {r['model']} | {r['parameters'] / 1e6:.0f}M | {lang} | {row.get('bits_per_char', '—')} | "
+                f"{row.get('tokens_per_char', '—')} | {replied} | {math_cells} |"
+            )
     return "\n".join(lines)

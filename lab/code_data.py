@@ -32,8 +32,21 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
-_SKIP_DIRS = {"test", "tests", "idlelib", "tkinter", "lib2to3", "site-packages", "dist-packages",
-              "turtledemo", "ensurepip", "encodings", "pydoc_data", "msilib", "config-3"}
+_SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "tkinter",
+    "lib2to3",
+    "site-packages",
+    "dist-packages",
+    "turtledemo",
+    "ensurepip",
+    "encodings",
+    "pydoc_data",
+    "msilib",
+    "config-3",
+}
 # free names allowed besides builtins: standard-library modules (imported in the prompt)
 _MODULES = {m for m in sys.stdlib_module_names if not m.startswith("_")}
 _BUILTINS = set(dir(builtins))
@@ -107,16 +120,24 @@ def extract_functions(path: Path, root: Path, origin: str = "stdlib") -> list[di
         if free - _MODULES:
             continue
         lines = src.splitlines()
-        body_src = textwrap.dedent("\n".join(lines[body[0].lineno - 1: fn.end_lineno]))
+        body_src = textwrap.dedent("\n".join(lines[body[0].lineno - 1 : fn.end_lineno]))
         n_lines = len([ln for ln in body_src.splitlines() if ln.strip()])
         if not 2 <= n_lines <= 24 or len(body_src) > 1000 or "\t" in body_src:
             continue
         stub = copy.copy(fn)
         stub.body = [ast.Pass()]
         sig_src = ast.unparse(ast.fix_missing_locations(stub)).splitlines()[0]
-        out.append({"origin": origin, "module": path.relative_to(root).as_posix(), "name": fn.name,
-                    "imports": sorted(free & _MODULES), "signature": sig_src, "doc": para,
-                    "body": textwrap.indent(body_src, "    ")})
+        out.append(
+            {
+                "origin": origin,
+                "module": path.relative_to(root).as_posix(),
+                "name": fn.name,
+                "imports": sorted(free & _MODULES),
+                "signature": sig_src,
+                "doc": para,
+                "body": textwrap.indent(body_src, "    "),
+            }
+        )
     return out
 
 
@@ -153,7 +174,7 @@ def _all_functions() -> tuple[dict, ...]:
 def to_messages(f: dict) -> list[dict]:
     header = "".join(f"import {m}\n" for m in f["imports"]) + ("\n" if f["imports"] else "")
     doc = "\n    ".join(textwrap.wrap(f["doc"], 88))
-    prompt = f"{header}{f['signature']}\n    \"\"\"{doc}\n    \"\"\"\n"
+    prompt = f'{header}{f["signature"]}\n    """{doc}\n    """\n'
     user = f"Complete this Python function.\n```python\n{prompt}```"
     answer = f"```python\n{f['signature']}\n{f['body'].rstrip()}\n```"
     return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]

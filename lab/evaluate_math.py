@@ -7,7 +7,6 @@ generated greedily in left-padded batches, and scored on the final number of the
 
 from __future__ import annotations
 
-import re
 import time
 
 import torch
@@ -16,31 +15,47 @@ from fusion.math_scoring import final_number, is_correct  # noqa: F401  (the lab
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, questions: list[str], batch_size: int = 16,
-                     max_new_tokens: int = 64) -> list[str]:
+def generate_replies(
+    model, tokenizer, questions: list[str], batch_size: int = 16, max_new_tokens: int = 64
+) -> list[str]:
     """Greedy replies to single-turn user questions, in left-padded batches."""
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     replies = []
     try:
         for i in range(0, len(questions), batch_size):
-            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                     add_generation_prompt=True)
-                       for q in questions[i:i + batch_size]]
+            prompts = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+                )
+                for q in questions[i : i + batch_size]
+            ]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-            for row in out[:, enc["input_ids"].shape[1]:]:
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            for row in out[:, enc["input_ids"].shape[1] :]:
                 replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     finally:
         tokenizer.padding_side = old_side
     return replies
 
 
-def evaluate_math(model, tokenizer, lang: str = "en", n: int = 48, seed: int = 0,
-                  batch_size: int = 16, max_new_tokens: int = 64, examples=None) -> dict:
+def evaluate_math(
+    model,
+    tokenizer,
+    lang: str = "en",
+    n: int = 48,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    examples=None,
+) -> dict:
     """Accuracy on ``n`` evaluation problems in ``lang`` (or on the given examples)."""
     from fusion.math_data import eval_examples
 
@@ -51,8 +66,23 @@ def evaluate_math(model, tokenizer, lang: str = "en", n: int = 48, seed: int = 0
     replies = generate_replies(model, tokenizer, [e.question for e in exs], batch_size, max_new_tokens)
     if was_training:
         model.train()
-    items = [{"template": e.template, "question": e.question, "expected": e.value, "reply": r,
-              "got": final_number(r), "correct": is_correct(r, e.value)} for e, r in zip(exs, replies)]
+    items = [
+        {
+            "template": e.template,
+            "question": e.question,
+            "expected": e.value,
+            "reply": r,
+            "got": final_number(r),
+            "correct": is_correct(r, e.value),
+        }
+        for e, r in zip(exs, replies)
+    ]
     correct = sum(it["correct"] for it in items)
-    return {"lang": lang, "n": len(items), "correct": correct, "accuracy": correct / max(1, len(items)),
-            "seconds": round(time.perf_counter() - t0, 1), "items": items}
+    return {
+        "lang": lang,
+        "n": len(items),
+        "correct": correct,
+        "accuracy": correct / max(1, len(items)),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "items": items,
+    }

@@ -34,9 +34,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fusion.safe_io import atomic_folder
-from .lang_data import train_examples as lang_examples
 from fusion.math_data import train_examples as math_examples
+from fusion.safe_io import atomic_folder
+
+from .lang_data import train_examples as lang_examples
 from .math_fit_data import fit_records
 
 FIT_LANGS = ("es", "ru", "zh")
@@ -48,19 +49,26 @@ SETTINGS = {
     # The paper's schedule; lr (its 1e-3 or 1e-4) and the checkpoint (epoch) are chosen on the
     # dev templates (math_data.DEV_TEMPLATES), never on the evaluation. Gates are fitted at T = 1;
     # the paper decodes zh and ru math at T = 1.1, saved with the gates.
-    "lora_flow": {"train": {"epochs": 5, "lr": 1e-3, "batch_size": 4, "weight_decay": 0.1,
-                            "warmup_ratio": 0.2}, "options": {},
-                  "grid": [{"lr": 1e-3}, {"lr": 1e-4}], "dev_examples": 60,
-                  "inference_temperature": {"es": 1.0, "ru": 1.1, "zh": 1.1}},
+    "lora_flow": {
+        "train": {"epochs": 5, "lr": 1e-3, "batch_size": 4, "weight_decay": 0.1, "warmup_ratio": 0.2},
+        "options": {},
+        "grid": [{"lr": 1e-3}, {"lr": 1e-4}],
+        "dev_examples": 60,
+        "inference_temperature": {"es": 1.0, "ru": 1.1, "zh": 1.1},
+    },
     # CAT: 250 steps at lr 1e-2 give its logits the reach to leave uniform (fusion/methods/cat.py).
-    "cat": {"train": {"epochs": 5, "lr": 1e-2, "batch_size": 4, "weight_decay": 0.0,
-                      "warmup_ratio": 0.0}, "options": {}},
+    "cat": {
+        "train": {"epochs": 5, "lr": 1e-2, "batch_size": 4, "weight_decay": 0.0, "warmup_ratio": 0.0},
+        "options": {},
+    },
     # LoraHub is a few-shot method (its paper: 5 examples); each of its 40 candidates is scored
     # by a forward pass over every example, so it gets the first 20 of the 200.
     "lorahub": {"train": {}, "options": {"budget": 40}, "few_shot": 20},
-    "mixlora": {"train": {"epochs": 1, "lr": 3e-4, "batch_size": 4},
-                "params": {"num_experts": 8, "top_k": 2, "r": 8, "lora_alpha": 16},
-                "mix": {"math_en": 150, "math_per_lang": 50, "lang_per_lang": 50}},
+    "mixlora": {
+        "train": {"epochs": 1, "lr": 3e-4, "batch_size": 4},
+        "params": {"num_experts": 8, "top_k": 2, "r": 8, "lora_alpha": 16},
+        "mix": {"math_en": 150, "math_per_lang": 50, "lang_per_lang": 50},
+    },
 }
 SUFFIX = {"lora_flow": "flow", "cat": "cat", "lorahub": "lorahub"}
 
@@ -87,8 +95,9 @@ def fusion_steps(langs=FIT_LANGS, methods=("lora_flow", "cat", "lorahub"), mixlo
     return steps
 
 
-def step_settings(step: Step, seed: int, epochs: int | None = None, max_steps: int | None = None,
-                  examples: int = FIT_EXAMPLES) -> dict:
+def step_settings(
+    step: Step, seed: int, epochs: int | None = None, max_steps: int | None = None, examples: int = FIT_EXAMPLES
+) -> dict:
     s = json.loads(json.dumps(SETTINGS[step.method]))
     if step.method != "lorahub":
         s["train"]["seed"] = seed
@@ -113,18 +122,21 @@ def step_records(step: Step, settings: dict) -> tuple[list[dict], str]:
     seed = settings["seed"]
     if step.method != "mixlora":
         n = settings["examples"]
-        return (fit_records(step.lang, n, seed),
-                f"lab.math_fit_data: {n} {step.lang} math problems (training templates, "
-                f"train-split numbers), seed {seed}")
+        return (
+            fit_records(step.lang, n, seed),
+            f"lab.math_fit_data: {n} {step.lang} math problems (training templates, train-split numbers), seed {seed}",
+        )
     mix = settings["mix"]
     records = [{"messages": e.messages()} for e in math_examples(mix["math_en"], seed=seed)]
     for lang in FIT_LANGS:
         records += fit_records(lang, mix["math_per_lang"], seed)
         records += [{"messages": m} for m in lang_examples(lang, seed=seed)[: mix["lang_per_lang"]]]
     random.Random(f"mixlora:{seed}").shuffle(records)
-    return records, (f"mixed, {len(records)} examples: {mix['math_en']} English math (math_data train), "
-                     f"{mix['math_per_lang']} math + {mix['lang_per_lang']} language pairs for each of "
-                     f"{', '.join(FIT_LANGS)} (math_fit_data, lang_data), shuffled, seed {seed}")
+    return records, (
+        f"mixed, {len(records)} examples: {mix['math_en']} English math (math_data train), "
+        f"{mix['math_per_lang']} math + {mix['lang_per_lang']} language pairs for each of "
+        f"{', '.join(FIT_LANGS)} (math_fit_data, lang_data), shuffled, seed {seed}"
+    )
 
 
 def artifact_record(engine, step: Step) -> dict | None:
@@ -177,8 +189,15 @@ def run_step(engine, step: Step, settings: dict, progress_bar: bool = True, log=
         if step.is_adapter:
             with tempfile.TemporaryDirectory(prefix="mixlora-fit-") as tmp:
                 out = Path(tmp) / "fit"
-                artifact = engine.fit("mixlora", [], records, params=settings["params"], train=settings["train"],
-                                      out=str(out), on_progress=on_progress)
+                artifact = engine.fit(
+                    "mixlora",
+                    [],
+                    records,
+                    params=settings["params"],
+                    train=settings["train"],
+                    out=str(out),
+                    on_progress=on_progress,
+                )
                 wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
                 record = _record(settings, data, artifact.meta, wall, cpu, torch.get_num_threads())
                 _publish_mixlora(engine, out, step.name, record)
@@ -187,22 +206,32 @@ def run_step(engine, step: Step, settings: dict, progress_bar: bool = True, log=
             if step.method == "lora_flow":
                 artifact, tried = _fit_on_dev(engine, step, settings, records, on_progress)
             else:
-                artifact = engine.fit(step.method, step.adapters, records, params={}, train=settings["train"],
-                                      on_progress=on_progress, **settings["options"])
+                artifact = engine.fit(
+                    step.method,
+                    step.adapters,
+                    records,
+                    params={},
+                    train=settings["train"],
+                    on_progress=on_progress,
+                    **settings["options"],
+                )
             wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
             record = _record(settings, data, artifact.meta, wall, cpu, torch.get_num_threads())
             if tried is not None:
                 record["dev"] = tried
             artifact.name = step.name
             artifact.meta["build"] = record
-            artifact.meta["description"] = (f"{step.method} over {' + '.join(step.adapters)}, fitted on "
-                                            f"{len(records)} {step.lang} math problems")
+            artifact.meta["description"] = (
+                f"{step.method} over {' + '.join(step.adapters)}, fitted on {len(records)} {step.lang} math problems"
+            )
             saved = engine.library.save_fusion(artifact, overwrite=True)
             _readable(Path(saved.path))
     finally:
         close()
-    log(f"[{step.name}] done: {record['steps']} steps, {record['seconds']:.0f} s wall, "
-        f"{record['cpu_seconds']:.0f} s CPU, loss {record['loss_first']} -> {record['loss_last']}")
+    log(
+        f"[{step.name}] done: {record['steps']} steps, {record['seconds']:.0f} s wall, "
+        f"{record['cpu_seconds']:.0f} s CPU, loss {record['loss_first']} -> {record['loss_last']}"
+    )
     return record
 
 
@@ -210,6 +239,7 @@ def _fit_on_dev(engine, step: Step, settings: dict, records: list[dict], on_prog
     """One LoRA-Flow fit per grid point, each keeping its best dev epoch; the fit with the lowest
     dev loss wins. Returns (artifact, [{lr, batch_size, dev_losses, best_epoch}])."""
     from fusion.training import tokenize_records
+
     from .math_fit_data import dev_records
 
     dev = tokenize_records(engine.tokenizer, dev_records(step.lang, settings["dev_examples"], settings["seed"]))
@@ -222,12 +252,26 @@ def _fit_on_dev(engine, step: Step, settings: dict, records: list[dict], on_prog
         def progress(p, index=index):  # one bar over the whole grid
             on_progress(replace(p, step=p.step + index * p.total_steps, total_steps=p.total_steps * len(grid)))
 
-        artifact = engine.fit(step.method, step.adapters, records, params={}, train=train,
-                              on_progress=progress, dev=dev, inference_temperature=temperature,
-                              **settings["options"])
+        artifact = engine.fit(
+            step.method,
+            step.adapters,
+            records,
+            params={},
+            train=train,
+            on_progress=progress,
+            dev=dev,
+            inference_temperature=temperature,
+            **settings["options"],
+        )
         dev_losses = artifact.meta["dev_losses"]
-        tried.append({"lr": train["lr"], "batch_size": train["batch_size"], "dev_losses": dev_losses,
-                      "best_epoch": artifact.meta["best_epoch"]})
+        tried.append(
+            {
+                "lr": train["lr"],
+                "batch_size": train["batch_size"],
+                "dev_losses": dev_losses,
+                "best_epoch": artifact.meta["best_epoch"],
+            }
+        )
         if dev_losses and (best is None or min(dev_losses) < min(best.meta["dev_losses"])):
             best = artifact
     return best, tried
@@ -236,11 +280,18 @@ def _fit_on_dev(engine, step: Step, settings: dict, records: list[dict], on_prog
 def _record(settings, data, meta, wall, cpu, threads) -> dict:
     losses = meta.get("losses") or []
     head, tail = losses[:10], losses[-10:]
-    return {"settings": settings, "data": data, "examples": meta.get("examples"), "steps": len(losses),
-            "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), "threads": threads,
-            "seed": settings["seed"],
-            "loss_first": round(sum(head) / len(head), 4) if head else None,
-            "loss_last": round(sum(tail) / len(tail), 4) if tail else None}
+    return {
+        "settings": settings,
+        "data": data,
+        "examples": meta.get("examples"),
+        "steps": len(losses),
+        "seconds": round(wall, 2),
+        "cpu_seconds": round(cpu, 2),
+        "threads": threads,
+        "seed": settings["seed"],
+        "loss_first": round(sum(head) / len(head), 4) if head else None,
+        "loss_last": round(sum(tail) / len(tail), 4) if tail else None,
+    }
 
 
 def _readable(folder: Path) -> None:
@@ -256,22 +307,38 @@ def _publish_mixlora(engine, fitted: Path, name: str, record: dict) -> None:
     state = torch.load(fitted / "adapter_model.bin", weights_only=True)
     with atomic_folder(Path(engine.library_folders().adapters) / name, overwrite=True) as tmp:
         shutil.copy2(fitted / "adapter_config.json", tmp / "adapter_config.json")
-        save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()},
-                  str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        studio = {"role": "other", "skill": "math+languages",
-                  "description": "MixLoRA (8 experts, top-2, r 8) trained multi-task: English math, "
-                                 "es/ru/zh math and es/ru/zh language pairs mixed.",
-                  "base_model": engine.base_info().name, "trained": record}
-        (tmp / "studio.json").write_text(json.dumps(studio, indent=2, ensure_ascii=False) + "\n",
-                                         encoding="utf-8")
+        save_file(
+            {k: v.to(torch.float16).contiguous() for k, v in state.items()},
+            str(tmp / "adapter_model.safetensors"),
+            metadata={"format": "pt"},
+        )
+        studio = {
+            "role": "other",
+            "skill": "math+languages",
+            "description": "MixLoRA (8 experts, top-2, r 8) trained multi-task: English math, "
+            "es/ru/zh math and es/ru/zh language pairs mixed.",
+            "base_model": engine.base_info().name,
+            "trained": record,
+        }
+        (tmp / "studio.json").write_text(json.dumps(studio, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _readable(tmp)
     engine.rescan()
 
 
-def build_fusions(engine, langs=FIT_LANGS, methods=("lora_flow", "cat", "lorahub"), mixlora: bool = True,
-                  seed: int = 0, epochs: int | None = None, max_steps: int | None = None,
-                  examples: int = FIT_EXAMPLES, force: bool = False, only: list | None = None,
-                  progress_bar: bool = True, log=print) -> dict:
+def build_fusions(
+    engine,
+    langs=FIT_LANGS,
+    methods=("lora_flow", "cat", "lorahub"),
+    mixlora: bool = True,
+    seed: int = 0,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    examples: int = FIT_EXAMPLES,
+    force: bool = False,
+    only: list | None = None,
+    progress_bar: bool = True,
+    log=print,
+) -> dict:
     """Run every fusion step that is not done yet; returns {name: record or reason skipped}."""
     summary = {}
     available = {a["name"] for a in engine.adapters()}

@@ -31,21 +31,27 @@ SOURCES = {
 }
 
 INSTRUCTIONS = {
-    "es": ["Traduce al español: «{en}»",
-           "¿Cómo se dice en español? «{en}»",
-           "Escribe esta frase en español: {en}",
-           "Necesito este mensaje en español, por favor: «{en}»",
-           "Tradúceme al castellano: {en}"],
-    "ru": ["Переведи на русский: «{en}»",
-           "Как сказать по-русски: «{en}»?",
-           "Напиши эту фразу на русском языке: {en}",
-           "Пожалуйста, переведи это сообщение на русский: «{en}»",
-           "Переведи на русский язык: {en}"],
-    "zh": ["把这句话翻译成中文：“{en}”",
-           "请用中文表达：“{en}”",
-           "这句话用中文怎么说？“{en}”",
-           "请把下面的信息翻译成简体中文：{en}",
-           "翻译成中文：{en}"],
+    "es": [
+        "Traduce al español: «{en}»",
+        "¿Cómo se dice en español? «{en}»",
+        "Escribe esta frase en español: {en}",
+        "Necesito este mensaje en español, por favor: «{en}»",
+        "Tradúceme al castellano: {en}",
+    ],
+    "ru": [
+        "Переведи на русский: «{en}»",
+        "Как сказать по-русски: «{en}»?",
+        "Напиши эту фразу на русском языке: {en}",
+        "Пожалуйста, переведи это сообщение на русский: «{en}»",
+        "Переведи на русский язык: {en}",
+    ],
+    "zh": [
+        "把这句话翻译成中文：“{en}”",
+        "请用中文表达：“{en}”",
+        "这句话用中文怎么说？“{en}”",
+        "请把下面的信息翻译成简体中文：{en}",
+        "翻译成中文：{en}",
+    ],
 }
 
 _BAD = re.compile(r"%|\{|\}|<|>|https?:|www\.|\\|\d|_|\||`|\*|=|\[|\]")
@@ -56,8 +62,9 @@ _CYRILLIC = re.compile(r"[\u0400-\u04ff]")
 def package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"package {name!r} is not installed; it ships the language data "
-                           "(see requirements.txt and docs/data.md)")
+        raise RuntimeError(
+            f"package {name!r} is not installed; it ships the language data (see requirements.txt and docs/data.md)"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -120,7 +127,7 @@ def sentence_pairs(lang: str) -> list[tuple[str, str]]:
     return list(_sentence_pairs(lang))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sentence_pairs(lang: str) -> tuple[tuple[str, str], ...]:
     if lang not in LANGUAGES:
         raise ValueError(f"unknown language {lang!r}; choose from {LANGUAGES}")

@@ -54,8 +54,12 @@ def table(results: dict, langs=LANGS, rows=None, key: str = "k") -> str:
     rows = rows or list(results["math"])
     targets = [l for l in langs if l in TARGET_LANGS]
     code = key == "k" and any(isinstance(v, dict) for v in results.get("code", {}).values())
-    head = ["method"] + list(langs) + ([f"mean ({', '.join(targets)})"] if targets else []) + \
-        (["code pass@1 (HumanEval)"] if code else [])
+    head = (
+        ["method"]
+        + list(langs)
+        + ([f"mean ({', '.join(targets)})"] if targets else [])
+        + (["code pass@1 (HumanEval)"] if code else [])
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = results["math"].get(row, {})
@@ -129,12 +133,16 @@ def fits_table(engine) -> str:
     if not rows:
         return "(no fitted fusions in the library yet)"
     metas = {f["name"]: f["meta"] for f in engine.fusions()}
-    lines = ["| artifact | method | examples | steps | wall s | CPU s | loss first→last 10 | seed | chosen |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| artifact | method | examples | steps | wall s | CPU s | loss first→last 10 | seed | chosen |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, method, b in rows:
-        lines.append(f"| {name} | {method} | {b.get('examples')} | {b.get('steps')} | {b.get('seconds'):.0f} | "
-                     f"{b.get('cpu_seconds'):.0f} | {b.get('loss_first')}→{b.get('loss_last')} | {b.get('seed')} | "
-                     f"{_chosen(method, b, metas.get(name, {}))} |")
+        lines.append(
+            f"| {name} | {method} | {b.get('examples')} | {b.get('steps')} | {b.get('seconds'):.0f} | "
+            f"{b.get('cpu_seconds'):.0f} | {b.get('loss_first')}→{b.get('loss_last')} | {b.get('seed')} | "
+            f"{_chosen(method, b, metas.get(name, {}))} |"
+        )
     return "\n".join(lines)
 
 
@@ -142,15 +150,26 @@ def _chosen(method: str, build: dict, meta: dict) -> str:
     """What a fit settled on: LoRA-Flow's lr, epoch and temperature; CAT's distance from uniform."""
     if method == "lora_flow" and build.get("dev"):
         best = min(build["dev"], key=lambda t: min(t["dev_losses"]))
-        return (f"lr {best['lr']:g}, epoch {best['best_epoch']} (dev loss {min(best['dev_losses']):.3f}), "
-                f"T {meta.get('temperature', 1.0):g}")
+        return (
+            f"lr {best['lr']:g}, epoch {best['best_epoch']} (dev loss {min(best['dev_losses']):.3f}), "
+            f"T {meta.get('temperature', 1.0):g}"
+        )
     if method == "cat" and "max_weight_shift" in meta:
         return f"largest \\|w − 1/k\\| {meta['max_weight_shift']:.2f}"
     return ""
 
 
-def results_block(results: dict, command: str, n: int, seed: int, langs, code_n: int, max_new_tokens: int,
-                  engine_name: str, fits: str = "") -> str:
+def results_block(
+    results: dict,
+    command: str,
+    n: int,
+    seed: int,
+    langs,
+    code_n: int,
+    max_new_tokens: int,
+    engine_name: str,
+    fits: str = "",
+) -> str:
     from fusion.math_data import EVAL_TEMPLATES
 
     sizes = f"n = {n} problems per language cell"
@@ -158,39 +177,50 @@ def results_block(results: dict, command: str, n: int, seed: int, langs, code_n:
         sizes += f" (mean column: {n * len([l for l in langs if l in TARGET_LANGS])} problems pooled)"
     if code_n:
         sizes += f"; code: the first {code_n} HumanEval problems"
-    return "\n".join([
-        BEGIN,
-        "",
-        f"Produced by `{command}` (base model: {engine_name}).",
-        "",
-        "**Final number right:**",
-        "",
-        table(results, langs),
-        "",
-        "**Final number right and the reply in the question's language:**",
-        "",
-        table(results, langs, key="k_joint"),
-        "",
-        f"Each cell: correct/total = accuracy [95 % Wilson interval]. {sizes}. Greedy decoding, "
-        f"{max_new_tokens} new tokens for math, exact match of the final number. Language: Cyrillic "
-        f"(ru) or Han (zh) letters at least half of the reply's letters; py3langid for es and en.",
-        "",
-        "**Paired comparisons** (the same problems): LoRA-Flow's wins–losses among the problems on "
-        "which exactly one of the two is right, and the two-sided exact McNemar p-value:",
-        "",
-        mcnemar_table(results, langs),
-        "",
-        f"Split: the math evaluation set of `fusion/math_data.py`: the {len(EVAL_TEMPLATES)} evaluation "
-        f"templates (authored separately in en/es/ru/zh, never used for training, fitting or dev) with operand "
-        f"tuples from the evaluation side of the hash split, seed {seed}, the first n problems "
-        f"(the same problems and numbers in every language). Fusions were fitted on "
-        f"`lab/math_fit_data.py` (training templates, training numbers) and chose their settings "
-        f"on the dev templates only.",
-        "",
-        *(["Fitted artifacts in the library (from their metadata; LoraHub's steps are its "
-           "candidate evaluations):", "", fits, ""] if fits else []),
-        END,
-    ])
+    return "\n".join(
+        [
+            BEGIN,
+            "",
+            f"Produced by `{command}` (base model: {engine_name}).",
+            "",
+            "**Final number right:**",
+            "",
+            table(results, langs),
+            "",
+            "**Final number right and the reply in the question's language:**",
+            "",
+            table(results, langs, key="k_joint"),
+            "",
+            f"Each cell: correct/total = accuracy [95 % Wilson interval]. {sizes}. Greedy decoding, "
+            f"{max_new_tokens} new tokens for math, exact match of the final number. Language: Cyrillic "
+            f"(ru) or Han (zh) letters at least half of the reply's letters; py3langid for es and en.",
+            "",
+            "**Paired comparisons** (the same problems): LoRA-Flow's wins–losses among the problems on "
+            "which exactly one of the two is right, and the two-sided exact McNemar p-value:",
+            "",
+            mcnemar_table(results, langs),
+            "",
+            f"Split: the math evaluation set of `fusion/math_data.py`: the {len(EVAL_TEMPLATES)} evaluation "
+            f"templates (authored separately in en/es/ru/zh, never used for training, fitting or dev) with operand "
+            f"tuples from the evaluation side of the hash split, seed {seed}, the first n problems "
+            f"(the same problems and numbers in every language). Fusions were fitted on "
+            f"`lab/math_fit_data.py` (training templates, training numbers) and chose their settings "
+            f"on the dev templates only.",
+            "",
+            *(
+                [
+                    "Fitted artifacts in the library (from their metadata; LoraHub's steps are its "
+                    "candidate evaluations):",
+                    "",
+                    fits,
+                    "",
+                ]
+                if fits
+                else []
+            ),
+            END,
+        ]
+    )
 
 
 def write_results(path: str | Path, block: str) -> None:

@@ -63,8 +63,7 @@ def score_reply(reply: str, value: int, lang: str) -> dict:
 
     correct = is_correct(reply, value)
     language = in_language(reply, lang)
-    return {"got": final_number(reply), "correct": correct, "in_language": language,
-            "joint": correct and language}
+    return {"got": final_number(reply), "correct": correct, "in_language": language, "joint": correct and language}
 
 
 # ---------------------------------------------------------------------------- McNemar
@@ -77,7 +76,7 @@ def mcnemar_exact(b: int, c: int) -> float:
     if n == 0:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
-    return min(1.0, 2 * tail / 2 ** n)
+    return min(1.0, 2 * tail / 2**n)
 
 
 def discordant(first: list[bool], second: list[bool]) -> tuple[int, int]:
@@ -94,8 +93,7 @@ def _log_binom_pmf(k: int, n: int, p: float) -> float:
         return 0.0 if k == 0 else -math.inf
     if p >= 1.0:
         return 0.0 if k == n else -math.inf
-    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-            + k * math.log(p) + (n - k) * math.log1p(-p))
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p) + (n - k) * math.log1p(-p)
 
 
 def mcnemar_power(n: int, p_only_first: float, p_only_second: float, alpha: float = 0.05) -> float:

@@ -28,17 +28,17 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from fusion.api import FusionRequest, Sampling
+from fusion.math_data import _generate, eval_examples
+
 from .evaluate_code import problems as code_problems
 from .evaluate_code import program, question, run_program
-from .evaluate_math import final_number, is_correct
 from .fusions import MIXLORA_NAME
-from fusion.math_data import _generate, eval_examples
 from .math_fit_data import FIT_TEMPLATES
 from .report import LANGS, ROWS, TARGET_LANGS, fits_table, mcnemar_table, results_block, table, write_results
 from .scoring import score_reply
@@ -142,16 +142,16 @@ class Cache:
 
 
 # ---------------------------------------------------------------------------- the suite
-def _evaluate_cell(engine, cache, key, fp, request, problems, score, question, max_new_tokens, batch_size,
-                   log):
+def _evaluate_cell(engine, cache, key, fp, request, problems, score, question, max_new_tokens, batch_size, log):
     items = cache.items(key, fp)[: len(problems)]
     if len(items) < len(problems):
         log(f"  {key}: {len(items)}/{len(problems)} cached, generating the rest")
-    rest = problems[len(items):]
+    rest = problems[len(items) :]
     if not rest:
         return items
-    for i, (problem, reply) in enumerate(zip(rest, greedy_replies(engine, request, [question(p) for p in rest],
-                                                                  max_new_tokens)), 1):
+    for i, (problem, reply) in enumerate(
+        zip(rest, greedy_replies(engine, request, [question(p) for p in rest], max_new_tokens)), 1
+    ):
         items = items + [score(problem, reply)]
         if i % batch_size == 0 or i == len(rest):  # an interrupted cell resumes from here
             cache.put(key, fp, items)
@@ -163,10 +163,21 @@ def fit_distribution_problems(lang: str, n: int, seed: int = 0):
     return _generate(FIT_TEMPLATES, lang, n, seed, "eval")
 
 
-def run_suite(engine, n: int = 24, langs=LANGS, rows=tuple(ROWS), seed: int = 0, max_new_tokens: int = 64,
-              batch_size: int = 8, code_n: int = 20, code_max_new_tokens: int = 256,
-              cache_path: str | Path | None = REPO / "runs" / "eval-cache.json", progress_bar: bool = True,
-              log=print, split: str = "eval") -> dict:
+def run_suite(
+    engine,
+    n: int = 24,
+    langs=LANGS,
+    rows=tuple(ROWS),
+    seed: int = 0,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    code_n: int = 20,
+    code_max_new_tokens: int = 256,
+    cache_path: str | Path | None = REPO / "runs" / "eval-cache.json",
+    progress_bar: bool = True,
+    log=print,
+    split: str = "eval",
+) -> dict:
     """Evaluate every (row, column) cell; returns {"math": {row: {lang: {k, n}|reason}}, "code": ...}.
 
     split "eval": the evaluation templates (the table of docs/results.md). split "fit": a
@@ -199,14 +210,20 @@ def run_suite(engine, n: int = 24, langs=LANGS, rows=tuple(ROWS), seed: int = 0,
         def score(p, r, lang=lang):
             return {"template": p.template, "expected": p.value, "reply": r, **score_reply(r, p.value, lang)}
 
-        items = _evaluate_cell(engine, cache, key, fp, request, problems, score, lambda p: p.question,
-                               max_new_tokens, batch_size, log)
+        items = _evaluate_cell(
+            engine, cache, key, fp, request, problems, score, lambda p: p.question, max_new_tokens, batch_size, log
+        )
         # Cached replies from before the language score existed get it from their text.
         items = [i if "joint" in i else {**i, **score_reply(i["reply"], i["expected"], lang)} for i in items]
-        results["math"].setdefault(row, {})[lang] = {"k": sum(i["correct"] for i in items), "n": len(items),
-                                                     "k_joint": sum(i["joint"] for i in items)}
+        results["math"].setdefault(row, {})[lang] = {
+            "k": sum(i["correct"] for i in items),
+            "n": len(items),
+            "k_joint": sum(i["joint"] for i in items),
+        }
         results.setdefault("paired", {}).setdefault(row, {})[lang] = {
-            "correct": [bool(i["correct"]) for i in items], "joint": [bool(i["joint"]) for i in items]}
+            "correct": [bool(i["correct"]) for i in items],
+            "joint": [bool(i["joint"]) for i in items],
+        }
         results["seconds"][f"{row}|{lang}"] = round(time.process_time() - t0, 1)
     bar.close()
     if code_n and split == "eval":
@@ -225,30 +242,46 @@ def run_suite(engine, n: int = 24, langs=LANGS, rows=tuple(ROWS), seed: int = 0,
             def score(p, r):
                 return {"task_id": p["task_id"], "reply": r, "passed": run_program(program(p, r))}
 
-            items = _evaluate_cell(engine, cache, key, fp, request, probs, score, question,
-                                   code_max_new_tokens, batch_size, log)
+            items = _evaluate_cell(
+                engine, cache, key, fp, request, probs, score, question, code_max_new_tokens, batch_size, log
+            )
             results["code"][row] = {"k": sum(i["passed"] for i in items), "n": len(items)}
     return results
 
 
 # ---------------------------------------------------------------------------- command line
 def add_eval_arguments(p) -> None:
-    p.add_argument("--suite", default="math", choices=SUITES,
-                   help="math: the templated one/two-step word problems in en/es/ru/zh (docs/data.md "
-                        "explains why not GSM-level problems)")
+    p.add_argument(
+        "--suite",
+        default="math",
+        choices=SUITES,
+        help="math: the templated one/two-step word problems in en/es/ru/zh (docs/data.md "
+        "explains why not GSM-level problems)",
+    )
     p.add_argument("-n", type=int, default=200, help="math problems per language")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--langs", nargs="+", default=list(LANGS), choices=list(LANGS))
     p.add_argument("--code-n", type=int, default=20, help="HumanEval problems (0: no code column)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="save the cache every N replies (a cell's problems all decode together)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="save the cache every N replies (a cell's problems all decode together)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--cache", default=str(REPO / "runs" / "eval-cache.json"),
-                   help="per-cell results, so an interrupted run continues ('' disables)")
-    p.add_argument("--split", default="eval", choices=("eval", "fit"),
-                   help="eval: the evaluation templates (the results table); fit: a diagnostic on the fitting "
-                        "templates with held-out numbers (not written by --out)")
+    p.add_argument(
+        "--cache",
+        default=str(REPO / "runs" / "eval-cache.json"),
+        help="per-cell results, so an interrupted run continues ('' disables)",
+    )
+    p.add_argument(
+        "--split",
+        default="eval",
+        choices=("eval", "fit"),
+        help="eval: the evaluation templates (the results table); fit: a diagnostic on the fitting "
+        "templates with held-out numbers (not written by --out)",
+    )
     p.add_argument("--out", default=None, help="markdown file to write the table into (e.g. docs/results.md)")
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--threads", type=int, default=2)
@@ -263,11 +296,24 @@ def cmd_eval(args, engine=None, argv=None) -> int:
     if engine is None:
         from fusion.engine import Engine
 
-        engine = Engine(model=args.model, adapters_dir=args.adapters_dir, fusions_dir=args.fusions_dir,
-                        progress=lambda *a, **k: print(*a, file=sys.stderr))
-    results = run_suite(engine, n=args.n, langs=args.langs, rows=args.rows, seed=args.seed,
-                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, code_n=args.code_n,
-                        cache_path=args.cache or None, split=args.split)
+        engine = Engine(
+            model=args.model,
+            adapters_dir=args.adapters_dir,
+            fusions_dir=args.fusions_dir,
+            progress=lambda *a, **k: print(*a, file=sys.stderr),
+        )
+    results = run_suite(
+        engine,
+        n=args.n,
+        langs=args.langs,
+        rows=args.rows,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        code_n=args.code_n,
+        cache_path=args.cache or None,
+        split=args.split,
+    )
     print(table(results, args.langs, args.rows))
     print(mcnemar_table(results, args.langs))
     if args.split != "eval":
@@ -277,7 +323,19 @@ def cmd_eval(args, engine=None, argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
     if args.out:
-        write_results(args.out, results_block(results, command, args.n, args.seed, args.langs, args.code_n,
-                                              args.max_new_tokens, engine.base_info().name, fits_table(engine)))
+        write_results(
+            args.out,
+            results_block(
+                results,
+                command,
+                args.n,
+                args.seed,
+                args.langs,
+                args.code_n,
+                args.max_new_tokens,
+                engine.base_info().name,
+                fits_table(engine),
+            ),
+        )
         print(f"wrote {args.out}")
     return 0

@@ -66,7 +66,7 @@ def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     epoch, pos = divmod(step, per_epoch)
     perm = list(range(n))
     random.Random(f"{seed}:{epoch}").shuffle(perm)
-    return perm[pos * batch_size:(pos + 1) * batch_size]
+    return perm[pos * batch_size : (pos + 1) * batch_size]
 
 
 def _collate(encoded, idx, pad_id):
@@ -76,9 +76,9 @@ def _collate(encoded, idx, pad_id):
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for j, (ids, lab) in enumerate(rows):
-        input_ids[j, :len(ids)] = torch.tensor(ids)
-        labels[j, :len(lab)] = torch.tensor(lab)
-        mask[j, :len(ids)] = 1
+        input_ids[j, : len(ids)] = torch.tensor(ids)
+        labels[j, : len(lab)] = torch.tensor(lab)
+        mask[j, : len(ids)] = 1
     return input_ids, mask, labels
 
 
@@ -102,6 +102,7 @@ def _lr_lambda(cfg: TrainConfig):
             return (step + 1) / cfg.warmup_steps
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     return f
 
 
@@ -140,9 +141,16 @@ def save_adapter(model, cfg: TrainConfig, out_dir: Path, trained: dict, base_nam
         readme = tmp / "README.md"
         if readme.exists():
             readme.unlink()
-        studio = {"role": cfg.role, "skill": cfg.skill, "description": cfg.description,
-                  "base_model": base_name, "rank": cfg.r, "alpha": cfg.alpha,
-                  "target_modules": cfg.target_modules, "trained": trained}
+        studio = {
+            "role": cfg.role,
+            "skill": cfg.skill,
+            "description": cfg.description,
+            "base_model": base_name,
+            "rank": cfg.r,
+            "alpha": cfg.alpha,
+            "target_modules": cfg.target_modules,
+            "trained": trained,
+        }
         (tmp / "studio.json").write_text(json.dumps(studio, indent=2, ensure_ascii=False) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; an adapter folder is an ordinary asset
         for f in tmp.iterdir():
@@ -155,9 +163,15 @@ def save_adapter(model, cfg: TrainConfig, out_dir: Path, trained: dict, base_nam
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def train_lora(cfg: TrainConfig, examples: list[list[dict]], out_dir: str | Path,
-               run_dir: str | Path = "runs", base=None, progress_bar: bool = True,
-               log=print) -> dict:
+def train_lora(
+    cfg: TrainConfig,
+    examples: list[list[dict]],
+    out_dir: str | Path,
+    run_dir: str | Path = "runs",
+    base=None,
+    progress_bar: bool = True,
+    log=print,
+) -> dict:
     """Train (or resume) one LoRA and save it to ``out_dir``; returns the ``trained`` record."""
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
@@ -176,11 +190,19 @@ def train_lora(cfg: TrainConfig, examples: list[list[dict]], out_dir: str | Path
     if len(encoded) < cfg.batch_size:
         raise ValueError(f"{cfg.name}: only {len(encoded)} usable examples")
     n_tokens = sum(len(ids) for ids, _ in encoded)
-    log(f"[{cfg.name}] {len(encoded)} examples ({len(examples) - len(encoded)} dropped as too long), "
-        f"mean {n_tokens / len(encoded):.0f} tokens")
+    log(
+        f"[{cfg.name}] {len(encoded)} examples ({len(examples) - len(encoded)} dropped as too long), "
+        f"mean {n_tokens / len(encoded):.0f} tokens"
+    )
 
-    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=cfg.target_modules, task_type="CAUSAL_LM", bias="none")
+    lcfg = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
     model = get_peft_model(base.model, lcfg)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -191,8 +213,9 @@ def train_lora(cfg: TrainConfig, examples: list[list[dict]], out_dir: str | Path
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False)
         # the thread count changes speed, not results' definition: a run may resume with another
-        same = {k: v for k, v in ck["config"].items() if k != "threads"} == \
-            {k: v for k, v in asdict(cfg).items() if k != "threads"}
+        same = {k: v for k, v in ck["config"].items() if k != "threads"} == {
+            k: v for k, v in asdict(cfg).items() if k != "threads"
+        }
         if not same:
             log(f"[{cfg.name}] checkpoint {ckpt_path} has a different configuration; starting over")
         else:
@@ -208,15 +231,30 @@ def train_lora(cfg: TrainConfig, examples: list[list[dict]], out_dir: str | Path
             log(f"[{cfg.name}] resumed from step {start_step}")
 
     def checkpoint(step):
-        _atomic_torch_save({"config": asdict(cfg), "lora": _lora_state(model), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "step": step, "losses": losses,
-                            "wall_seconds": wall_before + time.perf_counter() - t0,
-                            "cpu_seconds": cpu_before + time.process_time() - c0,
-                            "torch_rng": torch.get_rng_state()}, ckpt_path)
+        _atomic_torch_save(
+            {
+                "config": asdict(cfg),
+                "lora": _lora_state(model),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "step": step,
+                "losses": losses,
+                "wall_seconds": wall_before + time.perf_counter() - t0,
+                "cpu_seconds": cpu_before + time.process_time() - c0,
+                "torch_rng": torch.get_rng_state(),
+            },
+            ckpt_path,
+        )
 
     t0, c0 = time.perf_counter(), time.process_time()
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
-               desc=cfg.name, disable=not progress_bar, mininterval=5)
+    bar = tqdm(
+        range(start_step, cfg.steps),
+        initial=start_step,
+        total=cfg.steps,
+        desc=cfg.name,
+        disable=not progress_bar,
+        mininterval=5,
+    )
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     for step in bar:
         ids, mask, labels = _collate(encoded, _batch_indices(len(encoded), cfg.batch_size, cfg.seed, step), pad)
@@ -235,15 +273,25 @@ def train_lora(cfg: TrainConfig, examples: list[list[dict]], out_dir: str | Path
     cpu = cpu_before + time.process_time() - c0
     checkpoint(cfg.steps)
     model.eval()
-    trained = {"steps": cfg.steps, "seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
-               "examples": len(encoded), "seed": cfg.seed, "data": cfg.data,
-               "batch_size": cfg.batch_size, "lr": cfg.lr, "max_length": cfg.max_length,
-               "loss_first10": round(sum(losses[:10]) / max(1, len(losses[:10])), 4),
-               "loss_last10": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 4),
-               "threads": cfg.threads}
+    trained = {
+        "steps": cfg.steps,
+        "seconds": round(wall, 1),
+        "cpu_seconds": round(cpu, 1),
+        "examples": len(encoded),
+        "seed": cfg.seed,
+        "data": cfg.data,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "max_length": cfg.max_length,
+        "loss_first10": round(sum(losses[:10]) / max(1, len(losses[:10])), 4),
+        "loss_last10": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 4),
+        "threads": cfg.threads,
+    }
     save_adapter(model, cfg, Path(out_dir), trained, base.name)
-    log(f"[{cfg.name}] done: {cfg.steps} steps, {wall:.0f} s wall, {cpu:.0f} s CPU, "
-        f"loss {trained['loss_first10']} -> {trained['loss_last10']}; saved {out_dir}")
+    log(
+        f"[{cfg.name}] done: {cfg.steps} steps, {wall:.0f} s wall, {cpu:.0f} s CPU, "
+        f"loss {trained['loss_first10']} -> {trained['loss_last10']}; saved {out_dir}"
+    )
     # leave the shared base model as it was (the LoRA layers are removed again)
     model.unload()
     return trained

@@ -24,8 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from helpers import lora_state, write_lora  # noqa: E402
 
 # name, seed, role: two language and two task LoRAs (rank 4, small weights so replies stay readable)
-LIBRARY = (("lang-es", 1, "language"), ("lang-ru", 3, "language"),
-           ("task-math", 2, "task"), ("task-code", 4, "task"))
+LIBRARY = (("lang-es", 1, "language"), ("lang-ru", 3, "language"), ("task-math", 2, "task"), ("task-code", 4, "task"))
 MIXLORA = "moe-mix"  # added when the engine has the mixlora method
 LAYERS = 30  # SmolLM2-135M
 
@@ -38,13 +37,26 @@ def shared_engine():
     root = Path(tempfile.mkdtemp(prefix="studio-app-tests-"))
     atexit.register(shutil.rmtree, root, True)
     try:
-        engine = Engine(model="default", device="cpu", dtype="float32", adapters_dir=root / "adapters",
-                        fusions_dir=root / "fusions", progress=lambda *args: None)
+        engine = Engine(
+            model="default",
+            device="cpu",
+            dtype="float32",
+            adapters_dir=root / "adapters",
+            fusions_dir=root / "fusions",
+            progress=lambda *args: None,
+        )
     except FusionError as exc:  # the embedded model package is not installed here
         pytest.skip(f"the default base model is unavailable: {exc}")
     for name, seed, role in LIBRARY:
-        write_lora(root / "adapters" / name, engine.model, rank=4, alpha=8.0, seed=seed, role=role,
-                   state=lora_state(engine.model, rank=4, seed=seed, std=0.02))
+        write_lora(
+            root / "adapters" / name,
+            engine.model,
+            rank=4,
+            alpha=8.0,
+            seed=seed,
+            role=role,
+            state=lora_state(engine.model, rank=4, seed=seed, std=0.02),
+        )
     write_mixlora_adapter(root / "adapters" / MIXLORA, engine.model)
     engine.library.rescan()
     return engine
@@ -58,8 +70,12 @@ def write_mixlora_adapter(folder: Path, model) -> None:
         return
     from mixlora_helpers import mixlora_config, mixlora_state, write_mixlora
 
-    write_mixlora(folder, mixlora_config("default", num_experts=4, top_k=2, rank=4, alpha=8),
-                  mixlora_state(model, num_experts=4, rank=4, seed=5, std=0.02), fmt="safetensors")
+    write_mixlora(
+        folder,
+        mixlora_config("default", num_experts=4, top_k=2, rank=4, alpha=8),
+        mixlora_state(model, num_experts=4, rank=4, seed=5, std=0.02),
+        fmt="safetensors",
+    )
 
 
 def free_port() -> int:
@@ -77,8 +93,9 @@ def running_app(engine):
     demo = build_app(engine)
     port = free_port()
     try:
-        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                    theme=theme(), css=CSS)
+        demo.launch(
+            server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, theme=theme(), css=CSS
+        )
         yield demo, f"http://127.0.0.1:{port}/"
     finally:
         demo.close()

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fixtures_formats import tiny_tokenizer
 from helpers import MODULES, TEST_SEED, lora_state, tiny_model, write_lora
 
@@ -35,8 +34,13 @@ def figures(request) -> dict:
     yield recorded
     path = os.environ.get("LORA_STUDIO_FIGURES")
     if path and recorded:
-        row = {"test": request.node.nodeid, "seed": TEST_SEED, "threads": torch.get_num_threads(),
-               "capability": torch.backends.cpu.get_cpu_capability(), **recorded}
+        row = {
+            "test": request.node.nodeid,
+            "seed": TEST_SEED,
+            "threads": torch.get_num_threads(),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            **recorded,
+        }
         with open(path, "a", encoding="utf-8") as out:
             out.write(json.dumps(row) + "\n")
 
@@ -55,12 +59,15 @@ class LoraSpec:
 
 
 # Three LoRAs of rank 4 (task-c with another alpha and only some modules) and one of rank 8.
-SPECS = {s.name: s for s in (
-    LoraSpec("lang-a", 4, 8.0, 11),
-    LoraSpec("task-b", 4, 8.0, 12),
-    LoraSpec("task-c", 4, 16.0, 13, ("q_proj", "v_proj", "up_proj", "down_proj")),
-    LoraSpec("wide-d", 8, 8.0, 14),
-)}
+SPECS = {
+    s.name: s
+    for s in (
+        LoraSpec("lang-a", 4, 8.0, 11),
+        LoraSpec("task-b", 4, 8.0, 12),
+        LoraSpec("task-c", 4, 16.0, 13, ("q_proj", "v_proj", "up_proj", "down_proj")),
+        LoraSpec("wide-d", 8, 8.0, 14),
+    )
+}
 
 
 @dataclass
@@ -92,11 +99,15 @@ def build_studio(root: Path, specs=tuple(SPECS.values())) -> Studio:
     studio = Studio(None, pristine, tokenizer, root)
     for spec in specs:
         state = lora_state(model, rank=spec.rank, seed=spec.seed, modules=spec.modules)
-        studio.folders[spec.name] = write_lora(root / "adapters" / spec.name, model, rank=spec.rank,
-                                               alpha=spec.alpha, modules=spec.modules, state=state)
+        studio.folders[spec.name] = write_lora(
+            root / "adapters" / spec.name, model, rank=spec.rank, alpha=spec.alpha, modules=spec.modules, state=state
+        )
         studio.states[spec.name] = state
-    studio.engine = Engine(base=BaseModel(model, tokenizer, "tiny", torch.device("cpu"), torch.float32),
-                           adapters_dir=root / "adapters", fusions_dir=root / "fusions")
+    studio.engine = Engine(
+        base=BaseModel(model, tokenizer, "tiny", torch.device("cpu"), torch.float32),
+        adapters_dir=root / "adapters",
+        fusions_dir=root / "fusions",
+    )
     return studio
 
 

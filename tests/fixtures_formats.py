@@ -13,15 +13,16 @@ import zipfile
 from pathlib import Path
 
 import torch
-
 from helpers import MODULES
 
 ATTENTION = MODULES[:4]
 
 
 # ---- a tiny tokenizer -------------------------------------------------------------------------
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def tiny_tokenizer():
@@ -38,9 +39,14 @@ def tiny_tokenizer():
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>",
-                                        eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     return tokenizer
 
@@ -145,9 +151,18 @@ def peft_logits(model, adapter: str, ids: torch.Tensor) -> torch.Tensor:
 # ---- adapter folders in other formats ---------------------------------------------------------
 def write_config(folder: Path, **fields) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
-              "lora_dropout": 0.0, "target_modules": list(MODULES), "bias": "none",
-              "base_model_name_or_path": "tiny-llama", "fan_in_fan_out": False, "inference_mode": True}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "target_modules": list(MODULES),
+        "bias": "none",
+        "base_model_name_or_path": "tiny-llama",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
     config.update(fields)
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
@@ -165,8 +180,15 @@ def write_peft_saved(folder: Path, pristine, seed: int = 7, **config_fields):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(MODULES), lora_dropout=0.0,
-                        init_lora_weights=False, task_type="CAUSAL_LM", **config_fields)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=list(MODULES),
+        lora_dropout=0.0,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+        **config_fields,
+    )
     model = get_peft_model(copy.deepcopy(pristine), config).eval()
     with torch.no_grad():  # nn.Linear's default init is tiny at this width; make deltas visible
         for name, param in model.named_parameters():

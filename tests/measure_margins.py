@@ -49,9 +49,16 @@ def main() -> int:
     for path in args.paths.split(","):
         for threads in args.threads.split(","):
             for seed in args.seeds.split(","):
-                env = dict(os.environ, LORA_STUDIO_TEST_SEED=seed, LORA_STUDIO_TEST_THREADS=threads,
-                           ATEN_CPU_CAPABILITY=path, OMP_NUM_THREADS=threads, LORA_STUDIO_FIGURES=str(out),
-                           HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+                env = dict(
+                    os.environ,
+                    LORA_STUDIO_TEST_SEED=seed,
+                    LORA_STUDIO_TEST_THREADS=threads,
+                    ATEN_CPU_CAPABILITY=path,
+                    OMP_NUM_THREADS=threads,
+                    LORA_STUDIO_FIGURES=str(out),
+                    HF_HUB_OFFLINE="1",
+                    GRADIO_ANALYTICS_ENABLED="False",
+                )
                 command = [sys.executable, "-m", "pytest", "-q", "-m", "numeric", "-p", "no:cacheprovider"]
                 if args.k:
                     command += ["-k", args.k]

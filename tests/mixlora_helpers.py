@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import torch
-
 from helpers import MODULES, shape_of, tiny_model
 
 ATTENTION = MODULES[:4]
@@ -33,8 +32,15 @@ def saved_tiny_model(folder: Path, seed: int = 0, head_std: float | None = None,
     return model
 
 
-def mixlora_state(model, num_experts: int = 4, rank: int = 4, seed: int = 0, targets=MODULES,
-                  std: float = 0.2, router_std: float = 1.0) -> dict[str, torch.Tensor]:
+def mixlora_state(
+    model,
+    num_experts: int = 4,
+    rank: int = 4,
+    seed: int = 0,
+    targets=MODULES,
+    std: float = 0.2,
+    router_std: float = 1.0,
+) -> dict[str, torch.Tensor]:
     """Random non-zero LoRA A and B for every target and expert, and a random router per layer."""
     g = torch.Generator().manual_seed(seed)
     hidden = model.config.hidden_size
@@ -54,12 +60,29 @@ def mixlora_state(model, num_experts: int = 4, rank: int = 4, seed: int = 0, tar
     return state
 
 
-def mixlora_config(base_folder: Path, num_experts: int = 4, top_k: int = 2, rank: int = 4, alpha: int = 8,
-                   targets=MODULES, act_fn: str | None = "silu", **extra) -> dict:
-    config = {"bias": "none", "peft_type": "MIXLORA", "task_type": "CAUSAL_LM",
-              "base_model_name_or_path": str(base_folder), "r": rank, "lora_alpha": alpha,
-              "lora_dropout": 0.05, "target_modules": list(targets), "routing_strategy": "mixlora",
-              "num_experts": num_experts, "top_k": top_k}
+def mixlora_config(
+    base_folder: Path,
+    num_experts: int = 4,
+    top_k: int = 2,
+    rank: int = 4,
+    alpha: int = 8,
+    targets=MODULES,
+    act_fn: str | None = "silu",
+    **extra,
+) -> dict:
+    config = {
+        "bias": "none",
+        "peft_type": "MIXLORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_folder),
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.05,
+        "target_modules": list(targets),
+        "routing_strategy": "mixlora",
+        "num_experts": num_experts,
+        "top_k": top_k,
+    }
     if act_fn is not None:
         config["act_fn"] = act_fn
     config.update(extra)
@@ -72,6 +95,7 @@ def write_mixlora(folder: Path, config: dict, state: dict[str, torch.Tensor], fm
     (folder / "adapter_config.json").write_text(json.dumps(config))
     if fmt == "safetensors":
         from safetensors.torch import save_file
+
         save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"))
     else:
         torch.save(state, str(folder / "adapter_model.bin"))
@@ -102,5 +126,8 @@ def make_engine(model, root: Path):
     from fusion.engine import Engine
     from fusion.model import BaseModel
 
-    return Engine(base=BaseModel(model, None, "tiny", torch.device("cpu"), torch.float32),
-                  adapters_dir=Path(root) / "adapters", fusions_dir=Path(root) / "fusions")
+    return Engine(
+        base=BaseModel(model, None, "tiny", torch.device("cpu"), torch.float32),
+        adapters_dir=Path(root) / "adapters",
+        fusions_dir=Path(root) / "fusions",
+    )

@@ -16,15 +16,23 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import HIDDEN, LAYERS, SPECS, build_studio
-from fixtures_formats import (forward_logits, peft_logits, peft_model, write_code_payload_bin,
-                              write_config, write_legacy_bin, write_peft_saved, zip_folder)
+from fixtures_formats import (
+    forward_logits,
+    peft_logits,
+    peft_model,
+    write_code_payload_bin,
+    write_config,
+    write_legacy_bin,
+    write_peft_saved,
+    zip_folder,
+)
+from helpers import MODULES, lora_state, tiny_model, write_lora
+
 from fusion.adapters import load_lora
 from fusion.engine import FusionRequest
 from fusion.errors import FusionError
 from fusion.library import Library
-from helpers import MODULES, lora_state, tiny_model, write_lora
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -68,13 +76,15 @@ def test_legacy_fp16_bin_without_adapter_name_matches_peft(studio, tmp_path):
 def test_keys_with_adapter_name_read_like_keys_without(studio, tmp_path):
     """A state dict taken from a live PeftModel keeps `.default.` in its keys."""
     state = lora_state(studio.pristine, rank=4, seed=22)
-    named = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
-             for k, v in state.items()}
+    named = {
+        k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v for k, v in state.items()
+    }
     plain = write_lora(tmp_path / "plain", studio.pristine, rank=4, alpha=8, state=state)
     with_name = write_lora(tmp_path / "named", studio.pristine, rank=4, alpha=8, state=named)
     ids = studio.ids(seed=2)
-    torch.testing.assert_close(ours_single(studio, with_name, ids),
-                               peft_logits(peft_model(studio.pristine, [plain]), "a0", ids), **TOL)
+    torch.testing.assert_close(
+        ours_single(studio, with_name, ids), peft_logits(peft_model(studio.pristine, [plain]), "a0", ids), **TOL
+    )
 
 
 def test_peft_save_pretrained_output_matches_peft(studio, tmp_path):
@@ -90,7 +100,7 @@ def test_rslora_scaling_matches_peft(studio, tmp_path):
     folder = write_lora(tmp_path / "rs", studio.pristine, rank=4, alpha=8, seed=23, use_rslora=True)
     assert_equals_peft_folder(studio, folder)
     adapter = load_lora(folder, model=studio.pristine)
-    assert adapter.factors[(1, "v_proj")].scale == pytest.approx(8 / 4 ** 0.5)  # alpha / sqrt(r)
+    assert adapter.factors[(1, "v_proj")].scale == pytest.approx(8 / 4**0.5)  # alpha / sqrt(r)
 
 
 def test_peft_saved_rslora_matches_peft(studio, tmp_path):
@@ -102,8 +112,13 @@ def test_peft_saved_rslora_matches_peft(studio, tmp_path):
 
 
 def test_alpha_and_rank_pattern_by_module_name_match_peft(studio, tmp_path):
-    folder, model = write_peft_saved(tmp_path / "pattern", studio.pristine, seed=9,
-                                     alpha_pattern={"q_proj": 32, "down_proj": 2}, rank_pattern={"v_proj": 2})
+    folder, model = write_peft_saved(
+        tmp_path / "pattern",
+        studio.pristine,
+        seed=9,
+        alpha_pattern={"q_proj": 32, "down_proj": 2},
+        rank_pattern={"v_proj": 2},
+    )
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["alpha_pattern"] == {"q_proj": 32, "down_proj": 2}
     ids = studio.ids(seed=5)
@@ -146,15 +161,19 @@ def _key(layer, module, half):
 def bad_wrong_hidden(studio, folder):
     other = tiny_model(seed=1, layers=LAYERS, hidden=48, vocab=len(studio.tokenizer))
     write_lora(folder, other, rank=4, alpha=8, seed=31)
-    return (folder / "adapter_model.safetensors",
-            r"layers\.\d\.\w+_proj\.lora_[AB] has shape \(\d+, \d+\); expected \(\d+, \d+\) for this base model")
+    return (
+        folder / "adapter_model.safetensors",
+        r"layers\.\d\.\w+_proj\.lora_[AB] has shape \(\d+, \d+\); expected \(\d+, \d+\) for this base model",
+    )
 
 
 def bad_too_many_layers(studio, folder):
     other = tiny_model(seed=1, layers=LAYERS + 2, hidden=HIDDEN, vocab=len(studio.tokenizer))
     write_lora(folder, other, rank=4, alpha=8, seed=31)
-    return (folder / "adapter_model.safetensors",
-            rf"layers\.{LAYERS}\.\w+_proj refers to layer {LAYERS}, but the base model has {LAYERS} layers")
+    return (
+        folder / "adapter_model.safetensors",
+        rf"layers\.{LAYERS}\.\w+_proj refers to layer {LAYERS}, but the base model has {LAYERS} layers",
+    )
 
 
 def bad_missing_b(studio, folder):
@@ -168,8 +187,10 @@ def bad_rank_mismatch(studio, folder):
     state = _state(studio)
     state[_key(2, "up_proj", "B")] = state[_key(2, "up_proj", "B")][:, :3].contiguous()
     write_lora(folder, studio.pristine, state=state)
-    return (folder / "adapter_model.safetensors",
-            r"layers\.2\.up_proj lora_A has rank 4 but lora_B has rank 3; they must match")
+    return (
+        folder / "adapter_model.safetensors",
+        r"layers\.2\.up_proj lora_A has rank 4 but lora_B has rank 3; they must match",
+    )
 
 
 def bad_nan(studio, folder):
@@ -183,16 +204,20 @@ def bad_integer_dtype(studio, folder):
     state = _state(studio)
     state[_key(0, "q_proj", "A")] = torch.ones(4, HIDDEN, dtype=torch.int64)
     write_lora(folder, studio.pristine, state=state)
-    return (folder / "adapter_model.safetensors",
-            re.escape(_key(0, "q_proj", "A")) + r" has dtype torch.int64; a float type was expected")
+    return (
+        folder / "adapter_model.safetensors",
+        re.escape(_key(0, "q_proj", "A")) + r" has dtype torch.int64; a float type was expected",
+    )
 
 
 def bad_three_d_tensor(studio, folder):
     state = _state(studio)
     state[_key(0, "q_proj", "A")] = state[_key(0, "q_proj", "A")].unsqueeze(0).contiguous()
     write_lora(folder, studio.pristine, state=state)
-    return (folder / "adapter_model.safetensors",
-            re.escape(_key(0, "q_proj", "A")) + r" must be 2-D, got shape \(1, 4, 32\)")
+    return (
+        folder / "adapter_model.safetensors",
+        re.escape(_key(0, "q_proj", "A")) + r" must be 2-D, got shape \(1, 4, 32\)",
+    )
 
 
 def bad_truncated_safetensors(studio, folder):
@@ -207,9 +232,11 @@ def bad_not_a_projection(studio, folder):
     state = _state(studio)
     state["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 10)
     write_lora(folder, studio.pristine, state=state)
-    return (folder / "adapter_model.safetensors",
-            r"tensor base_model\.model\.model\.embed_tokens\.lora_embedding_A is not a LoRA weight of a "
-            r"decoder-layer projection \(expected \.\.\.layers\.N\.self_attn\|mlp\.X_proj\.lora_A\|B\.weight\)")
+    return (
+        folder / "adapter_model.safetensors",
+        r"tensor base_model\.model\.model\.embed_tokens\.lora_embedding_A is not a LoRA weight of a "
+        r"decoder-layer projection \(expected \.\.\.layers\.N\.self_attn\|mlp\.X_proj\.lora_A\|B\.weight\)",
+    )
 
 
 def bad_dora(studio, folder):
@@ -221,8 +248,10 @@ def bad_dora(studio, folder):
 
 def bad_no_lora_tensors(studio, folder):
     write_lora(folder, studio.pristine, state={"lm_head.weight": torch.zeros(3, 3)})
-    return (folder / "adapter_model.safetensors",
-            r"no LoRA tensors found \(expected keys like base_model\.model\.model\.layers\.0")
+    return (
+        folder / "adapter_model.safetensors",
+        r"no LoRA tensors found \(expected keys like base_model\.model\.model\.layers\.0",
+    )
 
 
 def bad_non_utf8_config(studio, folder):
@@ -273,27 +302,54 @@ def bad_config_pattern_missing_modules(studio, folder):
     return folder / "adapter_config.json", r"do not name (?!q_proj|v_proj)[a-z_]+_proj"
 
 
-BAD_FOLDERS = [bad_config_of_another_architecture, bad_config_naming_fewer_modules,
-               bad_config_pattern_missing_modules, bad_wrong_hidden, bad_too_many_layers, bad_missing_b, bad_rank_mismatch, bad_nan,
-               bad_integer_dtype, bad_three_d_tensor, bad_truncated_safetensors, bad_not_a_projection,
-               bad_dora, bad_no_lora_tensors, bad_non_utf8_config, bad_invalid_json, bad_other_peft_type,
-               bad_rank_in_config, bad_no_weights]
+BAD_FOLDERS = [
+    bad_config_of_another_architecture,
+    bad_config_naming_fewer_modules,
+    bad_config_pattern_missing_modules,
+    bad_wrong_hidden,
+    bad_too_many_layers,
+    bad_missing_b,
+    bad_rank_mismatch,
+    bad_nan,
+    bad_integer_dtype,
+    bad_three_d_tensor,
+    bad_truncated_safetensors,
+    bad_not_a_projection,
+    bad_dora,
+    bad_no_lora_tensors,
+    bad_non_utf8_config,
+    bad_invalid_json,
+    bad_other_peft_type,
+    bad_rank_in_config,
+    bad_no_weights,
+]
 
 
 def library_snapshot(studio):
     adapters_dir = studio.engine.library.adapters_dir
-    return (json.dumps(studio.engine.adapters(), sort_keys=True),
-            sorted(p.name for p in adapters_dir.iterdir()), studio.engine.library.version)
+    return (
+        json.dumps(studio.engine.adapters(), sort_keys=True),
+        sorted(p.name for p in adapters_dir.iterdir()),
+        studio.engine.library.version,
+    )
 
 
-@pytest.mark.parametrize("targets", [list(MODULES), [f"self_attn.{m}" if m in ("q_proj", "k_proj", "v_proj", "o_proj")
-                                                   else f"mlp.{m}" for m in MODULES],
-                                     r".*\.(q|k|v|o|gate|up|down)_proj", "all-linear", None])
+@pytest.mark.parametrize(
+    "targets",
+    [
+        list(MODULES),
+        [f"self_attn.{m}" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else f"mlp.{m}" for m in MODULES],
+        r".*\.(q|k|v|o|gate|up|down)_proj",
+        "all-linear",
+        None,
+    ],
+)
 def test_target_modules_that_describe_the_tensors_are_accepted(studio, tmp_path, targets):
     folder = write_lora(tmp_path / "ok", studio.pristine, rank=4, alpha=8, seed=33)
     write_config(folder, target_modules=targets)
     assert len(load_lora(folder, "ok", studio.pristine).factors) == len(
-        load_lora(write_lora(tmp_path / "ref", studio.pristine, rank=4, alpha=8, seed=33), "ref").factors)
+        load_lora(write_lora(tmp_path / "ref", studio.pristine, rank=4, alpha=8, seed=33), "ref").factors
+    )
 
 
 @pytest.mark.parametrize("make", BAD_FOLDERS, ids=[f.__name__[4:] for f in BAD_FOLDERS])
@@ -341,11 +397,13 @@ def test_bad_folder_in_library_is_listed_not_fatal(tmp_path):
 
 # ---- zip import -------------------------------------------------------------------------------
 def test_zip_with_parent_path_is_refused_and_library_unchanged(importer, tmp_path):
-    archive = zip_folder(importer.folders["task-b"], tmp_path / "sneaky.zip", prefix="sneaky/",
-                         extra={"../escaped.txt": b"outside"})
+    archive = zip_folder(
+        importer.folders["task-b"], tmp_path / "sneaky.zip", prefix="sneaky/", extra={"../escaped.txt": b"outside"}
+    )
     before = library_snapshot(importer)
-    with pytest.raises(FusionError,
-                       match=r"sneaky\.zip: entry '\.\./escaped\.txt' points outside the archive; refused"):
+    with pytest.raises(
+        FusionError, match=r"sneaky\.zip: entry '\.\./escaped\.txt' points outside the archive; refused"
+    ):
         importer.engine.library.import_adapter(archive)
     assert library_snapshot(importer) == before
     assert not list(tmp_path.parent.rglob("escaped.txt"))
@@ -353,10 +411,13 @@ def test_zip_with_parent_path_is_refused_and_library_unchanged(importer, tmp_pat
     assert not (Path(tempfile.gettempdir()) / "escaped.txt").exists()  # where extraction would land
 
 
-@pytest.mark.parametrize("entry,message", [
-    ("/abs/adapter_config.json", r"entry '/abs/adapter_config\.json' points outside the archive"),
-    ("a/../../up.txt", r"entry 'a/\.\./\.\./up\.txt' points outside the archive"),
-])
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        ("/abs/adapter_config.json", r"entry '/abs/adapter_config\.json' points outside the archive"),
+        ("a/../../up.txt", r"entry 'a/\.\./\.\./up\.txt' points outside the archive"),
+    ],
+)
 def test_zip_with_absolute_or_nested_parent_path_is_refused(importer, tmp_path, entry, message):
     archive = zip_folder(importer.folders["task-b"], tmp_path / "odd.zip", extra={entry: b"{}"})
     before = library_snapshot(importer)
@@ -369,7 +430,7 @@ def test_zip_with_symlink_is_refused(importer, tmp_path):
     archive = zip_folder(importer.folders["task-b"], tmp_path / "link.zip")
     with zipfile.ZipFile(archive, "a") as zf:
         info = zipfile.ZipInfo("adapter_model.bin")
-        info.external_attr = (0o120777 << 16)
+        info.external_attr = 0o120777 << 16
         zf.writestr(info, "/etc/passwd")
     before = library_snapshot(importer)
     with pytest.raises(FusionError, match=r"link\.zip: entry 'adapter_model\.bin' is a symbolic link; refused"):

@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-
 from app_fixtures import LAYERS, MIXLORA, app_engine, app_url  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*(no_silent_downcasting|copy keyword)")
 
-EXAMPLES = "\n".join(json.dumps({"prompt": f"¿Cuánto es {a} + {b}?", "response": f"{a} + {b} = {a + b}."})
-                     for a, b in [(3, 4), (10, 5)])
+EXAMPLES = "\n".join(
+    json.dumps({"prompt": f"¿Cuánto es {a} + {b}?", "response": f"{a} + {b} = {a + b}."}) for a, b in [(3, 4), (10, 5)]
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,9 @@ def test_adapters_lists_library_with_roles(client):
 
 
 def test_generate_lora_flow_returns_text_and_trace_summary(client):
-    out = client.predict(["lang-es", "task-math"], "lora_flow", '{"temperature": 1.0}', "What is 2 + 3?", 4, 0.0,
-                         api_name="/generate")
+    out = client.predict(
+        ["lang-es", "task-math"], "lora_flow", '{"temperature": 1.0}', "What is 2 + 3?", 4, 0.0, api_name="/generate"
+    )
     assert isinstance(out["text"], str) and out["text"]
     assert out["method"] == "lora_flow" and out["adapters"] == ["lang-es", "task-math"]
     trace = out["trace"]
@@ -79,22 +80,27 @@ def test_generate_mixlora_traces_the_router(client):
     assert out["trace"]["kind"] == "router" and out["trace"]["shape"][1:] == [LAYERS, 4]
 
 
-@pytest.mark.parametrize("args, expected", [
-    (("lang-es", "no_such_method", "{}", "Hi", 2, 0.0), "unknown fusion method"),
-    (("lang-es", "lora_flow", "{}", "Hi", 2, 0.0), "at least 2"),
-    (("lang-es,task-math", "lora_flow", "{not json", "Hi", 2, 0.0), "JSON object"),
-    (("lang-es,task-math", "lora_flow", '{"temperature": 99}', "Hi", 2, 0.0), "temperature"),
-    (("lang-es,nope", "linear", "{}", "Hi", 2, 0.0), "nope"),
-    (("lang-es,task-math", "linear", "{}", "   ", 2, 0.0), "empty"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("lang-es", "no_such_method", "{}", "Hi", 2, 0.0), "unknown fusion method"),
+        (("lang-es", "lora_flow", "{}", "Hi", 2, 0.0), "at least 2"),
+        (("lang-es,task-math", "lora_flow", "{not json", "Hi", 2, 0.0), "JSON object"),
+        (("lang-es,task-math", "lora_flow", '{"temperature": 99}', "Hi", 2, 0.0), "temperature"),
+        (("lang-es,nope", "linear", "{}", "Hi", 2, 0.0), "nope"),
+        (("lang-es,task-math", "linear", "{}", "   ", 2, 0.0), "empty"),
+    ],
+)
 def test_generate_reports_user_errors_in_one_line(client, args, expected):
     assert expected in api_error(client, *args, api_name="/generate")
 
 
 def test_compare_runs_columns_together_and_isolates_a_bad_column(client):
-    columns = [{"method": "lora_flow", "adapters": ["lang-es", "task-math"]},
-               {"method": "linear", "adapters": "lang-es,task-math", "params": {"weights": [0.5, 0.5]}},
-               {"method": "lora_flow", "adapters": ["lang-es"]}]
+    columns = [
+        {"method": "lora_flow", "adapters": ["lang-es", "task-math"]},
+        {"method": "linear", "adapters": "lang-es,task-math", "params": {"weights": [0.5, 0.5]}},
+        {"method": "lora_flow", "adapters": ["lang-es"]},
+    ]
     results = client.predict("What is 2 + 2?", json.dumps(columns), 3, 0.0, api_name="/compare")
     assert len(results) == 3
     for result, kind in zip(results[:2], ("gate", "static")):
@@ -107,9 +113,11 @@ def test_compare_runs_columns_together_and_isolates_a_bad_column(client):
 
 # ---- one batch for every request: Compare's columns decode together; a full batch queues -----------
 BATCH_PROMPT = "Tell me a story about a lighthouse keeper."
-BATCH_COLUMNS = [{"method": "lora_flow", "adapters": ["lang-es", "task-math"]},
-                 {"method": "linear", "adapters": ["lang-ru", "task-code"], "params": {"weights": [0.6, 0.8]}},
-                 {"method": "base", "adapters": []}]
+BATCH_COLUMNS = [
+    {"method": "lora_flow", "adapters": ["lang-es", "task-math"]},
+    {"method": "linear", "adapters": ["lang-ru", "task-code"], "params": {"weights": [0.6, 0.8]}},
+    {"method": "base", "adapters": []},
+]
 BATCH_TOKENS = 16
 
 
@@ -158,8 +166,9 @@ def test_a_full_batch_shows_queued_columns_then_their_replies(app_engine, monkey
     monkeypatch.setattr(scheduler, "max_rows", 1)
     before = Counter(scheduler.rows_per_step)
     shown = []  # each column's status lines, in order
-    for results in run_side_by_side(app_engine, requests, BATCH_PROMPT, Sampling(max_new_tokens=BATCH_TOKENS),
-                                    None, threading.Event()):
+    for results in run_side_by_side(
+        app_engine, requests, BATCH_PROMPT, Sampling(max_new_tokens=BATCH_TOKENS), None, threading.Event()
+    ):
         shown.append([stats_text(r) for r in results])
         final = [(r.text, r.error) for r in results]
     assert final == [(e.text, None) for e in solo]
@@ -180,14 +189,16 @@ def test_a_full_batch_shows_queued_columns_then_their_replies(app_engine, monkey
 
 
 def test_fit_saves_a_fusion_that_generate_can_use(client):
-    saved = client.predict("lora_flow", ["lang-es", "task-math"], EXAMPLES, "api-gates", "{}", 1, 0.0, 2, 1, False,
-                           api_name="/fit")
+    saved = client.predict(
+        "lora_flow", ["lang-es", "task-math"], EXAMPLES, "api-gates", "{}", 1, 0.0, 2, 1, False, api_name="/fit"
+    )
     assert saved["name"] == "api-gates" and saved["method"] == "lora_flow" and len(saved["losses"]) == 1
     assert "api-gates" in {f["name"] for f in client.predict(api_name="/adapters")["fusions"]}
     out = client.predict("", "base", "{}", "Hi", 2, 0.0, "api-gates", api_name="/generate")
     assert out["method"] == "lora_flow" and out["trace"]["slot_names"] == ["lang-es", "task-math"]
-    assert "already" in api_error(client, "lora_flow", "lang-es,task-math", EXAMPLES, "api-gates", "{}", 1, 0.0, 2,
-                                  1, False, api_name="/fit")
+    assert "already" in api_error(
+        client, "lora_flow", "lang-es,task-math", EXAMPLES, "api-gates", "{}", 1, 0.0, 2, 1, False, api_name="/fit"
+    )
     assert "save_as" in api_error(client, "lora_flow", "lang-es,task-math", EXAMPLES, "", api_name="/fit")
     assert "line 1" in api_error(client, "lora_flow", "lang-es,task-math", "not json", "x", api_name="/fit")
 
@@ -196,19 +207,32 @@ def test_a_cancelled_fit_is_not_saved_a_finished_one_is_and_can_be_deleted(app_e
     import threading
 
     from fusion.errors import FusionError
-
     from ui.fit import fit_in_background
 
     train = {"max_steps": 2, "batch_size": 1}
     cancelled = threading.Event()
     cancelled.set()  # Cancel pressed (or the page closed) before the first step ended
-    events = list(fit_in_background(app_engine, "lora_flow", ["lang-es", "task-math"], EXAMPLES, {}, train,
-                                    "ui-cancelled", False, cancelled))
+    events = list(
+        fit_in_background(
+            app_engine, "lora_flow", ["lang-es", "task-math"], EXAMPLES, {}, train, "ui-cancelled", False, cancelled
+        )
+    )
     assert events[-1] == ("cancelled", None)
     assert "ui-cancelled" not in {f["name"] for f in app_engine.fusions()}
     assert not (app_engine.library.fusions_dir / "ui-cancelled").exists()
-    kind, artifact = list(fit_in_background(app_engine, "lora_flow", ["lang-es", "task-math"], EXAMPLES, {}, train,
-                                            "ui-cancelled", False, threading.Event()))[-1]
+    kind, artifact = list(
+        fit_in_background(
+            app_engine,
+            "lora_flow",
+            ["lang-es", "task-math"],
+            EXAMPLES,
+            {},
+            train,
+            "ui-cancelled",
+            False,
+            threading.Event(),
+        )
+    )[-1]
     try:
         assert kind == "done" and artifact.name == "ui-cancelled" and len(artifact.meta["losses"]) == 2
         assert "ui-cancelled" in {f["name"] for f in app_engine.fusions()}  # the name was still free
@@ -232,7 +256,6 @@ def test_a_fit_from_scratch_is_saved_as_an_adapter_unless_cancelled(app_engine):
     from pathlib import Path
 
     from fusion.api import FusionRequest, RequestInfo
-
     from ui.fit import fit_in_background
 
     folder = Path(app_engine.library_folders().adapters) / "ui-mix"
@@ -243,8 +266,9 @@ def test_a_fit_from_scratch_is_saved_as_an_adapter_unless_cancelled(app_engine):
     assert events[-1] == ("cancelled", None)
     assert "ui-mix" not in {a["name"] for a in app_engine.adapters()} and not folder.exists()
     try:
-        kind, artifact = list(fit_in_background(app_engine, "mixlora", [], EXAMPLES, {}, train, "ui-mix", False,
-                                                threading.Event()))[-1]
+        kind, artifact = list(
+            fit_in_background(app_engine, "mixlora", [], EXAMPLES, {}, train, "ui-mix", False, threading.Event())
+        )[-1]
         assert kind == "done", artifact
         assert artifact.name == "ui-mix" and artifact.adapters == ["ui-mix"] and artifact.path == str(folder)
         assert len(artifact.meta["losses"]) == 1
@@ -255,8 +279,9 @@ def test_a_fit_from_scratch_is_saved_as_an_adapter_unless_cancelled(app_engine):
         logits, run = app_engine.logits(request, ids, record=True)
         assert logits.shape[:2] == ids.shape and torch.isfinite(logits).all()
         assert len(run.router_steps) == 1 and sorted(run.router_steps[0]) == list(range(LAYERS))  # routed everywhere
-        kind, line = list(fit_in_background(app_engine, "mixlora", [], EXAMPLES, {}, train, "ui-mix", False,
-                                            threading.Event()))[-1]
+        kind, line = list(
+            fit_in_background(app_engine, "mixlora", [], EXAMPLES, {}, train, "ui-mix", False, threading.Event())
+        )[-1]
         assert kind == "error" and "already exists" in line
         app_engine.remove("ui-mix", "adapter")
         assert "ui-mix" not in {a["name"] for a in app_engine.adapters()} and not folder.exists()
@@ -280,7 +305,8 @@ def test_the_ui_reaches_the_engine_through_backend_operations_only():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             owner = getattr(node, "value", None) if isinstance(node, ast.Attribute) else None
             if (isinstance(owner, ast.Name) and owner.id == "engine") or (
-                    isinstance(owner, ast.Attribute) and owner.attr == "engine"):
+                isinstance(owner, ast.Attribute) and owner.attr == "engine"
+            ):
                 used.setdefault(node.attr, set()).add(path.name)
             if isinstance(node, ast.ImportFrom) and node.module in ("fusion.engine", "fusion.remote"):
                 importers.add(path.name)
@@ -298,8 +324,13 @@ def test_the_engine_imports_neither_the_ui_nor_the_lab():
     upward = {}
     for path in sorted((root / "fusion").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
             for name in names:
                 if name.split(".")[0] in ("gradio", "ui", "app", "lab"):
                     upward.setdefault(str(path.relative_to(root)), []).append(name)
@@ -396,7 +427,10 @@ def test_a_method_gets_the_adapters_it_can_take(app_engine):
     assert adapters_for(app_engine, "single", pair, pair) == ["task-math"]  # the task LoRA, alone
     assert adapters_for(app_engine, "lora_flow", ["task-code"], pair) == ["lang-es", "task-code"]  # slot order
     assert adapters_for(app_engine, "linear", ["lang-ru", "task-code", "task-math"], pair) == [
-        "lang-ru", "task-code", "task-math"]  # a valid choice is kept as it is
+        "lang-ru",
+        "task-code",
+        "task-math",
+    ]  # a valid choice is kept as it is
     assert adapters_for(app_engine, "base", pair, pair) == pair
 
 
@@ -412,12 +446,15 @@ def test_a_choice_the_method_cannot_run_says_what_to_do(app_engine):
     if "mixlora" in {m["name"] for m in app_engine.methods()}:
         assert refusal("mixlora", ["lang-es", "task-math"]) == (
             f"MixLoRA (LoRA experts) needs exactly one mixlora adapter such as {MIXLORA}: pick it under More "
-            "LoRAs and set the language and task pickers to (none)")
+            "LoRAs and set the language and task pickers to (none)"
+        )
         assert "is a mixlora adapter: remove it from More LoRAs" in refusal("linear", ["lang-es", MIXLORA])
     assert refusal("single", ["lang-es", "task-math"]) == (
-        "Single LoRA applies 1 LoRA, got 2: set the language or the task picker to (none)")
+        "Single LoRA applies 1 LoRA, got 2: set the language or the task picker to (none)"
+    )
     assert refusal("lora_flow", ["task-math"]) == (
-        "LoRA-Flow (dynamic gates) needs at least 2 LoRAs, got 1: pick a language and a task LoRA")
+        "LoRA-Flow (dynamic gates) needs at least 2 LoRAs, got 1: pick a language and a task LoRA"
+    )
     check_choice(app_engine, build_request("lora_flow", "lang-es, task-math", "{}"))  # runnable: no refusal
     check_choice(app_engine, build_request("", "", {}, fusion="any-saved-fusion"))  # a fusion brings its own
 
@@ -427,13 +464,16 @@ def test_one_request_builder_for_tabs_and_endpoints(app_engine):
     from ui.choices import build_request, request_label
 
     assert build_request("linear", "lang-es, task-code", '{"weights": [1, 2]}') == FusionRequest(
-        ["lang-es", "task-code"], "linear", {"weights": [1, 2]})
+        ["lang-es", "task-code"], "linear", {"weights": [1, 2]}
+    )
     # A saved fusion brings method and adapters; params given apply on top of its own.
     assert build_request("linear", ["lang-es"], {"temperature": 2.0}, "es-gates") == FusionRequest(
-        fusion="es-gates", params={"temperature": 2.0})
+        fusion="es-gates", params={"temperature": 2.0}
+    )
     assert build_request("linear", ["lang-es"], {}, "(none)").fusion is None
     assert request_label(app_engine, build_request("linear", ["lang-es", "task-code"], {})) == (
-        "linear · lang-es + task-code")
+        "linear · lang-es + task-code"
+    )
     assert request_label(app_engine, build_request("base", ["lang-es"], {})) == "base"
 
 
@@ -451,8 +491,11 @@ def test_param_panel_builds_controls_from_declarations(app_engine):
     assert ParamPanel(app_engine, "f", for_fit=True).size >= max(len(m) for m in declared.values())
     values = [None] * (panel.size * 5)
     values[0 * 5 + 4], values[1 * 5 + 1], values[2 * 5 + 3] = "0.3, 0.7", 0.25, "frequency"
-    assert panel.collect("ties", values) == {"weights": "0.3, 0.7", "density": 0.25,
-                                             "majority_sign_method": "frequency"}
+    assert panel.collect("ties", values) == {
+        "weights": "0.3, 0.7",
+        "density": 0.25,
+        "majority_sign_method": "frequency",
+    }
 
 
 def test_fit_only_params_show_in_the_fit_tab_only(app_engine):

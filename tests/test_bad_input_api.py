@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from app_fixtures import app_engine, running_app  # noqa: F401  (fixtures)
 from fixtures_formats import CodePayload, write_code_payload_bin, zip_folder
 from helpers import lora_state, tiny_model, write_lora
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning",
-                                        "ignore:.*(no_silent_downcasting|copy keyword)")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning", "ignore::UserWarning", "ignore:.*(no_silent_downcasting|copy keyword)"
+)
 
 NORMAL = (["lang-es", "task-math"], "lora_flow", "{}", "What is 2 + 3?", 2, 0.0)
 GOOD_JSONL = json.dumps({"prompt": "What is 1 + 1?", "response": "2"})
@@ -56,8 +56,9 @@ def normal_reply(client) -> dict:
 @pytest.fixture(scope="module")
 def bad(app_engine, tmp_path_factory) -> dict[str, str]:
     """Bad files on the server's disk, by case name."""
-    from fusion.methods.lora_flow import save_released_gates
     from mixlora_helpers import mixlora_config, mixlora_state, write_mixlora
+
+    from fusion.methods.lora_flow import save_released_gates
 
     root = tmp_path_factory.mktemp("bad-inputs")
     model = app_engine.model
@@ -89,22 +90,27 @@ def bad(app_engine, tmp_path_factory) -> dict[str, str]:
 
     config = mixlora_config("default", num_experts=2, top_k=1, rank=2, alpha=4)
     del config["num_experts"]
-    files["mixlora_no_experts"] = str(write_mixlora(root / "mixlora-no-experts", config,
-                                                    mixlora_state(model, num_experts=2, rank=2, seed=25),
-                                                    fmt="safetensors"))
+    files["mixlora_no_experts"] = str(
+        write_mixlora(
+            root / "mixlora-no-experts", config, mixlora_state(model, num_experts=2, rank=2, seed=25), fmt="safetensors"
+        )
+    )
     (root / "empty").mkdir()
     files["empty"] = str(root / "empty")
 
     save_released_gates(torch.zeros(LAYERS, 3, HIDDEN), torch.zeros(LAYERS, 1, 3), root / "gates-k3.pt")
     files["gates_k3"] = str(root / "gates-k3.pt")
     files["gates_payload_marker"] = str(root / "gates-payload-ran")
-    torch.save({"encoder.layers.0.lora_fusion_gate.weight": CodePayload(Path(files["gates_payload_marker"]))},
-               str(root / "gates-payload.pt"))
+    torch.save(
+        {"encoder.layers.0.lora_fusion_gate.weight": CodePayload(Path(files["gates_payload_marker"]))},
+        str(root / "gates-payload.pt"),
+    )
     files["gates_payload"] = str(root / "gates-payload.pt")
 
     good = write_lora(root / "good", model, state=lora_state(model, rank=4, seed=26, std=0.02))
-    files["zip_parent"] = str(zip_folder(good, root / "sneaky.zip", prefix="sneaky/",
-                                         extra={"../escaped.txt": b"outside"}))
+    files["zip_parent"] = str(
+        zip_folder(good, root / "sneaky.zip", prefix="sneaky/", extra={"../escaped.txt": b"outside"})
+    )
     files["zip_payload"] = str(zip_folder(Path(files["payload"]), root / "payload.zip", prefix="payload/"))
     (root / "not-a-zip.zip").write_bytes(b"PK\x03\x04 this is not really a zip archive")
     files["not_a_zip"] = str(root / "not-a-zip.zip")
@@ -129,8 +135,9 @@ def library_state(engine) -> tuple:
     files = []
     for folder in (engine.library.adapters_dir, engine.library.fusions_dir):
         if folder.is_dir():
-            files += sorted((str(p.relative_to(folder.parent)), p.stat().st_size) for p in folder.rglob("*")
-                            if p.is_file())
+            files += sorted(
+                (str(p.relative_to(folder.parent)), p.stat().st_size) for p in folder.rglob("*") if p.is_file()
+            )
     return (sorted(a["name"] for a in engine.adapters()), sorted(f["name"] for f in engine.fusions()), files)
 
 
@@ -153,8 +160,17 @@ def gen(adapters, method="linear", params="{}", prompt="Hi", new_tokens=2, tempe
     return "/generate", (adapters, method, params, prompt, new_tokens, temperature, fusion, system)
 
 
-def fit(examples=GOOD_JSONL, method="lora_flow", adapters="lang-es,task-math", save_as="bad-fit", params="{}",
-        epochs=1, lr=0.0, batch_size=1, max_steps=1):
+def fit(
+    examples=GOOD_JSONL,
+    method="lora_flow",
+    adapters="lang-es,task-math",
+    save_as="bad-fit",
+    params="{}",
+    epochs=1,
+    lr=0.0,
+    batch_size=1,
+    max_steps=1,
+):
     return "/fit", (method, adapters, examples, save_as, params, epochs, lr, batch_size, max_steps, False)
 
 
@@ -167,17 +183,27 @@ API_CASES = {
     "pickle_with_code": (lambda f: gen(f["payload"], "single"), r"was refused: it is a pickle that holds more than"),
     "non_utf8_config": (lambda f: gen(f["non_utf8"], "single"), r"is not valid UTF-8 text"),
     "huge_declared_rank": (lambda f: gen(f["huge_rank"], "single"), r"declares rank r=1000000000"),
-    "mixlora_without_num_experts": (lambda f: gen(f["mixlora_no_experts"], "mixlora"),
-                                    r"has no 'num_experts'; a MixLoRA config needs it"),
+    "mixlora_without_num_experts": (
+        lambda f: gen(f["mixlora_no_experts"], "mixlora"),
+        r"has no 'num_experts'; a MixLoRA config needs it",
+    ),
     "folder_without_config": (lambda f: gen(f["empty"], "single"), r"adapter_config\.json"),
-    "a_file_not_a_folder": (lambda f: gen("/etc/passwd", "single"),
-                            r"neither in the library .* nor an existing folder"),
-    "gates_with_wrong_k": (lambda f: gen(LIB, "lora_flow", json.dumps({"gates": f["gates_k3"]})),
-                           r"has shape \(3, 576\); expected \(2, 576\)"),
-    "gates_pickle_with_code": (lambda f: gen(LIB, "lora_flow", json.dumps({"gates": f["gates_payload"]})),
-                               r"was refused: it is a pickle that holds more than"),
-    "gates_not_weights": (lambda f: gen(LIB, "lora_flow", json.dumps({"gates": "/etc/passwd"})),
-                          r"is not a readable torch weights file"),
+    "a_file_not_a_folder": (
+        lambda f: gen("/etc/passwd", "single"),
+        r"neither in the library .* nor an existing folder",
+    ),
+    "gates_with_wrong_k": (
+        lambda f: gen(LIB, "lora_flow", json.dumps({"gates": f["gates_k3"]})),
+        r"has shape \(3, 576\); expected \(2, 576\)",
+    ),
+    "gates_pickle_with_code": (
+        lambda f: gen(LIB, "lora_flow", json.dumps({"gates": f["gates_payload"]})),
+        r"was refused: it is a pickle that holds more than",
+    ),
+    "gates_not_weights": (
+        lambda f: gen(LIB, "lora_flow", json.dumps({"gates": "/etc/passwd"})),
+        r"is not a readable torch weights file",
+    ),
     "bin_adapter_of_rubbish": (lambda f: gen(f["garbage_bin"], "single"), r"is not a readable torch weights file"),
     "empty_bin_adapter": (lambda f: gen(f["empty_bin"], "single"), r"is not a readable torch weights file"),
     # prompts
@@ -193,8 +219,7 @@ API_CASES = {
     "huge_temperature": (lambda f: gen(LIB, temperature=1e9), r"temperature must lie in \[0, 5\]"),
     "density_out_of_range": (lambda f: gen(LIB, "ties", '{"density": 7}'), r"'density'.*must lie in"),
     "weights_for_the_wrong_count": (lambda f: gen(LIB, "linear", '{"weights": "1, 2, 3"}'), r"got 3 weights for 2"),
-    "gate_temperature_out_of_range": (lambda f: gen(LIB, "lora_flow", '{"temperature": 0}'),
-                                      r"temperature"),
+    "gate_temperature_out_of_range": (lambda f: gen(LIB, "lora_flow", '{"temperature": 0}'), r"temperature"),
     "params_not_an_object": (lambda f: gen(LIB, "linear", "[1, 2]"), r"params must be a JSON object"),
     "params_not_json": (lambda f: gen(LIB, "linear", "{weights: 1"), r"params must be a JSON object"),
     "unknown_method": (lambda f: gen(LIB, "no_such_method"), r"unknown fusion method 'no_such_method'"),
@@ -202,18 +227,26 @@ API_CASES = {
     "same_adapter_twice": (lambda f: gen("lang-es,lang-es"), r"the same adapter was chosen twice"),
     "too_many_adapters": (lambda f: gen(",".join(["lang-es"] * 9)), r"at most \d+ adapters"),
     "unknown_saved_fusion": (lambda f: gen("", "base", fusion="no-such-fusion"), r"fitted fusion 'no-such-fusion'"),
-    "too_many_compare_columns": (lambda f: ("/compare", ("Hi", json.dumps([{"method": "base"}] * 5), 2, 0.0)),
-                                 r"columns must be a JSON list of 1 to 4"),
+    "too_many_compare_columns": (
+        lambda f: ("/compare", ("Hi", json.dumps([{"method": "base"}] * 5), 2, 0.0)),
+        r"columns must be a JSON list of 1 to 4",
+    ),
     "compare_column_not_an_object": (lambda f: ("/compare", ("Hi", "[1, 2]", 2, 0.0)), r"must be a JSON object"),
     # fitting
     "fit_jsonl_not_json": (lambda f: fit("not json"), r"examples line 1 is not valid JSON"),
-    "fit_jsonl_cut_midway": (lambda f: fit(GOOD_JSONL + '\n{"prompt": "What is 2 + 2?", "resp'),
-                             r"examples line 2 is not valid JSON"),
+    "fit_jsonl_cut_midway": (
+        lambda f: fit(GOOD_JSONL + '\n{"prompt": "What is 2 + 2?", "resp'),
+        r"examples line 2 is not valid JSON",
+    ),
     "fit_jsonl_line_is_a_list": (lambda f: fit("[1, 2]"), r"examples line 1 must be a JSON object"),
-    "fit_jsonl_missing_fields": (lambda f: fit('{"question": "a", "answer": "b"}'),
-                                 r"needs string fields 'prompt' and 'response'"),
-    "fit_jsonl_bad_messages": (lambda f: fit('{"messages": [{"role": "user", "content": "hi"}]}'),
-                               r"ending with an assistant turn"),
+    "fit_jsonl_missing_fields": (
+        lambda f: fit('{"question": "a", "answer": "b"}'),
+        r"needs string fields 'prompt' and 'response'",
+    ),
+    "fit_jsonl_bad_messages": (
+        lambda f: fit('{"messages": [{"role": "user", "content": "hi"}]}'),
+        r"ending with an assistant turn",
+    ),
     "fit_no_examples": (lambda f: fit("\n\n"), r"examples holds no examples"),
     "fit_zero_epochs": (lambda f: fit(epochs=0), r"epochs must be at least 1"),
     "fit_negative_lr": (lambda f: fit(lr=-1.0), r"learning rate must be positive"),
@@ -249,8 +282,11 @@ def test_bad_api_input_gets_one_sentence_and_changes_nothing(client, app_engine,
 
 def test_a_bad_compare_column_is_reported_in_its_own_row(client, app_engine, normal_reply, bad):
     before = library_state(app_engine)
-    columns = [{"method": "lora_flow", "adapters": NORMAL[0]}, {"method": "single", "adapters": [bad["nan"]]},
-               {"method": "single", "adapters": [bad["payload"]]}]
+    columns = [
+        {"method": "lora_flow", "adapters": NORMAL[0]},
+        {"method": "single", "adapters": [bad["nan"]]},
+        {"method": "single", "adapters": [bad["payload"]]},
+    ]
     rows = client.predict(NORMAL[3], json.dumps(columns), NORMAL[4], 0.0, api_name="/compare")
     assert rows[0]["error"] is None and rows[0]["text"] == normal_reply["text"]
     for row, expected in zip(rows[1:], ("contains NaN or Inf values", "was refused")):
@@ -302,36 +338,63 @@ def test_bad_import_gets_one_sentence_and_changes_nothing(served, client, app_en
 # ---- the command line -------------------------------------------------------------------------------
 LIB_ARGS = ["--adapters", LIB]
 CLI_CASES = {
-    "nan_adapter": (lambda f: ["generate", "--adapter", f["nan"], "--prompt", "Hi", "--max-new-tokens", "1"],
-                    r"contains NaN or Inf values"),
+    "nan_adapter": (
+        lambda f: ["generate", "--adapter", f["nan"], "--prompt", "Hi", "--max-new-tokens", "1"],
+        r"contains NaN or Inf values",
+    ),
     "pickle_with_code": (lambda f: ["generate", "--adapter", f["payload"], "--prompt", "Hi"], r"was refused"),
-    "bin_adapter_of_rubbish": (lambda f: ["generate", "--adapter", f["garbage_bin"], "--prompt", "Hi"],
-                               r"is not a readable torch weights file"),
-    "gates_with_wrong_k": (lambda f: ["generate", *LIB_ARGS, "--method", "lora_flow", "--gates", f["gates_k3"],
-                                      "--prompt", "Hi"], r"expected \(2, 576\)"),
-    "unknown_method": (lambda f: ["generate", *LIB_ARGS, "--method", "nope", "--prompt", "Hi"],
-                       r"unknown fusion method 'nope'"),
-    "param_without_value": (lambda f: ["generate", *LIB_ARGS, "--param", "weights", "--prompt", "Hi"],
-                            r"--param 'weights' must look like key=value"),
-    "zero_new_tokens": (lambda f: ["generate", *LIB_ARGS, "--prompt", "Hi", "--max-new-tokens", "0"],
-                        r"max_new_tokens must lie in"),
+    "bin_adapter_of_rubbish": (
+        lambda f: ["generate", "--adapter", f["garbage_bin"], "--prompt", "Hi"],
+        r"is not a readable torch weights file",
+    ),
+    "gates_with_wrong_k": (
+        lambda f: ["generate", *LIB_ARGS, "--method", "lora_flow", "--gates", f["gates_k3"], "--prompt", "Hi"],
+        r"expected \(2, 576\)",
+    ),
+    "unknown_method": (
+        lambda f: ["generate", *LIB_ARGS, "--method", "nope", "--prompt", "Hi"],
+        r"unknown fusion method 'nope'",
+    ),
+    "param_without_value": (
+        lambda f: ["generate", *LIB_ARGS, "--param", "weights", "--prompt", "Hi"],
+        r"--param 'weights' must look like key=value",
+    ),
+    "zero_new_tokens": (
+        lambda f: ["generate", *LIB_ARGS, "--prompt", "Hi", "--max-new-tokens", "0"],
+        r"max_new_tokens must lie in",
+    ),
     "top_p_out_of_range": (lambda f: ["generate", *LIB_ARGS, "--prompt", "Hi", "--top-p", "0"], r"top_p must lie in"),
-    "control_characters_only": (lambda f: ["generate", *LIB_ARGS, "--prompt", "\x01\x02\x1b"],
-                                r"the message is empty"),
-    "fit_malformed_jsonl": (lambda f: ["fit", *LIB_ARGS, "--method", "lora_flow", "--data", f["malformed_jsonl"],
-                                       "--save-as", "bad-fit"], r"malformed\.jsonl line 2 is not valid JSON"),
-    "fit_non_utf8_jsonl": (lambda f: ["fit", *LIB_ARGS, "--method", "lora_flow", "--data", f["latin1_jsonl"],
-                                      "--save-as", "bad-fit"], r"latin1\.jsonl is not UTF-8 text"),
-    "fit_missing_data": (lambda f: ["fit", *LIB_ARGS, "--method", "lora_flow", "--data", f["root"] + "/nope.jsonl",
-                                    "--save-as", "bad-fit"], r"nope\.jsonl does not exist"),
-    "fit_name_with_a_path": (lambda f: ["fit", *LIB_ARGS, "--method", "lora_flow", "--data", f["good_jsonl"],
-                                        "--save-as", "../escaped"], r"name '\.\./escaped' is not allowed"),
+    "control_characters_only": (lambda f: ["generate", *LIB_ARGS, "--prompt", "\x01\x02\x1b"], r"the message is empty"),
+    "fit_malformed_jsonl": (
+        lambda f: ["fit", *LIB_ARGS, "--method", "lora_flow", "--data", f["malformed_jsonl"], "--save-as", "bad-fit"],
+        r"malformed\.jsonl line 2 is not valid JSON",
+    ),
+    "fit_non_utf8_jsonl": (
+        lambda f: ["fit", *LIB_ARGS, "--method", "lora_flow", "--data", f["latin1_jsonl"], "--save-as", "bad-fit"],
+        r"latin1\.jsonl is not UTF-8 text",
+    ),
+    "fit_missing_data": (
+        lambda f: [
+            "fit",
+            *LIB_ARGS,
+            "--method",
+            "lora_flow",
+            "--data",
+            f["root"] + "/nope.jsonl",
+            "--save-as",
+            "bad-fit",
+        ],
+        r"nope\.jsonl does not exist",
+    ),
+    "fit_name_with_a_path": (
+        lambda f: ["fit", *LIB_ARGS, "--method", "lora_flow", "--data", f["good_jsonl"], "--save-as", "../escaped"],
+        r"name '\.\./escaped' is not allowed",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", cases(CLI_CASES))
-def test_bad_cli_input_gets_one_line_and_exit_code_2(client, app_engine, normal_reply, bad, case, monkeypatch,
-                                                     capsys):
+def test_bad_cli_input_gets_one_line_and_exit_code_2(client, app_engine, normal_reply, bad, case, monkeypatch, capsys):
     """The CLI runs in this process on the already loaded engine (loading the model per case
     would take seconds); tests/test_reliability.py runs the real subprocess."""
     from fusion import cli
@@ -390,10 +453,13 @@ def test_the_app_serves_loopback_only_with_an_upload_limit_by_default(monkeypatc
     assert "WARNING" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, warning", [
-    (["--host", "0.0.0.0"], "binding 0.0.0.0 makes the studio reachable from other machines without a password"),
-    (["--share"], "--share publishes the studio on a public link without a password"),
-])
+@pytest.mark.parametrize(
+    "argv, warning",
+    [
+        (["--host", "0.0.0.0"], "binding 0.0.0.0 makes the studio reachable from other machines without a password"),
+        (["--share"], "--share publishes the studio on a public link without a password"),
+    ],
+)
 def test_exposing_the_app_without_auth_warns(monkeypatch, capsys, argv, warning):
     launched_with(monkeypatch, argv)
     err = capsys.readouterr().err
@@ -406,15 +472,15 @@ def test_exposing_the_app_without_auth_warns(monkeypatch, capsys, argv, warning)
 def test_an_upload_over_the_limit_is_refused():
     import gradio as gr
     import httpx
-
     from app_fixtures import free_port
 
     with gr.Blocks() as demo:
         gr.File()
     port = free_port()
     try:
-        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                    max_file_size="1kb")
+        demo.launch(
+            server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, max_file_size="1kb"
+        )
         url = f"http://127.0.0.1:{port}/gradio_api/upload"
         small = httpx.post(url, files=[("files", ("small.zip", b"x" * 100, "application/zip"))], timeout=30)
         big = httpx.post(url, files=[("files", ("big.zip", b"x" * 4096, "application/zip"))], timeout=30)

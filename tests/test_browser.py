@@ -15,33 +15,43 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from app_fixtures import LAYERS, MIXLORA, app_engine, app_url  # noqa: F401  (fixtures)
 from helpers import lora_state, write_lora
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword)")
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 TIMEOUT_MS = 90_000  # generous: the CPU may be shared with other work
 
 if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} is not installed (Debian package 'chromium'); browser tests skipped",
-                allow_module_level=True)
+    pytest.skip(
+        f"{CHROMIUM} is not installed (Debian package 'chromium'); browser tests skipped", allow_module_level=True
+    )
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
 
 SAVED = "es-math-flow"  # the name of the shipped fitted fusion the app preselects for lang-es + task-math
-EXAMPLES = "\n".join(json.dumps({"prompt": f"¿Cuánto es {a} + {b}?", "response": f"{a} + {b} = {a + b}."})
-                     for a, b in [(3, 4), (10, 5)])
+EXAMPLES = "\n".join(
+    json.dumps({"prompt": f"¿Cuánto es {a} + {b}?", "response": f"{a} + {b} = {a + b}."}) for a, b in [(3, 4), (10, 5)]
+)
 
 
 @pytest.fixture(scope="module")
 def saved_fusion(app_engine):
     """A fitted LoRA-Flow fusion under the shipped name, in the library before the app is built."""
-    artifact = app_engine.fit("lora_flow", ["lang-es", "task-math"], EXAMPLES, {},
-                              train={"max_steps": 1, "batch_size": 2}, save_as=SAVED)
+    artifact = app_engine.fit(
+        "lora_flow", ["lang-es", "task-math"], EXAMPLES, {}, train={"max_steps": 1, "batch_size": 2}, save_as=SAVED
+    )
     yield artifact
     shutil.rmtree(artifact.path, ignore_errors=True)
     app_engine.library.rescan()
@@ -122,9 +132,11 @@ def test_chat_with_lora_flow_streams_and_draws_the_gate_heatmap(page):
     }""")
     page.fill("#chat-input textarea", "What is 12 + 7?")
     page.click("#send-btn")
-    page.wait_for_function("() => document.querySelector('#chat-status').innerText.includes('new tokens')"
-                           " && document.querySelector('#trace-info').innerText.includes('layers')",
-                           timeout=TIMEOUT_MS)
+    page.wait_for_function(
+        "() => document.querySelector('#chat-status').innerText.includes('new tokens')"
+        " && document.querySelector('#trace-info').innerText.includes('layers')",
+        timeout=TIMEOUT_MS,
+    )
     reply = page.locator("#chatbot .bot-row").last.inner_text().strip()
     assert reply
     snapshots = [s for s in page.evaluate("() => [...window.replySnapshots]") if s]
@@ -142,16 +154,21 @@ def test_stop_button_ends_a_long_reply(page):
     set_number(page, "#max-tokens", 400)
     page.fill("#chat-input textarea", "Tell me a long story about a lighthouse.")
     page.click("#send-btn")
-    page.wait_for_function("() => { const r = document.querySelectorAll('#chatbot .bot-row');"
-                           " return r.length === 2 && r[1].innerText.trim().length > 0 }", timeout=TIMEOUT_MS)
+    page.wait_for_function(
+        "() => { const r = document.querySelectorAll('#chatbot .bot-row');"
+        " return r.length === 2 && r[1].innerText.trim().length > 0 }",
+        timeout=TIMEOUT_MS,
+    )
     page.click("#stop-btn")
-    page.wait_for_function("() => document.querySelector('#chat-status').innerText.includes('stopped')",
-                           timeout=20_000)
+    page.wait_for_function("() => document.querySelector('#chat-status').innerText.includes('stopped')", timeout=20_000)
     status = page.inner_text("#chat-status")
     new_tokens = int(status.split(" new tokens")[0].split("·")[-1])
     assert new_tokens < 400
-    page.wait_for_function("() => { const r = document.querySelectorAll('#chatbot .bot-row');"
-                           " return r[r.length - 1].innerText.trim().endsWith('[stopped]') }", timeout=10_000)
+    page.wait_for_function(
+        "() => { const r = document.querySelectorAll('#chatbot .bot-row');"
+        " return r[r.length - 1].innerText.trim().endsWith('[stopped]') }",
+        timeout=10_000,
+    )
     set_number(page, "#max-tokens", 8)
 
 
@@ -160,11 +177,15 @@ def test_compare_two_methods_side_by_side(page):
     page.fill("#compare-input textarea", "What is 2 + 2?")
     set_number(page, "#compare-max-tokens", 6)
     page.click("#compare-btn")
-    page.wait_for_function("() => [0, 1].every(i => document.querySelector('#compare-stats-' + i)"
-                           ".innerText.includes('tok/s'))", timeout=TIMEOUT_MS)
-    page.wait_for_function("() => [0, 1].every(i => { const p = document.querySelector("
-                           "'#compare-heatmap-' + i + ' .js-plotly-plot'); return p && p.data && p.data.length })",
-                           timeout=TIMEOUT_MS)
+    page.wait_for_function(
+        "() => [0, 1].every(i => document.querySelector('#compare-stats-' + i).innerText.includes('tok/s'))",
+        timeout=TIMEOUT_MS,
+    )
+    page.wait_for_function(
+        "() => [0, 1].every(i => { const p = document.querySelector("
+        "'#compare-heatmap-' + i + ' .js-plotly-plot'); return p && p.data && p.data.length })",
+        timeout=TIMEOUT_MS,
+    )
     stats = [page.inner_text(f"#compare-stats-{i}") for i in (0, 1)]
     # The first column opens on the saved fitted fusion, the next on a plain method.
     assert stats[0].startswith(f"{SAVED} (lora_flow)") and stats[1].startswith("linear")
@@ -182,8 +203,11 @@ def shows(page, dropdown: str, label: str) -> None:
 
 
 def wait_for_reply(page) -> None:
-    page.wait_for_function("() => document.querySelector('#chat-status').innerText.includes('new tokens')"
-                           " && !document.querySelector('#send-btn').disabled", timeout=TIMEOUT_MS)
+    page.wait_for_function(
+        "() => document.querySelector('#chat-status').innerText.includes('new tokens')"
+        " && !document.querySelector('#send-btn').disabled",
+        timeout=TIMEOUT_MS,
+    )
 
 
 def reply_options(page) -> list[str]:
@@ -205,8 +229,9 @@ def test_base_model_reply_keeps_the_page_and_says_there_is_no_adapter(fresh):
     fresh.fill("#chat-input textarea", "¿Cuánto es 12 + 7?")
     fresh.click("#send-btn")
     wait_for_reply(fresh)
-    fresh.wait_for_function("() => document.querySelector('#trace-info').innerText.includes('no adapter')",
-                            timeout=20_000)
+    fresh.wait_for_function(
+        "() => document.querySelector('#trace-info').innerText.includes('no adapter')", timeout=20_000
+    )
     assert fresh.locator("#chatbot .bot-row").last.inner_text().strip()
     assert "base" in fresh.inner_text("#chat-status")
     assert "no adapter" in fresh.locator("#heatmap").inner_text()
@@ -245,8 +270,11 @@ def test_enter_while_a_reply_streams_starts_nothing_and_traces_match_the_chat(fr
     set_number(fresh, "#max-tokens", 60)
     fresh.fill("#chat-input textarea", "Tell me a story about a lighthouse.")
     fresh.click("#send-btn")
-    fresh.wait_for_function("() => { const r = document.querySelectorAll('#chatbot .bot-row');"
-                            " return r.length === 1 && r[0].innerText.trim().length > 0 }", timeout=TIMEOUT_MS)
+    fresh.wait_for_function(
+        "() => { const r = document.querySelectorAll('#chatbot .bot-row');"
+        " return r.length === 1 && r[0].innerText.trim().length > 0 }",
+        timeout=TIMEOUT_MS,
+    )
     assert fresh.locator("#send-btn").is_disabled()
     fresh.fill("#chat-input textarea", "And another one.")
     fresh.press("#chat-input textarea", "Enter")
@@ -271,18 +299,21 @@ def test_import_by_path_after_an_upload_imports_the_path(fresh, app_engine, tmp_
     try:
         fresh.click("button[role=tab]:has-text('Adapters')")
         fresh.set_input_files("#import-zip input[type=file]", str(archive))
-        fresh.wait_for_function("() => document.querySelector('#import-zip').innerText.includes('zipped.zip')",
-                                timeout=TIMEOUT_MS)
+        fresh.wait_for_function(
+            "() => document.querySelector('#import-zip').innerText.includes('zipped.zip')", timeout=TIMEOUT_MS
+        )
         fresh.fill("#import-name textarea", added[0])
         fresh.click("#import-btn")
-        fresh.wait_for_function(f"() => document.querySelector('#import-status').innerText.includes('{added[0]}')",
-                                timeout=TIMEOUT_MS)
+        fresh.wait_for_function(
+            f"() => document.querySelector('#import-status').innerText.includes('{added[0]}')", timeout=TIMEOUT_MS
+        )
         assert "rank 4" in fresh.inner_text("#import-status")
         fresh.fill("#import-path textarea", str(folder))
         fresh.fill("#import-name textarea", added[1])
         fresh.click("#import-btn")
-        fresh.wait_for_function(f"() => document.querySelector('#import-status').innerText.includes('{added[1]}')",
-                                timeout=TIMEOUT_MS)
+        fresh.wait_for_function(
+            f"() => document.querySelector('#import-status').innerText.includes('{added[1]}')", timeout=TIMEOUT_MS
+        )
         assert "rank 8" in fresh.inner_text("#import-status")  # the typed folder, not the earlier zip
         assert app_engine.library.get_adapter(added[1]).rank == 8
         assert not fresh.page_errors
@@ -413,8 +444,10 @@ def test_a_chat_waiting_for_room_says_it_is_queued_then_replies(fresh, app_engin
         next(blocker)  # it holds the only row
         fresh.fill("#chat-input textarea", ask)
         fresh.click("#send-btn")
-        fresh.wait_for_function("() => document.querySelector('#chat-status').innerText"
-                                ".includes('busy, queued (position 1)')", timeout=TIMEOUT_MS)
+        fresh.wait_for_function(
+            "() => document.querySelector('#chat-status').innerText.includes('busy, queued (position 1)')",
+            timeout=TIMEOUT_MS,
+        )
         assert fresh.locator("#chatbot .bot-row").count() == 0
         assert error_badges(fresh) == 0
         shot(fresh, "chat-queued.png")

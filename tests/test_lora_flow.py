@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import MODULES, TEST_SEED, lora_state, tiny_model, write_lora
 
 from fusion.engine import Engine, FusionRequest
 from fusion.errors import FusionError
@@ -15,7 +16,6 @@ from fusion.generate import Sampling, stream_tokens
 from fusion.methods.lora_flow import initial_bias, save_released_gates
 from fusion.model import BaseModel
 from fusion.runtime import Run, activate
-from helpers import MODULES, TEST_SEED, lora_state, tiny_model, write_lora
 
 LAYERS = 3
 
@@ -27,9 +27,11 @@ def reference_logits(model, states, scales, W, b, temperature, ids):
     weights = {}
     handles = []
     for l, layer in enumerate(model.model.layers):
+
         def pre(module, args, kwargs, l=l):
             h = args[0] if args else kwargs["hidden_states"]
             weights[l] = torch.softmax(h @ W[l].T / temperature, dim=-1) + b[l]
+
         handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
         for name in MODULES:
             block = layer.self_attn if name in MODULES[:4] else layer.mlp
@@ -39,8 +41,9 @@ def reference_logits(model, states, scales, W, b, temperature, ids):
                 x = args[0]
                 for i, (state, s) in enumerate(zip(states, scales)):
                     A, B = state[f"{prefix}.lora_A.weight"], state[f"{prefix}.lora_B.weight"]
-                    out = out + weights[l][..., i:i + 1] * s * (x @ A.T @ B.T)
+                    out = out + weights[l][..., i : i + 1] * s * (x @ A.T @ B.T)
                 return out
+
             handles.append(getattr(block, name).register_forward_hook(post))
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=False).logits
@@ -56,8 +59,11 @@ def setup(tmp_path):
     states = [lora_state(model, rank=4, seed=s) for s in (11, 12, 13)]
     for name, state in zip(("lang-a", "task-b", "task-c"), states):
         write_lora(tmp_path / "adapters" / name, model, rank=4, alpha=8.0, state=state)
-    engine = Engine(base=BaseModel(model, None, "tiny", torch.device("cpu"), torch.float32),
-                    adapters_dir=tmp_path / "adapters", fusions_dir=tmp_path / "fusions")
+    engine = Engine(
+        base=BaseModel(model, None, "tiny", torch.device("cpu"), torch.float32),
+        adapters_dir=tmp_path / "adapters",
+        fusions_dir=tmp_path / "fusions",
+    )
     return engine, pristine, states, tmp_path
 
 
@@ -71,8 +77,11 @@ def test_forward_equals_direct_formula_with_released_gate_file(setup):
     W, b = random_gates(2, 32)
     save_released_gates(W, b, tmp / "es_math.pt")
     ids = torch.randint(3, 90, (2, 9))
-    ours, run = engine.logits(FusionRequest(["lang-a", "task-b"], "lora_flow",
-                                            {"gates": str(tmp / "es_math.pt"), "temperature": 1.1}), ids, record=True)
+    ours, run = engine.logits(
+        FusionRequest(["lang-a", "task-b"], "lora_flow", {"gates": str(tmp / "es_math.pt"), "temperature": 1.1}),
+        ids,
+        record=True,
+    )
     ref, ref_weights = reference_logits(pristine, states[:2], [2.0, 2.0], W, b, 1.1, ids)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     for l in range(LAYERS):  # the recorded trace is batch 0's raw weights
@@ -86,8 +95,9 @@ def test_three_slots_match_formula(setup):
     W, b = random_gates(3, 32, seed=8)
     save_released_gates(W, b, tmp / "g3.pt")
     ids = torch.randint(3, 90, (1, 6))
-    ours, _ = engine.logits(FusionRequest(["lang-a", "task-b", "task-c"], "lora_flow",
-                                          {"gates": str(tmp / "g3.pt")}), ids)
+    ours, _ = engine.logits(
+        FusionRequest(["lang-a", "task-b", "task-c"], "lora_flow", {"gates": str(tmp / "g3.pt")}), ids
+    )
     ref, _ = reference_logits(pristine, states, [2.0] * 3, W, b, 1.0, ids)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
@@ -147,6 +157,7 @@ def _toy_records(n=16):
 def token_engine(tmp_path):
     """A tiny model with the embedded model's tokenizer (49152 ids), for fit and generation."""
     from transformers import AutoTokenizer
+
     from fusion.model import dense_default_copy
 
     tokenizer = AutoTokenizer.from_pretrained(str(dense_default_copy()))
@@ -154,8 +165,11 @@ def token_engine(tmp_path):
     model.config.eos_token_id = tokenizer.eos_token_id
     for name, seed in (("lang-a", 21), ("task-b", 22)):
         write_lora(tmp_path / "adapters" / name, model, rank=4, alpha=8.0, seed=seed)
-    engine = Engine(base=BaseModel(model, tokenizer, "tiny", torch.device("cpu"), torch.float32),
-                    adapters_dir=tmp_path / "adapters", fusions_dir=tmp_path / "fusions")
+    engine = Engine(
+        base=BaseModel(model, tokenizer, "tiny", torch.device("cpu"), torch.float32),
+        adapters_dir=tmp_path / "adapters",
+        fusions_dir=tmp_path / "fusions",
+    )
     return engine
 
 
@@ -192,16 +206,20 @@ def test_gate_training_lowers_loss(setup, figures):
     initial = Run(engine.plan(FusionRequest(["lang-a", "task-b"], "lora_flow")))
     before = mean_answer_loss(engine.model, initial, examples, 0, "cpu")
     result = get_method("lora_flow").fit(
-        engine.ctx, adapters, examples, {},
-        {"train": {"epochs": 20, "lr": 0.05, "weight_decay": 0.0, "seed": TEST_SEED}, "pad_id": 0})
+        engine.ctx,
+        adapters,
+        examples,
+        {},
+        {"train": {"epochs": 20, "lr": 0.05, "weight_decay": 0.0, "seed": TEST_SEED}, "pad_id": 0},
+    )
     W = torch.stack([result.tensors[f"gate.{l}.weight"] for l in range(LAYERS)])
     b = torch.stack([result.tensors[f"gate.{l}.bias"] for l in range(LAYERS)])
     fitted = Run(get_method("lora_flow").plan_from_gates(engine.ctx, adapters, W, b, 1.0))
     after = mean_answer_loss(engine.model, fitted, examples, 0, "cpu")
-    language_only = mean_answer_loss(engine.model, Run(engine.plan(FusionRequest(["lang-a"], "single"))),
-                                     examples, 0, "cpu")
-    figures.update(gap=before - language_only, drop=before - after,
-                   closed=(before - after) / (before - language_only))
+    language_only = mean_answer_loss(
+        engine.model, Run(engine.plan(FusionRequest(["lang-a"], "single"))), examples, 0, "cpu"
+    )
+    figures.update(gap=before - language_only, drop=before - after, closed=(before - after) / (before - language_only))
     assert figures["gap"] > 0.6, (before, language_only)  # the setup leaves something to learn
     assert figures["drop"] > 0.3, (before, after)
     assert figures["closed"] > 0.25, (before, after, language_only)
@@ -211,8 +229,14 @@ def test_fit_saves_gates_that_reload(token_engine):
     engine = token_engine
     records = _toy_records()
     seen = []
-    artifact = engine.fit("lora_flow", ["lang-a", "task-b"], records, train={"epochs": 3, "lr": 5e-2},
-                          save_as="toy-gates", on_progress=seen.append)
+    artifact = engine.fit(
+        "lora_flow",
+        ["lang-a", "task-b"],
+        records,
+        train={"epochs": 3, "lr": 5e-2},
+        save_as="toy-gates",
+        on_progress=seen.append,
+    )
     assert [p.step for p in seen] == list(range(1, 13)) and seen[-1].total_steps == 12
     # The saved artifact is safetensors + a JSON sidecar naming slots and temperature.
     meta = json.loads((engine.library.fusions_dir / "toy-gates" / "fusion.json").read_text())
@@ -224,6 +248,7 @@ def test_fit_saves_gates_that_reload(token_engine):
     W = torch.stack([artifact.tensors[f"gate.{l}.weight"] for l in range(LAYERS)])
     b = torch.stack([artifact.tensors[f"gate.{l}.bias"] for l in range(LAYERS)])
     from fusion.methods import get_method
+
     adapters = [engine.library.get_adapter(n) for n in ("lang-a", "task-b")]
     direct = Run(get_method("lora_flow").plan_from_gates(engine.ctx, adapters, W, b, 1.0))
     with torch.no_grad(), activate(direct):
@@ -245,8 +270,15 @@ def test_fit_keeps_the_best_dev_epoch_and_saves_the_inference_temperature(token_
     words = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "orbit"]
     dev_records = [{"prompt": f"say {w}", "response": f"{words[(i + 5) % 8]} {w}"} for i, w in enumerate(words)]
     dev = tokenize_records(engine.tokenizer, dev_records)
-    artifact = engine.fit("lora_flow", ["lang-a", "task-b"], records, train={"epochs": 4, "lr": 5e-2},
-                          save_as="dev-gates", dev=dev, inference_temperature=1.1)
+    artifact = engine.fit(
+        "lora_flow",
+        ["lang-a", "task-b"],
+        records,
+        train={"epochs": 4, "lr": 5e-2},
+        save_as="dev-gates",
+        dev=dev,
+        inference_temperature=1.1,
+    )
     dev_losses = artifact.meta["dev_losses"]
     assert len(dev_losses) == 4 and artifact.meta["dev_examples"] == 8
     best = dev_losses.index(min(dev_losses))
@@ -294,14 +326,20 @@ def test_dev_checkpoint_choice_keeps_the_best_epoch_not_the_last(setup, monkeypa
 
     monkeypatch.setattr(training, "mean_answer_loss", scripted_dev_loss)
     adapters = [engine.library.get_adapter(n) for n in ("lang-a", "task-b")]
-    result = get_method("lora_flow").fit(engine.ctx, adapters, examples, {},
-                                         {"train": {"epochs": 4, "lr": 0.05, "batch_size": 4},
-                                          "pad_id": 0, "dev": examples[:4]})
+    result = get_method("lora_flow").fit(
+        engine.ctx,
+        adapters,
+        examples,
+        {},
+        {"train": {"epochs": 4, "lr": 0.05, "batch_size": 4}, "pad_id": 0, "dev": examples[:4]},
+    )
     assert result.meta["dev_losses"] == [4.0, 3.0, 3.5, 3.9] and result.meta["best_epoch"] == 2
     assert len(seen) == 4 and not torch.equal(seen[1][1], seen[3][1])  # the gates kept moving after epoch 2
     W = torch.stack([result.tensors[f"gate.{l}.weight"] for l in range(LAYERS)])
     b = torch.stack([result.tensors[f"gate.{l}.bias"] for l in range(LAYERS)])
     assert torch.equal(W, seen[1][0]) and torch.equal(b, seen[1][1])
+
+
 def test_fit_cancel_stops_early(token_engine):
     import threading
 
@@ -311,8 +349,14 @@ def test_fit_cancel_stops_early(token_engine):
         if progress.step == 2:
             cancel.set()
 
-    artifact = token_engine.fit("lora_flow", ["lang-a", "task-b"], _toy_records(), train={"epochs": 5},
-                                on_progress=stop_after_two, cancel=cancel)
+    artifact = token_engine.fit(
+        "lora_flow",
+        ["lang-a", "task-b"],
+        _toy_records(),
+        train={"epochs": 5},
+        on_progress=stop_after_two,
+        cancel=cancel,
+    )
     assert len(artifact.meta["losses"]) == 2 and artifact.meta["cancelled"]
 
 
@@ -322,14 +366,22 @@ def test_cached_generation_equals_uncached_forward(token_engine, tmp_path):
     save_released_gates(W, b, tmp_path / "g.pt")
     request = FusionRequest(["lang-a", "task-b"], "lora_flow", {"gates": str(tmp_path / "g.pt")})
     prompt = engine.encode_messages("hello there")
-    events = list(stream_tokens(engine.model, engine.tokenizer, Run(engine.plan(request)), prompt,
-                                Sampling(max_new_tokens=12), record_trace=True))
+    events = list(
+        stream_tokens(
+            engine.model,
+            engine.tokenizer,
+            Run(engine.plan(request)),
+            prompt,
+            Sampling(max_new_tokens=12),
+            record_trace=True,
+        )
+    )
     final = events[-1]
     generated = final.token_ids
     assert len(generated) >= 4
     full = torch.tensor([prompt + generated])
     logits, run = engine.logits(request, full, record=True)
-    greedy = logits[0, len(prompt) - 1:-1].argmax(-1).tolist()
+    greedy = logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
     assert greedy == generated  # same tokens without the cache
     uncached = torch.stack([run.steps[0][l] for l in range(LAYERS)], dim=1)  # (tokens, layers, 2)
     assert final.trace.shape == (len(prompt) + len(generated), LAYERS, 2)

@@ -12,16 +12,24 @@ import copy
 import csv
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
-
 from conftest import LAYERS, Studio
-from fixtures_formats import (cat_deltas, forward_logits, lorahub_deltas, merged_copy, peft_logits,
-                              peft_model, weighted_sum_deltas)
+from fixtures_formats import (
+    cat_deltas,
+    forward_logits,
+    lorahub_deltas,
+    merged_copy,
+    peft_logits,
+    peft_model,
+    weighted_sum_deltas,
+)
+from helpers import MODULES, TEST_SEED
+
 from fusion import runtime
 from fusion.engine import Engine, FusionRequest
 from fusion.errors import FusionError
@@ -31,50 +39,57 @@ from fusion.model import BaseModel
 from fusion.runtime import Run, activate
 from fusion.trace import Trace, build_trace
 from fusion.training import mean_answer_loss, tokenize_records
-from helpers import MODULES, TEST_SEED
 
 REPO = Path(__file__).resolve().parent.parent
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 # ---- references -------------------------------------------------------------------------------
-def ref_base(studio: Studio, case: "Case", ids):
+def ref_base(studio: Studio, case: Case, ids):
     return forward_logits(studio.pristine, ids)
 
 
-def ref_peft_single(studio: Studio, case: "Case", ids):
+def ref_peft_single(studio: Studio, case: Case, ids):
     model = peft_model(studio.pristine, [studio.folders[case.adapters[0]]])
     return peft_logits(model, "a0", ids)
 
 
-def ref_linear(studio: Studio, case: "Case", ids):
+def ref_linear(studio: Studio, case: Case, ids):
     names = case.adapters
     weights = case.params.get("weights", [1.0 / len(names)] * len(names))
-    deltas = weighted_sum_deltas(studio.pristine, [studio.states[n] for n in names],
-                                 [studio.scale(n) for n in names], weights)
+    deltas = weighted_sum_deltas(
+        studio.pristine, [studio.states[n] for n in names], [studio.scale(n) for n in names], weights
+    )
     return forward_logits(merged_copy(studio.pristine, deltas), ids)
 
 
-def ref_lorahub(studio: Studio, case: "Case", ids):
+def ref_lorahub(studio: Studio, case: Case, ids):
     names = case.adapters
-    deltas = lorahub_deltas(studio.pristine, [studio.states[n] for n in names], studio.scale(names[0]),
-                            case.params["weights"])
+    deltas = lorahub_deltas(
+        studio.pristine, [studio.states[n] for n in names], studio.scale(names[0]), case.params["weights"]
+    )
     return forward_logits(merged_copy(studio.pristine, deltas), ids)
 
 
 def ref_peft_weighted(combination: str):
     """peft add_weighted_adapter with the same combination, weights and density, then its forward."""
 
-    def reference(studio: Studio, case: "Case", ids):
+    def reference(studio: Studio, case: Case, ids):
         names = case.adapters
         model = peft_model(studio.pristine, [studio.folders[n] for n in names])
-        kwargs = {"density": case.params.get("density"),
-                  "majority_sign_method": case.params.get("majority_sign_method", "total")}
+        kwargs = {
+            "density": case.params.get("density"),
+            "majority_sign_method": case.params.get("majority_sign_method", "total"),
+        }
         if case.params.get("svd_rank"):
             kwargs["svd_rank"] = case.params["svd_rank"]
-        model.add_weighted_adapter([f"a{i}" for i in range(len(names))],
-                                   case.params.get("weights", [1.0] * len(names)), "merged",
-                                   combination_type=combination, **kwargs)
+        model.add_weighted_adapter(
+            [f"a{i}" for i in range(len(names))],
+            case.params.get("weights", [1.0] * len(names)),
+            "merged",
+            combination_type=combination,
+            **kwargs,
+        )
         return peft_logits(model, "merged", ids)
 
     reference.__name__ = f"peft_{combination}"
@@ -96,18 +111,19 @@ CASES: dict[str, Case] = {
     "linear": Case(("lang-a", "task-b", "task-c", "wide-d"), {"weights": [0.3, -0.5, 0.8, 0.6]}, ref_linear),
     "peft_linear": Case(THREE, {"weights": [0.7, -0.4, 1.2]}, ref_peft_weighted("linear")),
     "ties": Case(THREE, {"weights": [0.6, 0.9, 0.4], "density": 0.5}, ref_peft_weighted("ties")),
-    "magnitude_prune": Case(THREE, {"weights": [0.6, -0.9, 0.4], "density": 0.4},
-                            ref_peft_weighted("magnitude_prune")),
+    "magnitude_prune": Case(THREE, {"weights": [0.6, -0.9, 0.4], "density": 0.4}, ref_peft_weighted("magnitude_prune")),
     "dare_linear": Case(THREE, {"weights": [0.6, 0.9, 0.4], "density": 1.0}, ref_peft_weighted("dare_linear")),
     "dare_ties": Case(THREE, {"weights": [0.6, 0.9, 0.4], "density": 1.0}, ref_peft_weighted("dare_ties")),
-    "ties_svd": Case(("lang-a", "task-b", "wide-d"), {"weights": [0.6, 0.9, 0.4], "density": 0.6},
-                     ref_peft_weighted("ties_svd")),
-    "magnitude_prune_svd": Case(("lang-a", "task-c"), {"weights": [0.8, 0.5], "density": 0.5, "svd_rank": 3},
-                                ref_peft_weighted("magnitude_prune_svd")),
-    "dare_linear_svd": Case(THREE, {"weights": [0.6, 0.9, 0.4], "density": 1.0},
-                            ref_peft_weighted("dare_linear_svd")),
-    "dare_ties_svd": Case(THREE, {"weights": [0.6, 0.9, 0.4], "density": 1.0},
-                          ref_peft_weighted("dare_ties_svd")),
+    "ties_svd": Case(
+        ("lang-a", "task-b", "wide-d"), {"weights": [0.6, 0.9, 0.4], "density": 0.6}, ref_peft_weighted("ties_svd")
+    ),
+    "magnitude_prune_svd": Case(
+        ("lang-a", "task-c"),
+        {"weights": [0.8, 0.5], "density": 0.5, "svd_rank": 3},
+        ref_peft_weighted("magnitude_prune_svd"),
+    ),
+    "dare_linear_svd": Case(THREE, {"weights": [0.6, 0.9, 0.4], "density": 1.0}, ref_peft_weighted("dare_linear_svd")),
+    "dare_ties_svd": Case(THREE, {"weights": [0.6, 0.9, 0.4], "density": 1.0}, ref_peft_weighted("dare_ties_svd")),
     "lorahub": Case(("lang-a", "task-b"), {"weights": [0.8, -0.3]}, ref_lorahub),
     # Uniform CAT (no fitted logits) is linear with 1/k each; fitted logits are tested below.
     "cat": Case(THREE, {}, ref_linear),
@@ -194,8 +210,14 @@ def write_cat_artifact(folder: Path, adapters: list[str], logits: torch.Tensor) 
 
     folder.mkdir(parents=True, exist_ok=True)
     modules = [f"{layer}.{module}" for layer in range(LAYERS) for module in MODULES]
-    doc = {"format": 1, "name": folder.name, "method": "cat", "adapters": adapters, "params": {},
-           "meta": {"modules": modules, "param_ref": "logits"}}
+    doc = {
+        "format": 1,
+        "name": folder.name,
+        "method": "cat",
+        "adapters": adapters,
+        "params": {},
+        "meta": {"modules": modules, "param_ref": "logits"},
+    }
     (folder / "fusion.json").write_text(json.dumps(doc))
     save_file({"logits": logits.contiguous()}, str(folder / "tensors.safetensors"))
     return folder
@@ -214,10 +236,12 @@ def test_cat_fitted_logits_match_reference_and_merge_exactly(studio, tmp_path):
     ours, _ = studio.engine.logits(FusionRequest(fusion=str(folder)), ids)
     by_param, _ = studio.engine.logits(FusionRequest(names, "cat", {"logits": str(folder)}), ids)
     torch.testing.assert_close(ours, by_param, atol=0, rtol=0)
-    per_module = {(layer, module): logits[layer * len(MODULES) + m]
-                  for layer in range(LAYERS) for m, module in enumerate(MODULES)}
-    reference = cat_deltas(studio.pristine, [studio.states[n] for n in names],
-                           [studio.scale(n) for n in names], per_module)
+    per_module = {
+        (layer, module): logits[layer * len(MODULES) + m] for layer in range(LAYERS) for m, module in enumerate(MODULES)
+    }
+    reference = cat_deltas(
+        studio.pristine, [studio.states[n] for n in names], [studio.scale(n) for n in names], per_module
+    )
     torch.testing.assert_close(ours, forward_logits(merged_copy(studio.pristine, reference), ids), **TOL)
     # The engine's own merge fast path (used for generation) gives the unmerged logits too.
     plan = studio.engine.plan(FusionRequest(fusion=str(folder)))
@@ -225,8 +249,9 @@ def test_cat_fitted_logits_match_reference_and_merge_exactly(studio, tmp_path):
         assert not merged.deltas
         in_weights = _plan_logits(studio, merged, ids)
     torch.testing.assert_close(in_weights, ours, **TOL)
-    torch.testing.assert_close(forward_logits(studio.engine.model, ids), forward_logits(studio.pristine, ids),
-                               atol=0, rtol=0)  # restored exactly
+    torch.testing.assert_close(
+        forward_logits(studio.engine.model, ids), forward_logits(studio.pristine, ids), atol=0, rtol=0
+    )  # restored exactly
     uniform, _ = studio.engine.logits(FusionRequest(names, "cat"), ids)
     assert not torch.allclose(ours, uniform, atol=1e-3)
 
@@ -240,8 +265,7 @@ def test_cat_logits_for_other_adapters_are_refused(studio, tmp_path):
 # ---- parameter validation ---------------------------------------------------------------------
 AB = ["lang-a", "task-b"]
 BAD_PARAMS = [  # (method, adapters, params, what the message must say)
-    ("ties", AB, {"density": 1.5},
-     r"parameter 'density' of method 'ties' must lie in \[0.0, 1.0\], got 1.5"),
+    ("ties", AB, {"density": 1.5}, r"parameter 'density' of method 'ties' must lie in \[0.0, 1.0\], got 1.5"),
     ("dare_linear", AB, {"density": -0.1}, r"parameter 'density' of method 'dare_linear' must lie in"),
     ("linear", AB, {"weights": [0.2, 0.3, 0.5]}, r"method 'linear' got 3 weights for 2 adapters"),
     ("lorahub", AB, {"weights": [1.0]}, r"method 'lorahub' got 1 weights for 2 adapters"),
@@ -249,16 +273,17 @@ BAD_PARAMS = [  # (method, adapters, params, what the message must say)
     ("linear", AB, {"wieghts": [0.5, 0.5]}, r"method 'linear' has no parameter 'wieghts'; it takes: weights"),
     ("single", ["lang-a"], {"density": 0.5}, r"method 'single' has no parameter 'density'"),
     ("base", [], {"weights": [1.0]}, r"method 'base' has no parameter 'weights'"),
-    ("ties", AB, {"density": "dense"},
-     r"parameter 'density' of method 'ties' must be of type float, got 'dense'"),
+    ("ties", AB, {"density": "dense"}, r"parameter 'density' of method 'ties' must be of type float, got 'dense'"),
     ("linear", AB, {"weights": "a,b"}, r"parameter 'weights' of method 'linear' must be of type floats"),
-    ("linear", AB, {"weights": [0.5, float("nan")]},
-     r"parameter 'weights' of method 'linear' must be of type floats"),
-    ("linear", AB, {"weights": [0.5, 11.0]},
-     r"parameter 'weights' of method 'linear' must lie in \[-10.0, 10.0\]"),
+    ("linear", AB, {"weights": [0.5, float("nan")]}, r"parameter 'weights' of method 'linear' must be of type floats"),
+    ("linear", AB, {"weights": [0.5, 11.0]}, r"parameter 'weights' of method 'linear' must lie in \[-10.0, 10.0\]"),
     ("dare_ties", AB, {"seed": 1.5}, r"parameter 'seed' of method 'dare_ties' must be of type int, got 1.5"),
-    ("ties", AB, {"majority_sign_method": "vote"},
-     r"parameter 'majority_sign_method' of method 'ties' must be one of total, frequency, got 'vote'"),
+    (
+        "ties",
+        AB,
+        {"majority_sign_method": "vote"},
+        r"parameter 'majority_sign_method' of method 'ties' must be one of total, frequency, got 'vote'",
+    ),
     ("ties_svd", AB, {"svd_rank": -1}, r"parameter 'svd_rank' of method 'ties_svd' must lie in"),
     ("cat", ["lang-a"], {}, r"method 'cat' takes at least 2 adapter\(s\), got 1"),
     ("single", AB, {}, r"method 'single' takes exactly 1 adapter\(s\), got 2"),
@@ -269,8 +294,11 @@ BAD_PARAMS = [  # (method, adapters, params, what the message must say)
 ]
 
 
-@pytest.mark.parametrize("method,adapters,params,message", BAD_PARAMS,
-                         ids=[f"{m}-{'-'.join(map(str, p)) or 'adapters'}" for m, _, p, _ in BAD_PARAMS])
+@pytest.mark.parametrize(
+    "method,adapters,params,message",
+    BAD_PARAMS,
+    ids=[f"{m}-{'-'.join(map(str, p)) or 'adapters'}" for m, _, p, _ in BAD_PARAMS],
+)
 def test_bad_params_are_refused_with_a_named_parameter(studio, method, adapters, params, message):
     with pytest.raises(FusionError, match=message):
         studio.engine.plan(FusionRequest(adapters, method, params))
@@ -337,8 +365,9 @@ def test_lorahub_fit_lowers_the_few_shot_loss(studio, lang_a_records, figures):
     names = ["lang-a", "task-b"]
     start = _loss(studio, FusionRequest(names, "lorahub", {"weights": [0.0, 0.0]}), lang_a_records)
     uniform = _loss(studio, FusionRequest(names, "lorahub"), lang_a_records)
-    artifact = studio.engine.fit("lorahub", names, lang_a_records, budget=12, seed=TEST_SEED, save_as="hub-toy",
-                                 overwrite=True)
+    artifact = studio.engine.fit(
+        "lorahub", names, lang_a_records, budget=12, seed=TEST_SEED, save_as="hub-toy", overwrite=True
+    )
     weights = artifact.params["weights"]
     assert len(weights) == 2 and all(-1.5 <= w <= 1.5 for w in weights)
     assert len(artifact.meta["losses"]) == 12
@@ -374,13 +403,15 @@ def test_lorahub_objective_is_the_reference_normalisation(studio, lang_a_records
     attention = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
     for row, e in enumerate(examples):
-        ids[row, :len(e.input_ids)] = e.input_ids
-        attention[row, :len(e.input_ids)] = 1
-        labels[row, :len(e.input_ids)] = torch.where(e.answer_mask, e.input_ids, -100)
+        ids[row, : len(e.input_ids)] = e.input_ids
+        attention[row, : len(e.input_ids)] = 1
+        labels[row, : len(e.input_ids)] = torch.where(e.answer_mask, e.input_ids, -100)
     expected = []
     for weights in tried[:5]:
-        model = merged_copy(studio.pristine, lorahub_deltas(studio.pristine, [studio.states[n] for n in names],
-                                                            studio.scale(names[0]), weights))
+        model = merged_copy(
+            studio.pristine,
+            lorahub_deltas(studio.pristine, [studio.states[n] for n in names], studio.scale(names[0]), weights),
+        )
         with torch.no_grad():
             loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss.item()  # HF's mean CE
         expected.append(loss / len(examples) + 0.05 * sum(abs(w) for w in weights) / len(weights))
@@ -404,8 +435,12 @@ def test_cat_default_budget_moves_weights_off_uniform(studio, lang_a_records, se
     uniform = _loss(studio, FusionRequest(names, "cat"), lang_a_records)
     language = _loss(studio, FusionRequest(["lang-a"], "single"), lang_a_records)
     fitted = _loss(studio, FusionRequest(fusion=f"cat-budget-{seed}"), lang_a_records)
-    figures.update(mean_shift=float((weights - 0.5).abs().mean()), max_shift=artifact.meta["max_weight_shift"],
-                   gain_over_uniform=uniform - fitted, gain_over_language=language - fitted)
+    figures.update(
+        mean_shift=float((weights - 0.5).abs().mean()),
+        max_shift=artifact.meta["max_weight_shift"],
+        gain_over_uniform=uniform - fitted,
+        gain_over_language=language - fitted,
+    )
     assert figures["mean_shift"] > 0.12 and figures["max_shift"] > 0.3
     assert figures["gain_over_uniform"] > 0.15 and figures["gain_over_language"] > 0.05, (uniform, language, fitted)
 
@@ -418,8 +453,14 @@ def test_cat_fit_lowers_loss_and_reloads_identically(studio, lang_a_records, fig
     the whole (11 or 12 of 21 modules did, so that was not asserted: it sat on the threshold)."""
     names = ["lang-a", "task-b"]
     before = _loss(studio, FusionRequest(names, "cat"), lang_a_records)
-    artifact = studio.engine.fit("cat", names, lang_a_records, train={"epochs": 6, "lr": 0.3, "seed": TEST_SEED},
-                                 save_as="cat-toy", overwrite=True)
+    artifact = studio.engine.fit(
+        "cat",
+        names,
+        lang_a_records,
+        train={"epochs": 6, "lr": 0.3, "seed": TEST_SEED},
+        save_as="cat-toy",
+        overwrite=True,
+    )
     after = _loss(studio, FusionRequest(fusion="cat-toy"), lang_a_records)
     logits = artifact.tensors["logits"]
     assert logits.shape == (LAYERS * len(MODULES), 2)
@@ -431,15 +472,19 @@ def test_cat_fit_lowers_loss_and_reloads_identically(studio, lang_a_records, fig
     ids = studio.ids(seed=8)
     saved, _ = studio.engine.logits(FusionRequest(fusion="cat-toy"), ids)
     # A second engine reading the same folders from disk (on its own copy of the base model).
-    second = Engine(base=BaseModel(copy.deepcopy(studio.pristine), studio.tokenizer, "tiny",
-                                   torch.device("cpu"), torch.float32),
-                    adapters_dir=studio.root / "adapters", fusions_dir=studio.root / "fusions")
+    second = Engine(
+        base=BaseModel(copy.deepcopy(studio.pristine), studio.tokenizer, "tiny", torch.device("cpu"), torch.float32),
+        adapters_dir=studio.root / "adapters",
+        fusions_dir=studio.root / "fusions",
+    )
     reloaded, _ = second.logits(FusionRequest(fusion="cat-toy"), ids)
     torch.testing.assert_close(reloaded, saved, atol=0, rtol=0)
-    per_module = {(layer, module): logits[layer * len(MODULES) + m]
-                  for layer in range(LAYERS) for m, module in enumerate(MODULES)}
-    reference = cat_deltas(studio.pristine, [studio.states[n] for n in names],
-                           [studio.scale(n) for n in names], per_module)
+    per_module = {
+        (layer, module): logits[layer * len(MODULES) + m] for layer in range(LAYERS) for m, module in enumerate(MODULES)
+    }
+    reference = cat_deltas(
+        studio.pristine, [studio.states[n] for n in names], [studio.scale(n) for n in names], per_module
+    )
     torch.testing.assert_close(saved, forward_logits(merged_copy(studio.pristine, reference), ids), **TOL)
 
 
@@ -450,13 +495,16 @@ def _trace(studio, request) -> Trace:
     return event.trace
 
 
-@pytest.mark.parametrize("name,adapters,params,expected", [
-    ("linear", ["lang-a", "task-b"], {"weights": [0.3, 0.7]}, [0.3, 0.7]),
-    ("ties", list(THREE), {"weights": [0.6, 0.9, 0.4]}, [0.6, 0.9, 0.4]),
-    ("lorahub", ["lang-a", "task-b"], {"weights": [1.2, -0.4]}, [1.2, -0.4]),
-    ("single", ["task-b"], {}, [1.0]),
-    ("cat", list(THREE), {}, [1 / 3] * 3),
-])
+@pytest.mark.parametrize(
+    "name,adapters,params,expected",
+    [
+        ("linear", ["lang-a", "task-b"], {"weights": [0.3, 0.7]}, [0.3, 0.7]),
+        ("ties", list(THREE), {"weights": [0.6, 0.9, 0.4]}, [0.6, 0.9, 0.4]),
+        ("lorahub", ["lang-a", "task-b"], {"weights": [1.2, -0.4]}, [1.2, -0.4]),
+        ("single", ["task-b"], {}, [1.0]),
+        ("cat", list(THREE), {}, [1 / 3] * 3),
+    ],
+)
 def test_static_trace_repeats_fixed_weights(studio, name, adapters, params, expected):
     trace = _trace(studio, FusionRequest(adapters, name, params))
     prompt = len(studio.engine.encode_messages("say apple"))
@@ -497,8 +545,13 @@ def test_trace_json_round_trip_and_csv(studio, tmp_path):
     assert trace.shape == (5, LAYERS, 2)
     path = trace.save(tmp_path / "trace.json")
     back = Trace.load(path)
-    assert (back.tokens, back.slot_names, back.kind, back.method, back.prompt_tokens) == \
-        (tokens, ["lang-a", "task-b"], "static", "linear", 3)
+    assert (back.tokens, back.slot_names, back.kind, back.method, back.prompt_tokens) == (
+        tokens,
+        ["lang-a", "task-b"],
+        "static",
+        "linear",
+        3,
+    )
     torch.testing.assert_close(back.weights, trace.weights, atol=0, rtol=0)
     rows = list(csv.reader(io.StringIO(trace.to_csv())))
     assert rows[0] == ["token_index", "token", "is_prompt", "layer", "lang-a", "task-b"]
@@ -526,7 +579,7 @@ def test_top_magnitude_equals_peft_pruning(density):
 def test_top_magnitude_with_equal_magnitudes_keeps_exactly_k_of_the_largest():
     from fusion.methods.task_arithmetic import top_magnitude
 
-    x = (torch.randint(-4, 5, (30, 20), generator=torch.Generator().manual_seed(1)).float() / 4)
+    x = torch.randint(-4, 5, (30, 20), generator=torch.Generator().manual_seed(1)).float() / 4
     for density in (0.1, 0.35, 0.5, 0.8):
         k = int(density * x.numel())
         kept = top_magnitude(x, density) != 0

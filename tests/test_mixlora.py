@@ -7,21 +7,28 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import MODULES, TEST_SEED, shape_of
+from mixlora_helpers import (
+    ATTENTION,
+    FFN,
+    make_engine,
+    mixlora_config,
+    mixlora_state,
+    reference_model,
+    saved_tiny_model,
+    write_mixlora,
+)
 
 from fusion.engine import FusionRequest
 from fusion.errors import FusionError
-from fusion.methods import get_method
+from fusion.methods import get_method, mixlora_training
 from fusion.methods.base import BuildContext
-from fusion.methods import mixlora_training
-from fusion.methods.mixlora_ffn import routed_ffn
 from fusion.methods.mixlora_checkpoint import load_mixlora
+from fusion.methods.mixlora_ffn import routed_ffn
 from fusion.methods.mixlora_training import load_balancing_loss
 from fusion.runtime import Run, activate
 from fusion.trace import build_trace
 from fusion.training import Example, mean_answer_loss
-from helpers import MODULES, TEST_SEED, shape_of
-from mixlora_helpers import (ATTENTION, FFN, make_engine, mixlora_config, mixlora_state, reference_model,
-                             saved_tiny_model, write_mixlora)
 
 LAYERS = 2
 
@@ -36,10 +43,13 @@ def ids(batch=2, length=7, seed=0):
     return torch.randint(3, 90, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("fmt, targets, extra", [
-    ("bin", MODULES, {}),
-    ("safetensors", ("q_proj", "v_proj", "gate_proj", "down_proj"), {"use_rslora": True, "top_k": 1}),
-])
+@pytest.mark.parametrize(
+    "fmt, targets, extra",
+    [
+        ("bin", MODULES, {}),
+        ("safetensors", ("q_proj", "v_proj", "gate_proj", "down_proj"), {"use_rslora": True, "top_k": 1}),
+    ],
+)
 def test_logits_equal_reference_package(base, tmp_path, fmt, targets, extra):
     model, folder = base
     state = mixlora_state(model, num_experts=4, rank=4, seed=1, targets=targets)
@@ -69,15 +79,17 @@ def dense_mixture_model(folder, state, scale, num_experts):
         def __init__(self, mlp, layer):
             super().__init__()
             self.router = state[f"mixlora.layers.{layer}.mlp.moe_gate.weight"]
-            self.experts = [{m: merged(getattr(mlp, m), f"mixlora.layers.{layer}.mlp.{m}.experts.{e}")
-                             for m in FFN} for e in range(num_experts)]
+            self.experts = [
+                {m: merged(getattr(mlp, m), f"mixlora.layers.{layer}.mlp.{m}.experts.{e}") for m in FFN}
+                for e in range(num_experts)
+            ]
 
         def forward(self, x):
             probs = torch.softmax(x @ self.router.T, dim=-1)  # (B, T, E)
             out = 0
             for e, w in enumerate(self.experts):
                 y = (F.silu(x @ w["gate_proj"].T) * (x @ w["up_proj"].T)) @ w["down_proj"].T
-                out = out + probs[..., e:e + 1] * y
+                out = out + probs[..., e : e + 1] * y
             return out
 
     with torch.no_grad():
@@ -125,9 +137,11 @@ def test_routed_ffn_equals_per_token_loop(base):
                 p = torch.softmax(router @ h, dim=-1)
                 top = torch.topk(p, k)
                 for weight, e in zip(top.values / top.values.sum(), top.indices.tolist()):
-                    def delta(module, v):
+
+                    def delta(module, v, e=e):
                         A, B = experts[module]
                         return B[e] @ (A[e] @ v)
+
                     gate = mlp.gate_proj.weight @ h + delta("gate_proj", h)
                     up = mlp.up_proj.weight @ h + delta("up_proj", h)
                     m = F.silu(gate) * up
@@ -138,8 +152,11 @@ def test_routed_ffn_equals_per_token_loop(base):
 
 def test_trace_records_router_probabilities_and_chosen_experts(base, tmp_path):
     model, folder = base
-    write_mixlora(tmp_path / "adapters" / "mix", mixlora_config(folder, num_experts=4, top_k=2),
-                  mixlora_state(model, num_experts=4, seed=5))
+    write_mixlora(
+        tmp_path / "adapters" / "mix",
+        mixlora_config(folder, num_experts=4, top_k=2),
+        mixlora_state(model, num_experts=4, seed=5),
+    )
     engine = make_engine(model, tmp_path)
     _, run = engine.logits(FusionRequest(["mix"], "mixlora"), ids(length=6), record=True)
     trace = build_trace(run, [f"t{i}" for i in range(6)], 3, LAYERS)
@@ -185,7 +202,7 @@ def toy_examples(n=8):
         prompt = torch.randint(10, 40, (3 + i % 3,), generator=g)
         ids = torch.cat([torch.tensor([1]), prompt, torch.tensor([3]), prompt, torch.tensor([2])])
         mask = torch.zeros(len(ids), dtype=torch.bool)
-        mask[len(prompt) + 2:] = True
+        mask[len(prompt) + 2 :] = True
         examples.append(Example(ids, mask))
     return examples
 
@@ -204,13 +221,30 @@ def test_training_lowers_loss_and_reference_package_loads_the_result(tmp_path, m
     before = mean_answer_loss(model, None, examples, 0, "cpu")
     masks = []  # the load-balance loss must see each batch's padding mask
     real_loss = mixlora_training.load_balancing_loss
-    monkeypatch.setattr(mixlora_training, "load_balancing_loss",
-                        lambda logits, e, k, mask: masks.append(mask) or real_loss(logits, e, k, mask))
+    monkeypatch.setattr(
+        mixlora_training,
+        "load_balancing_loss",
+        lambda logits, e, k, mask: masks.append(mask) or real_loss(logits, e, k, mask),
+    )
     steps = []
-    result = method.fit(engine.ctx, [], examples, params,
-                        {"train": {"lr": 1e-2, "batch_size": 4, "epochs": 10, "max_steps": 16,
-                                   "warmup_ratio": 0.0, "seed": TEST_SEED}, "pad_id": 0},
-                        on_progress=steps.append)
+    result = method.fit(
+        engine.ctx,
+        [],
+        examples,
+        params,
+        {
+            "train": {
+                "lr": 1e-2,
+                "batch_size": 4,
+                "epochs": 10,
+                "max_steps": 16,
+                "warmup_ratio": 0.0,
+                "seed": TEST_SEED,
+            },
+            "pad_id": 0,
+        },
+        on_progress=steps.append,
+    )
     assert len(result.losses) == 16 and steps[-1].step == 16
     assert len(masks) == 16 and all(m is not None for m in masks) and any((m == 0).any() for m in masks)
     adapter = engine.library.save_adapter("trained", result.save_adapter)
@@ -233,8 +267,8 @@ def test_training_lowers_loss_and_reference_package_loads_the_result(tmp_path, m
 
 def test_initial_adapter_is_the_base_model(base, tmp_path):
     """B starts at zero, so before any step MixLoRA computes exactly the base model."""
-    from fusion.methods.mixlora_training import config_from_params, initial_adapter
     from fusion.methods.mixlora_ffn import plan_from_adapter
+    from fusion.methods.mixlora_training import config_from_params, initial_adapter
 
     model, _ = base
     engine = make_engine(model, tmp_path)
@@ -259,6 +293,7 @@ def _set(**values):
             if value is None:
                 config.pop(key)
         return state
+
     return change
 
 
@@ -267,18 +302,26 @@ def _router_shape(config, state):
     return state
 
 
-@pytest.mark.parametrize("change, message", [
-    (_set(num_experts=None), r"has no 'num_experts'"),
-    (_set(num_experts=0), r"'num_experts' is 0"),
-    (_set(top_k=5), r"'top_k' is 5; expected an integer in 1\.\.4"),
-    (_set(act_fn="no-such-act"), r"act_fn 'no-such-act'"),
-    (_set(routing_strategy="switch"), r"routing_strategy 'switch'"),
-    (_router_shape, r"mixlora\.layers\.1\.mlp\.moe_gate\.weight has shape \(4, 31\); expected \(4, 32\)"),
-    (_drop("mlp.up_proj.experts.3.lora_B"),
-     r"tensor mixlora\.layers\.0\.mlp\.up_proj\.experts\.3\.lora_B\.weight is missing \(expected shape \(72, 4\)\)"),
-    (_set(num_experts=3, top_k=2), r"expert 3 .* num_experts is 3"),
-    (_set(target_modules=["query_key_value", "dense"]), r"target_modules name query_key_value, dense, which are not"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_set(num_experts=None), r"has no 'num_experts'"),
+        (_set(num_experts=0), r"'num_experts' is 0"),
+        (_set(top_k=5), r"'top_k' is 5; expected an integer in 1\.\.4"),
+        (_set(act_fn="no-such-act"), r"act_fn 'no-such-act'"),
+        (_set(routing_strategy="switch"), r"routing_strategy 'switch'"),
+        (_router_shape, r"mixlora\.layers\.1\.mlp\.moe_gate\.weight has shape \(4, 31\); expected \(4, 32\)"),
+        (
+            _drop("mlp.up_proj.experts.3.lora_B"),
+            r"tensor mixlora\.layers\.0\.mlp\.up_proj\.experts\.3\.lora_B\.weight is missing \(expected shape \(72, 4\)\)",
+        ),
+        (_set(num_experts=3, top_k=2), r"expert 3 .* num_experts is 3"),
+        (
+            _set(target_modules=["query_key_value", "dense"]),
+            r"target_modules name query_key_value, dense, which are not",
+        ),
+    ],
+)
 def test_bad_checkpoints_fail_with_one_sentence(base, tmp_path, change, message):
     model, folder = base
     config = mixlora_config(folder, num_experts=4)
@@ -293,8 +336,12 @@ def test_bad_checkpoints_fail_with_one_sentence(base, tmp_path, change, message)
 
 def test_library_summary_and_method_guards(base, tmp_path):
     model, folder = base
-    write_mixlora(tmp_path / "adapters" / "mix", mixlora_config(folder, num_experts=4, top_k=2),
-                  mixlora_state(model, seed=10), fmt="safetensors")
+    write_mixlora(
+        tmp_path / "adapters" / "mix",
+        mixlora_config(folder, num_experts=4, top_k=2),
+        mixlora_state(model, seed=10),
+        fmt="safetensors",
+    )
     engine = make_engine(model, tmp_path)
     summary = {s["name"]: s for s in engine.adapters()}["mix"]
     assert summary["kind"] == "mixlora" and summary["num_experts"] == 4 and summary["top_k"] == 2

@@ -9,16 +9,16 @@ import time
 
 import pytest
 import torch
-
 from app_fixtures import app_engine  # noqa: F401  (fixture)
 from conftest import HIDDEN, LAYERS
+from mixlora_helpers import mixlora_config, mixlora_state, write_mixlora
+
 from fusion.batched import Layout, RowCache, decode_step
 from fusion.engine import FusionRequest
 from fusion.generate import Sampling, stream_tokens
 from fusion.methods.lora_flow import save_released_gates
 from fusion.runtime import Run, activate
 from fusion.scheduler import Scheduler
-from mixlora_helpers import mixlora_config, mixlora_state, write_mixlora
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,9 @@ def requests(studio, tmp_path_factory) -> dict[str, FusionRequest]:
         save_released_gates(W, b, root / f"gates{k}.pt")
         gates[k] = str(root / f"gates{k}.pt")
     model = studio.pristine
-    mix = write_mixlora(root / "mix", mixlora_config("tiny", num_experts=4, top_k=2),
-                        mixlora_state(model, num_experts=4, seed=5))
+    mix = write_mixlora(
+        root / "mix", mixlora_config("tiny", num_experts=4, top_k=2), mixlora_state(model, num_experts=4, seed=5)
+    )
     pair = ["lang-a", "task-b"]
     return {
         "base": FusionRequest(),
@@ -41,8 +42,7 @@ def requests(studio, tmp_path_factory) -> dict[str, FusionRequest]:
         "linear": FusionRequest(pair, "linear", {"weights": [0.7, 0.4]}),
         "cat": FusionRequest(["lang-a", "task-c"], "cat"),
         "flow2": FusionRequest(pair, "lora_flow", {"gates": gates[2]}),
-        "flow3": FusionRequest(["lang-a", "task-b", "task-c"], "lora_flow",
-                               {"gates": gates[3], "temperature": 1.1}),
+        "flow3": FusionRequest(["lang-a", "task-b", "task-c"], "lora_flow", {"gates": gates[3], "temperature": 1.1}),
         "mixlora": FusionRequest([str(mix)], "mixlora"),
         "ties": FusionRequest(pair, "ties", {"density": 0.5}),
         "wide": FusionRequest(["wide-d", "task-b"], "linear"),
@@ -84,8 +84,7 @@ def assert_batched_equals_solo(model, plans: dict, prompts: dict, steps: int, la
     def join(name):
         cache, run = DynamicCache(config=model.config), Run(plans[name], record=True)
         with torch.inference_mode(), activate(run):
-            first = model(input_ids=torch.tensor([prompts[name]]), past_key_values=cache,
-                          use_cache=True).logits[0, -1]
+            first = model(input_ids=torch.tensor([prompts[name]]), past_key_values=cache, use_cache=True).logits[0, -1]
         state[name] = [RowCache(cache, len(prompts[name]) + steps + 1), run, 0, [first]]
 
     for name in names:
@@ -132,14 +131,18 @@ def test_mixed_batch_logits_and_traces_equal_solo_runs(studio, requests):
 def test_mixed_batch_on_the_embedded_model(app_engine):
     """The same on the embedded model (30 layers) with LoRAs of its shape: base, linear,
     LoRA-Flow and MixLoRA, prompts of different lengths, LoRA-Flow joining mid-way."""
-    from app_fixtures import LAYERS as EMBEDDED_LAYERS, MIXLORA
+    from app_fixtures import LAYERS as EMBEDDED_LAYERS
+    from app_fixtures import MIXLORA
 
     engine = app_engine
     if MIXLORA not in {a["name"] for a in engine.adapters()}:
         pytest.skip("this engine has no mixlora method")
-    requests = {"base": FusionRequest(), "linear": FusionRequest(["lang-es", "task-math"], "linear"),
-                "flow": FusionRequest(["lang-ru", "task-math"], "lora_flow"),
-                "mixlora": FusionRequest([MIXLORA], "mixlora")}
+    requests = {
+        "base": FusionRequest(),
+        "linear": FusionRequest(["lang-es", "task-math"], "linear"),
+        "flow": FusionRequest(["lang-ru", "task-math"], "lora_flow"),
+        "mixlora": FusionRequest([MIXLORA], "mixlora"),
+    }
     plans = {n: engine.plan(r) for n, r in requests.items()}
     prompts = {n: engine.encode_messages("Count to " + "three " * (1 + 4 * i)) for i, n in enumerate(requests)}
     assert_batched_equals_solo(engine.model, plans, prompts, 3, {"flow"}, EMBEDDED_LAYERS)
@@ -174,8 +177,9 @@ def test_engine_streams_in_one_batch_equal_solo_streams(studio, requests):
     prompts = {n: prompt(studio, 4 + 3 * i, seed=10 + i) for i, n in enumerate(requests)}
     solo = {}
     for name, request in requests.items():
-        final, _ = collect(stream_tokens(engine.model, engine.tokenizer, Run(engine.plan(request)), prompts[name],
-                                         sampling))
+        final, _ = collect(
+            stream_tokens(engine.model, engine.tokenizer, Run(engine.plan(request)), prompts[name], sampling)
+        )
         solo[name] = final
     results = {}
 
@@ -210,12 +214,16 @@ def test_seeded_sampling_and_cancel_of_one_row(studio, requests):
     cancelling one row ends it at once without changing the others."""
     engine = studio.engine
     scheduler = Scheduler(engine.model, engine.tokenizer, merge_static=False)
-    cases = [("flow2", Sampling(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=3)),
-             ("linear", Sampling(max_new_tokens=10, temperature=1.3, top_k=20, seed=4)),
-             ("mixlora", Sampling(max_new_tokens=10, temperature=0.7, seed=5))]
+    cases = [
+        ("flow2", Sampling(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=3)),
+        ("linear", Sampling(max_new_tokens=10, temperature=1.3, top_k=20, seed=4)),
+        ("mixlora", Sampling(max_new_tokens=10, temperature=0.7, seed=5)),
+    ]
     ids = prompt(studio, 7, seed=2)
-    solo = [collect(stream_tokens(engine.model, engine.tokenizer, Run(engine.plan(requests[n])), ids, s))[0]
-            for n, s in cases]
+    solo = [
+        collect(stream_tokens(engine.model, engine.tokenizer, Run(engine.plan(requests[n])), ids, s))[0]
+        for n, s in cases
+    ]
     cancel = threading.Event()
     victim = scheduler.stream(engine.plan(requests["cat"]), ids, Sampling(max_new_tokens=50), cancel)
     streams = [scheduler.stream(engine.plan(requests[n]), ids, s) for n, s in cases]
@@ -328,8 +336,10 @@ def test_many_prompts_at_once_come_back_in_order(studio, requests):
     plan = engine.plan(requests["flow3"])
     prompts = [prompt(studio, 3 + 2 * i, seed=40 + i) for i in range(5)]
     sampling = Sampling(max_new_tokens=5)
-    solo = [collect(stream_tokens(engine.model, engine.tokenizer, Run(plan), ids, sampling, record_trace=False))[0]
-            for ids in prompts]
+    solo = [
+        collect(stream_tokens(engine.model, engine.tokenizer, Run(plan), ids, sampling, record_trace=False))[0]
+        for ids in prompts
+    ]
     finals = list(scheduler.finals(plan, prompts, sampling))
     assert [f.token_ids for f in finals] == [s.token_ids for s in solo]
     assert [f.text for f in finals] == [s.text for s in solo] and all(f.trace is None for f in finals)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from app_fixtures import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,8 +70,12 @@ def backend(library):
     pytest.importorskip("ray.serve", reason="ray[serve] is in requirements-scale.txt")
     from fusion import serve
 
-    options = {"model": "default", "adapters_dir": str(library / "adapters"),
-               "fusions_dir": str(library / "fusions"), "threads": 1}
+    options = {
+        "model": "default",
+        "adapters_dir": str(library / "adapters"),
+        "fusions_dir": str(library / "fusions"),
+        "threads": 1,
+    }
     url = serve.start(2, options, port=free_port(), cpus_per_replica=1.0, num_cpus=2)
     try:
         yield url
@@ -112,7 +115,8 @@ def test_library_and_methods_come_from_the_replicas(backend, local):
     assert [f["name"] for f in remote.fusions()] == [f["name"] for f in local.fusions()]
     assert [m["name"] for m in remote.methods()] == [m["name"] for m in local.methods()]
     assert remote.describe(FusionRequest(fusion="es-math-flow")) == RequestInfo(
-        "lora_flow", ["lang-es", "task-math"], "es-math-flow")
+        "lora_flow", ["lang-es", "task-math"], "es-math-flow"
+    )
     assert remote.base_info() == local.base_info()
 
 
@@ -127,8 +131,9 @@ def test_a_fusion_saved_on_the_host_reaches_every_replica(backend, library, loca
     assert "es-math-flow-2" in {f["name"] for f in remote.fusions()}
     sampling = Sampling(max_new_tokens=6)
     with ThreadPoolExecutor(6) as pool:
-        events = list(pool.map(lambda _: remote.generate(FusionRequest(fusion="es-math-flow-2"), PROMPT, sampling),
-                               range(6)))
+        events = list(
+            pool.map(lambda _: remote.generate(FusionRequest(fusion="es-math-flow-2"), PROMPT, sampling), range(6))
+        )
     want = local.generate(FusionRequest(fusion="es-math-flow"), PROMPT, sampling)
     assert len({e.replica for e in events}) == 2
     assert all(e.token_ids == want.token_ids for e in events)
@@ -157,8 +162,9 @@ def test_cancel_stops_a_remote_reply(backend):
     remote = RemoteEngine(backend)
     cancel = threading.Event()
     events = []
-    for event in remote.stream(FusionRequest(fusion="es-math-flow"), PROMPT, Sampling(max_new_tokens=200),
-                               cancel=cancel):
+    for event in remote.stream(
+        FusionRequest(fusion="es-math-flow"), PROMPT, Sampling(max_new_tokens=200), cancel=cancel
+    ):
         events.append(event)
         if len(events) == 3:
             cancel.set()
@@ -178,8 +184,7 @@ def test_replica_killed_mid_reply_fails_over_then_serves_again(backend, local):
         seen.append(event)
         if killed is None and len(event.token_ids) == 3:
             killed = event.replica
-            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                     if a["name"].endswith(killed)]
+            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith(killed)]
             assert len(names) == 1, names
             ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=False)
     assert killed is not None
@@ -196,17 +201,26 @@ def test_replica_killed_mid_reply_fails_over_then_serves_again(backend, local):
 
 
 def test_app_runs_on_the_backend(backend, local):
+    from app_fixtures import running_app
     from gradio_client import Client
 
     from app import open_engine, parse_args
-    from app_fixtures import running_app
 
     engine = open_engine(parse_args(["--backend", backend]))
     assert isinstance(engine, RemoteEngine)
     with running_app(engine) as (_, url):
         client = Client(url, verbose=False)
-        got = client.predict(adapters=[], method="", params="{}", prompt=PROMPT, max_new_tokens=12,
-                             temperature=0.0, fusion="es-math-flow", system="", api_name="/generate")
+        got = client.predict(
+            adapters=[],
+            method="",
+            params="{}",
+            prompt=PROMPT,
+            max_new_tokens=12,
+            temperature=0.0,
+            fusion="es-math-flow",
+            system="",
+            api_name="/generate",
+        )
         listing = client.predict(api_name="/adapters")
     want = local.generate(FusionRequest(fusion="es-math-flow"), PROMPT, Sampling(max_new_tokens=12))
     assert got["text"] == want.text and got["method"] == "lora_flow"
@@ -257,14 +271,19 @@ def test_both_backends_give_the_same_answers(either, local):
     config = local.model.config
     info = either.base_info()
     assert (info.num_layers, info.hidden_size, info.device, info.dtype) == (
-        config.num_hidden_layers, config.hidden_size, "cpu", "float32")
+        config.num_hidden_layers,
+        config.hidden_size,
+        "cpu",
+        "float32",
+    )
     assert info.name == local.base.name
     assert [a["name"] for a in either.adapters()] == sorted(p.name for p in ADAPTERS.iterdir())
     assert [f["name"] for f in either.fusions()] == sorted(p.name for p in fusions.iterdir())
     assert either.library_errors() == {}
     assert either.rescan() is None and len(either.fusions()) == len(list(fusions.iterdir()))
     assert either.describe(FusionRequest(fusion="es-math-flow")) == RequestInfo(
-        "lora_flow", ["lang-es", "task-math"], "es-math-flow")
+        "lora_flow", ["lang-es", "task-math"], "es-math-flow"
+    )
     assert either.describe(FusionRequest(["lang-es"], "base")) == RequestInfo("base", [], None)
     with pytest.raises(FusionError, match="no-such-method"):
         either.describe(FusionRequest(["lang-es"], "no-such-method"))

@@ -21,8 +21,9 @@ def _folders(root: Path) -> list[Path]:
 
 
 def test_library_size_budget():
-    total = sum(f.stat().st_size for root in (ADAPTERS, FUSIONS) if root.is_dir()
-                for f in root.rglob("*") if f.is_file())
+    total = sum(
+        f.stat().st_size for root in (ADAPTERS, FUSIONS) if root.is_dir() for f in root.rglob("*") if f.is_file()
+    )
     assert total <= BUDGET_MB * 1e6, f"assets/adapters + assets/fusions hold {total / 1e6:.1f} MB"
 
 

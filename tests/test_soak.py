@@ -20,7 +20,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from app_fixtures import MIXLORA, app_engine, app_url  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*(no_silent_downcasting|copy keyword)")
@@ -40,19 +39,38 @@ def strong(app_engine, tmp_path_factory) -> tuple[str, str]:
     from helpers import lora_state, write_lora
 
     root = tmp_path_factory.mktemp("soak-adapters")
-    return tuple(str(write_lora(root / f"soak-{seed}", app_engine.model, rank=4, alpha=8.0,
-                                state=lora_state(app_engine.model, rank=4, seed=seed, std=0.05)))
-                 for seed in (11, 12))
+    return tuple(
+        str(
+            write_lora(
+                root / f"soak-{seed}",
+                app_engine.model,
+                rank=4,
+                alpha=8.0,
+                state=lora_state(app_engine.model, rank=4, seed=seed, std=0.05),
+            )
+        )
+        for seed in (11, 12)
+    )
 
 
 def good_requests(strong) -> list[tuple]:
     """/generate arguments: (adapters, method, params, prompt, max_new_tokens, temperature)."""
     a, b = strong
-    fusions = [([], "base", {}), ([a], "single", {}), ([a, b], "linear", {"weights": "0.7, 0.3"}),
-               ([a, b], "ties", {"density": 0.5}), ([a, b], "lorahub", {"weights": "1.2, -0.4"}),
-               ([a, b], "cat", {}), ([a, b], "lora_flow", {}), ([MIXLORA], "mixlora", {})]
-    return [(adapters, method, json.dumps(params), prompt, tokens, 0.0)
-            for adapters, method, params in fusions for prompt, tokens in zip(PROMPTS, (1, 2))]
+    fusions = [
+        ([], "base", {}),
+        ([a], "single", {}),
+        ([a, b], "linear", {"weights": "0.7, 0.3"}),
+        ([a, b], "ties", {"density": 0.5}),
+        ([a, b], "lorahub", {"weights": "1.2, -0.4"}),
+        ([a, b], "cat", {}),
+        ([a, b], "lora_flow", {}),
+        ([MIXLORA], "mixlora", {}),
+    ]
+    return [
+        (adapters, method, json.dumps(params), prompt, tokens, 0.0)
+        for adapters, method, params in fusions
+        for prompt, tokens in zip(PROMPTS, (1, 2))
+    ]
 
 
 BAD_REQUESTS = [  # /generate arguments and a fragment of the expected error
@@ -95,8 +113,13 @@ def test_soak_mixed_requests_stay_correct_and_memory_levels_off(app_engine, app_
     schedule = []  # (kind, index)
     for _ in range(REQUESTS):
         roll = picker.random()
-        schedule.append(("bad", picker.randrange(len(BAD_REQUESTS))) if roll < 0.12 else
-                        ("list", picker.randrange(2)) if roll < 0.2 else ("good", picker.randrange(len(goods))))
+        schedule.append(
+            ("bad", picker.randrange(len(BAD_REQUESTS)))
+            if roll < 0.12
+            else ("list", picker.randrange(2))
+            if roll < 0.2
+            else ("good", picker.randrange(len(goods)))
+        )
 
     clients = [Client(app_url, verbose=False) for _ in range(CLIENTS)]
     lock = threading.Lock()
@@ -139,10 +162,12 @@ def test_soak_mixed_requests_stay_correct_and_memory_levels_off(app_engine, app_
     seconds = time.perf_counter() - began
     raw_end, rss_end = rss_mb()
     done = len(outcomes)
-    print(f"\nsoak: {done} requests ({WARMUP} warm-up in {warm_seconds:.1f} s) in {seconds:.1f} s, "
-          f"{done / seconds:.1f}/s with {CLIENTS} clients; RSS after warm-up {rss_warm:.0f} MB "
-          f"({raw_warm:.0f} before trimming), at the end {rss_end:.0f} MB ({raw_end:.0f}): "
-          f"{rss_end - rss_warm:+.0f} MB")
+    print(
+        f"\nsoak: {done} requests ({WARMUP} warm-up in {warm_seconds:.1f} s) in {seconds:.1f} s, "
+        f"{done / seconds:.1f}/s with {CLIENTS} clients; RSS after warm-up {rss_warm:.0f} MB "
+        f"({raw_warm:.0f} before trimming), at the end {rss_end:.0f} MB ({raw_end:.0f}): "
+        f"{rss_end - rss_warm:+.0f} MB"
+    )
 
     for kind, which, result in outcomes:
         if kind == "good":

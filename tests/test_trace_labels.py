@@ -45,8 +45,14 @@ def test_highlighted_reply_leaves_partial_tokens_empty():
     from fusion.plots import token_scores
     from fusion.trace import Trace
 
-    trace = Trace(torch.tensor([[[0.5, 0.5]], [[0.2, 0.8]], [[0.9, 0.1]]]), ["Q", PART_OF_NEXT, "答"],
-                  ["lang-zh", "task-math"], "gate", "lora_flow", prompt_tokens=1)
+    trace = Trace(
+        torch.tensor([[[0.5, 0.5]], [[0.2, 0.8]], [[0.9, 0.1]]]),
+        ["Q", PART_OF_NEXT, "答"],
+        ["lang-zh", "task-math"],
+        "gate",
+        "lora_flow",
+        prompt_tokens=1,
+    )
     scores = token_scores(trace)
     assert [text for text, _ in scores] == ["", "答"]
     assert [s for _, s in scores] == [0.6, -0.8]  # task minus language weight
@@ -61,8 +67,7 @@ def test_split_characters_read_as_text_on_the_heatmap_axis_and_in_hover():
     tokens = ["Q", PART_OF_NEXT, "答", PART_OF_NEXT, PART_OF_NEXT, "案是", "О", "т"]
     assert plots.readable_tokens(tokens) == ["Q", "·答", "答", "·案", "·案", "案是", "О", "т"]
     assert plots.readable_tokens([PART_OF_NEXT]) == [PART_OF_NEXT]  # never completed: left as it was
-    trace = Trace(torch.rand(len(tokens), 2, 2), tokens, ["lang-zh", "task-math"], "gate", "lora_flow",
-                  prompt_tokens=1)
+    trace = Trace(torch.rand(len(tokens), 2, 2), tokens, ["lang-zh", "task-math"], "gate", "lora_flow", prompt_tokens=1)
     figure = plots.heatmap(trace, plots.VIEW_ALL)
     assert list(figure.layout.xaxis.ticktext) == ["Q", "·答", "答", "·案", "·案", "案是", "О", "т"]
     assert "part of '案'" in figure.data[0].text[0][3]

@@ -44,12 +44,18 @@ def register_api(engine: Backend) -> None:
 
     def adapters() -> dict:
         """The library: adapters (name, kind, role, rank, targets, …), saved fitted fusions and load errors."""
-        return plain({"adapters": engine.adapters(), "fusions": engine.fusions(),
-                      "errors": engine.library_errors()})
+        return plain({"adapters": engine.adapters(), "fusions": engine.fusions(), "errors": engine.library_errors()})
 
-    def generate(adapters: list[str] | str = "", method: str = "base", params: str = "{}", prompt: str = "",
-                 max_new_tokens: int = 64, temperature: float = 0.0, fusion: str = "",
-                 system: str = "") -> dict:
+    def generate(
+        adapters: list[str] | str = "",
+        method: str = "base",
+        params: str = "{}",
+        prompt: str = "",
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        fusion: str = "",
+        system: str = "",
+    ) -> dict:
         """One reply from the fused model. `adapters`: list or comma-separated names (slot order);
         `params`: JSON object of the method's parameters; `fusion`: a saved fusion (overrides method
         and adapters). Returns text, timings and a trace summary {shape, slot_names, kind}."""
@@ -60,11 +66,18 @@ def register_api(engine: Backend) -> None:
             info = engine.describe(request)
         except Exception as exc:
             _fail(exc)
-        return {"text": event.text, "method": info.method, "adapters": info.adapters,
-                "fusion": fusion or None, "finish_reason": event.finish_reason,
-                "new_tokens": len(event.token_ids), "prompt_tokens": event.prompt_tokens,
-                "seconds_to_first_token": event.seconds_to_first_token,
-                "tokens_per_second": event.tokens_per_second, "trace": plots.trace_summary(event.trace)}
+        return {
+            "text": event.text,
+            "method": info.method,
+            "adapters": info.adapters,
+            "fusion": fusion or None,
+            "finish_reason": event.finish_reason,
+            "new_tokens": len(event.token_ids),
+            "prompt_tokens": event.prompt_tokens,
+            "seconds_to_first_token": event.seconds_to_first_token,
+            "tokens_per_second": event.tokens_per_second,
+            "trace": plots.trace_summary(event.trace),
+        }
 
     def compare(prompt: str, columns: str, max_new_tokens: int = 64, temperature: float = 0.0) -> list[dict]:
         """Several fusions on one prompt, advanced together. `columns`: JSON list (2–4) of
@@ -79,8 +92,11 @@ def register_api(engine: Backend) -> None:
                 if not isinstance(spec, dict):
                     raise FusionError("each column must be a JSON object with method, adapters and params")
                 try:
-                    requests.append(build_request(spec.get("method", "base"), spec.get("adapters"), spec.get("params"),
-                                               spec.get("fusion")))
+                    requests.append(
+                        build_request(
+                            spec.get("method", "base"), spec.get("adapters"), spec.get("params"), spec.get("fusion")
+                        )
+                    )
                 except FusionError as exc:
                     requests.append(exc)
             sampling = Sampling(max_new_tokens=int(max_new_tokens), temperature=float(temperature)).validate()
@@ -91,9 +107,18 @@ def register_api(engine: Backend) -> None:
             _fail(exc)
         return [r.summary() for r in results]
 
-    def fit(method: str, adapters: list[str] | str, examples: str, save_as: str, params: str = "{}",
-            epochs: int = 1, lr: float = 0.0, batch_size: int = 4, max_steps: int = 0,
-            overwrite: bool = False) -> dict:
+    def fit(
+        method: str,
+        adapters: list[str] | str,
+        examples: str,
+        save_as: str,
+        params: str = "{}",
+        epochs: int = 1,
+        lr: float = 0.0,
+        batch_size: int = 4,
+        max_steps: int = 0,
+        overwrite: bool = False,
+    ) -> dict:
         """Fit a method (lora_flow, cat, lorahub, …) on JSONL examples ({"prompt", "response"} per
         line) and save it under `save_as`; lr 0 = the method's default. Returns the saved fusion."""
         from .fit import check_free_name, train_options
@@ -103,13 +128,25 @@ def register_api(engine: Backend) -> None:
                 raise FusionError("save_as is required: the fitted fusion is saved under that name")
             train = train_options(epochs, lr, batch_size, max_steps)
             check_free_name(engine, save_as.strip(), bool(overwrite), method)
-            artifact = engine.fit(method, parse_adapters(adapters), examples, parse_params(params), train=train,
-                                  save_as=save_as.strip(), overwrite=bool(overwrite))
+            artifact = engine.fit(
+                method,
+                parse_adapters(adapters),
+                examples,
+                parse_params(params),
+                train=train,
+                save_as=save_as.strip(),
+                overwrite=bool(overwrite),
+            )
         except Exception as exc:
             _fail(exc)
-        return {"name": artifact.name, "method": artifact.method, "adapters": artifact.adapters,
-                "losses": artifact.meta.get("losses", []), "seconds": artifact.meta.get("seconds"),
-                "folder": artifact.path}
+        return {
+            "name": artifact.name,
+            "method": artifact.method,
+            "adapters": artifact.adapters,
+            "losses": artifact.meta.get("losses", []),
+            "seconds": artifact.meta.get("seconds"),
+            "folder": artifact.path,
+        }
 
     gr.api(methods, api_name="methods")
     gr.api(adapters, api_name="adapters")

@@ -6,12 +6,21 @@ import gradio as gr
 
 from fusion.api import Sampling
 
-from .choices import (adapter_choices, adapters_for, build_request, check_choice, default_selection,
-                      describe_fusion, fusion_choices, method_choices, request_label, saved_fusion)
+from .choices import (
+    adapter_choices,
+    adapters_for,
+    build_request,
+    check_choice,
+    default_selection,
+    describe_fusion,
+    fusion_choices,
+    method_choices,
+    request_label,
+    saved_fusion,
+)
 from .common import TOAST_SECONDS, ParamPanel, Studio, error_line, log, queued_note
 from .constants import APP, NONE
 from .trace_panel import TracePanel
-
 
 STOPPED = " [stopped]"  # shown after a reply cut short; never sent back to the model
 
@@ -30,8 +39,11 @@ def stats_line(method_label: str, event) -> str:
         parts.append(f"{event.tokens_per_second:.1f} tokens/s")
     parts.append(f"{len(event.token_ids)} new tokens")
     if event.done:
-        parts.append({"eos": "finished", "length": "hit the token limit", "stop": "stop text",
-                      "cancelled": "stopped"}.get(event.finish_reason, event.finish_reason or ""))
+        parts.append(
+            {"eos": "finished", "length": "hit the token limit", "stop": "stop text", "cancelled": "stopped"}.get(
+                event.finish_reason, event.finish_reason or ""
+            )
+        )
     return " · ".join(p for p in parts if p)
 
 
@@ -56,46 +68,91 @@ def build_chat_tab(studio: Studio) -> dict:
     start = saved_fusion(engine, chosen["fusion"])
     base = engine.base_info()
     with gr.Tab("Chat", id="chat"):
-        gr.Markdown(f"**Base model:** {base.name} · {base.num_layers} layers · "
-                    f"{base.device} {base.dtype} — loaded once, never reloaded; "
-                    "every message fuses its LoRAs for that request only.", elem_id="base-model")
+        gr.Markdown(
+            f"**Base model:** {base.name} · {base.num_layers} layers · "
+            f"{base.device} {base.dtype} — loaded once, never reloaded; "
+            "every message fuses its LoRAs for that request only.",
+            elem_id="base-model",
+        )
         state = gr.State(new_session())
         with gr.Row(equal_height=False, elem_id="chat-layout"):
             with gr.Column(scale=1, min_width=300):
-                fusion = gr.Dropdown(fusion_choices(engine), value=chosen["fusion"], label="Saved fitted fusion",
-                                     info="Made in the Fit tab; picking one shows its method and adapters below. "
-                                          "(none): compose one below",
-                                     elem_id="fusion-dd")
-                fusion_note = gr.Markdown(describe_fusion(engine, chosen["fusion"]), elem_id="fusion-note",
-                                          elem_classes=["param-note"])
-                language = gr.Dropdown(adapter_choices(engine, "language", True), value=chosen["language"],
-                                       label="Language LoRA", info="Slot 1 (LoRA-Flow: language first)",
-                                       elem_id="lang-dd")
-                task = gr.Dropdown(adapter_choices(engine, "task", True), value=chosen["task"], label="Task LoRA",
-                                   info="Last slot (LoRA-Flow starts as all task)", elem_id="task-dd")
-                extras = gr.Dropdown(adapter_choices(engine), value=[], multiselect=True, label="More LoRAs",
-                                     info="A third LoRA or more (placed between language and task), or a MixLoRA adapter",
-                                     elem_id="extra-dd")
-                method = gr.Dropdown(method_choices(engine), value=chosen["method"], label="Fusion method",
-                                     elem_id="method-dd")
+                fusion = gr.Dropdown(
+                    fusion_choices(engine),
+                    value=chosen["fusion"],
+                    label="Saved fitted fusion",
+                    info="Made in the Fit tab; picking one shows its method and adapters below. "
+                    "(none): compose one below",
+                    elem_id="fusion-dd",
+                )
+                fusion_note = gr.Markdown(
+                    describe_fusion(engine, chosen["fusion"]), elem_id="fusion-note", elem_classes=["param-note"]
+                )
+                language = gr.Dropdown(
+                    adapter_choices(engine, "language", True),
+                    value=chosen["language"],
+                    label="Language LoRA",
+                    info="Slot 1 (LoRA-Flow: language first)",
+                    elem_id="lang-dd",
+                )
+                task = gr.Dropdown(
+                    adapter_choices(engine, "task", True),
+                    value=chosen["task"],
+                    label="Task LoRA",
+                    info="Last slot (LoRA-Flow starts as all task)",
+                    elem_id="task-dd",
+                )
+                extras = gr.Dropdown(
+                    adapter_choices(engine),
+                    value=[],
+                    multiselect=True,
+                    label="More LoRAs",
+                    info="A third LoRA or more (placed between language and task), or a MixLoRA adapter",
+                    elem_id="extra-dd",
+                )
+                method = gr.Dropdown(
+                    method_choices(engine), value=chosen["method"], label="Fusion method", elem_id="method-dd"
+                )
                 with gr.Accordion("Method parameters", open=True):
                     panel = ParamPanel(engine, "chat").build(chosen["method"], start["params"] if start else None)
                 with gr.Accordion("Generation", open=False):
-                    system = gr.Textbox(label="System prompt", lines=2, placeholder="empty = the model's default",
-                                        max_length=APP.max_prompt_chars, elem_id="system-prompt")
-                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature",
-                                            info="0 = greedy", elem_id="temperature")
+                    system = gr.Textbox(
+                        label="System prompt",
+                        lines=2,
+                        placeholder="empty = the model's default",
+                        max_length=APP.max_prompt_chars,
+                        elem_id="system-prompt",
+                    )
+                    temperature = gr.Slider(
+                        0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 = greedy", elem_id="temperature"
+                    )
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", elem_id="top-p")
-                    max_tokens = gr.Slider(1, APP.max_new_tokens, value=APP.default_new_tokens, step=1,
-                                           label="Max new tokens", elem_id="max-tokens")
+                    max_tokens = gr.Slider(
+                        1,
+                        APP.max_new_tokens,
+                        value=APP.default_new_tokens,
+                        step=1,
+                        label="Max new tokens",
+                        elem_id="max-tokens",
+                    )
             with gr.Column(scale=3, min_width=480):  # below ~820 px the two columns stack
-                chatbot = gr.Chatbot(label="Conversation", height=380, elem_id="chatbot",
-                                     placeholder="Pick LoRAs and a method on the left, then say something.")
+                chatbot = gr.Chatbot(
+                    label="Conversation",
+                    height=380,
+                    elem_id="chatbot",
+                    placeholder="Pick LoRAs and a method on the left, then say something.",
+                )
                 with gr.Row(elem_id="chat-send-row"):
                     # No max_length: a box that cuts a paste short does so silently; the engine
                     # refuses an overlong message in one sentence instead.
-                    message = gr.Textbox(show_label=False, placeholder="Ask something… (Enter sends)", scale=6,
-                                         min_width=200, elem_id="chat-input", autofocus=True)
+                    message = gr.Textbox(
+                        show_label=False,
+                        placeholder="Ask something… (Enter sends)",
+                        scale=6,
+                        min_width=200,
+                        elem_id="chat-input",
+                        autofocus=True,
+                    )
                     send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send-btn")
                     stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="stop-btn")
                     clear = gr.Button("Clear", scale=1, min_width=80, elem_id="clear-btn")
@@ -134,16 +191,21 @@ def build_chat_tab(studio: Studio) -> dict:
             return
         label = request_label(engine, request_)
         earlier = sorted({r for r in session["replies"] if r != label})
-        mixed = (f" · earlier replies came from {', '.join(earlier)}: Clear for a fair comparison, or use Compare"
-                 if earlier else "")
+        mixed = (
+            f" · earlier replies came from {', '.join(earlier)}: Clear for a fair comparison, or use Compare"
+            if earlier
+            else ""
+        )
         flag = studio.flags.start(request, "chat")
         event = None
         try:
             yield shown, "", session, f"{label} · thinking…{mixed}", gr.update(interactive=False), *skip
-            sampling = Sampling(max_new_tokens=int(data[max_tokens]), temperature=float(data[temperature]),
-                                top_p=float(data[top_p]))
-            for event in engine.stream(request_, said, sampling, system=(data[system] or "").strip() or None,
-                                       cancel=flag):
+            sampling = Sampling(
+                max_new_tokens=int(data[max_tokens]), temperature=float(data[temperature]), top_p=float(data[top_p])
+            )
+            for event in engine.stream(
+                request_, said, sampling, system=(data[system] or "").strip() or None, cancel=flag
+            ):
                 if event.queued:  # the engine's batch is full: say so until the reply starts
                     yield shown, gr.skip(), session, f"{label} · {queued_note(event.queued)}{mixed}", gr.skip(), *skip
                     continue
@@ -168,8 +230,9 @@ def build_chat_tab(studio: Studio) -> dict:
         panel_values = skip
         if event is not None and event.trace is not None:
             try:
-                why.add(session, event.trace, event.text, getattr(request, "session_hash", "") or "",
-                        label.split(" · ")[0])
+                why.add(
+                    session, event.trace, event.text, getattr(request, "session_hash", "") or "", label.split(" · ")[0]
+                )
                 panel_values = why.show(session, None, data[why.view], data[why.tail], data[why.mean])
             except Exception as exc:  # the reply stands even when its trace cannot be drawn
                 log.exception("trace panel failed", exc_info=exc)
@@ -183,13 +246,36 @@ def build_chat_tab(studio: Studio) -> dict:
         studio.flags.cancel(request, "chat")
         return [], "", new_session(), "", gr.update(interactive=True), *why.cleared()
 
-    inputs = {message, state, language, task, extras, method, fusion, system, temperature, top_p, max_tokens,
-              why.view, why.tail, why.mean, *panel.components}
+    inputs = {
+        message,
+        state,
+        language,
+        task,
+        extras,
+        method,
+        fusion,
+        system,
+        temperature,
+        top_p,
+        max_tokens,
+        why.view,
+        why.tail,
+        why.mean,
+        *panel.components,
+    }
     outputs = [chatbot, message, state, status, send, *why.outputs]
     # One event for Send and Enter: while a reply runs, both are ignored ("once") and Send is
     # disabled, so every reply in the chat has its trace and no reply runs unseen.
-    sent = gr.on([send.click, message.submit], respond, inputs, outputs, api_visibility="private",
-                 show_progress="minimal", concurrency_id="generate", trigger_mode="once")
+    sent = gr.on(
+        [send.click, message.submit],
+        respond,
+        inputs,
+        outputs,
+        api_visibility="private",
+        show_progress="minimal",
+        concurrency_id="generate",
+        trigger_mode="once",
+    )
     stop.click(stop_generation, None, None, api_visibility="private", queue=False)
     # Clear also ends a reply in progress, so its last update cannot bring the old history back.
     clear.click(clear_chat, None, outputs, api_visibility="private", queue=False, cancels=[sent])
@@ -212,14 +298,30 @@ def build_chat_tab(studio: Studio) -> dict:
         if picked is None:
             return [describe_fusion(engine, data[fusion])] + [gr.skip()] * (4 + 1 + len(panel.components))
         lang, more, task_name = split_pickers(engine, picked["adapters"])
-        return [describe_fusion(engine, picked["name"]), picked["method"], lang, more, task_name,
-                *panel.updates(picked["method"], picked["params"])]
+        return [
+            describe_fusion(engine, picked["name"]),
+            picked["method"],
+            lang,
+            more,
+            task_name,
+            *panel.updates(picked["method"], picked["params"]),
+        ]
 
-    method.input(on_method, {method, *pickers}, [fusion, fusion_note, *pickers, panel.note, *panel.components],
-                 api_visibility="private", queue=False)
+    method.input(
+        on_method,
+        {method, *pickers},
+        [fusion, fusion_note, *pickers, panel.note, *panel.components],
+        api_visibility="private",
+        queue=False,
+    )
     for picker in pickers:
         picker.input(on_adapters, None, [fusion, fusion_note], api_visibility="private", queue=False)
-    fusion.input(on_fusion, {fusion}, [fusion_note, method, *pickers, panel.note, *panel.components],
-                 api_visibility="private", queue=False)
+    fusion.input(
+        on_fusion,
+        {fusion},
+        [fusion_note, method, *pickers, panel.note, *panel.components],
+        api_visibility="private",
+        queue=False,
+    )
     why.wire(state)
     return {"language": language, "task": task, "method": method, "fusion": fusion, "chatbot": chatbot}

@@ -38,8 +38,7 @@ def fusion_choices(engine: Backend) -> list:
 
 
 def method_choices(engine: Backend, fittable: bool = False) -> list:
-    return [(m["pretty_name"] or m["name"], m["name"]) for m in engine.methods()
-            if m["fittable"] or not fittable]
+    return [(m["pretty_name"] or m["name"], m["name"]) for m in engine.methods() if m["fittable"] or not fittable]
 
 
 def preferred(choices: list, wanted: str | None, fallback_index: int | None = 0):
@@ -58,10 +57,19 @@ def default_selection(engine: Backend) -> dict:
     task = preferred(adapter_choices(engine, "task", True), PREFERRED["task"])
     chosen = [a for a in (lang, task) if a not in (None, NONE)]
     methods = {m["name"] for m in engine.methods()}
-    method = (PREFERRED["method"] if len(chosen) == 2 and PREFERRED["method"] in methods else
-              "single" if len(chosen) == 1 and "single" in methods else "base")
+    method = (
+        PREFERRED["method"]
+        if len(chosen) == 2 and PREFERRED["method"] in methods
+        else "single"
+        if len(chosen) == 1 and "single" in methods
+        else "base"
+    )
     fitted = f"{(lang or '').removeprefix('lang-')}-math-flow"  # the shipped gates for this pair, if fitted
-    fusion = fitted if method == "lora_flow" and task == "task-math" and fitted in {f["name"] for f in engine.fusions()} else NONE
+    fusion = (
+        fitted
+        if method == "lora_flow" and task == "task-math" and fitted in {f["name"] for f in engine.fusions()}
+        else NONE
+    )
     return {"language": lang or NONE, "task": task or NONE, "adapters": chosen, "method": method, "fusion": fusion}
 
 
@@ -82,9 +90,9 @@ def parse_params(text) -> dict:
     try:
         params = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise FusionError(f"params must be a JSON object such as {{\"temperature\": 1.0}} ({exc.msg})") from None
+        raise FusionError(f'params must be a JSON object such as {{"temperature": 1.0}} ({exc.msg})') from None
     if not isinstance(params, dict):
-        raise FusionError("params must be a JSON object such as {\"temperature\": 1.0}")
+        raise FusionError('params must be a JSON object such as {"temperature": 1.0}')
     return params
 
 
@@ -135,8 +143,10 @@ def describe_fusion(engine: Backend, name: str | None) -> str:
     fusion = saved_fusion(engine, name)
     if fusion is None:
         return f"Saved fusion **{name}** is no longer in the library."
-    return (f"**{name}** runs `{fusion['method']}` over {', '.join(fusion['adapters']) or 'no adapter'} with its "
-            "fitted weights, as the pickers show. Changing the method or an adapter leaves the fusion.")
+    return (
+        f"**{name}** runs `{fusion['method']}` over {', '.join(fusion['adapters']) or 'no adapter'} with its "
+        "fitted weights, as the pickers show. Changing the method or an adapter leaves the fusion."
+    )
 
 
 def method_spec(engine: Backend, name: str | None) -> dict:
@@ -156,7 +166,7 @@ def adapters_for(engine: Backend, method: str | None, chosen: list[str], default
     kept = [a for a in chosen if kinds.get(a) == kind]
     most = spec.get("max_adapters")
     if most is not None and len(kept) > most:
-        kept = kept[len(kept) - most:]
+        kept = kept[len(kept) - most :]
     wanted = max(1, spec.get("min_adapters") or 0)
     if len(kept) < wanted:
         roles = {a["name"]: a.get("role") for a in library}
@@ -165,8 +175,12 @@ def adapters_for(engine: Backend, method: str | None, chosen: list[str], default
         preferred = list(reversed(defaults)) if most == 1 else list(defaults)
         for candidate in preferred + [a["name"] for a in library]:
             taken = {roles.get(a) for a in kept} - {"other"}
-            if (len(kept) < wanted and kinds.get(candidate) == kind and candidate not in kept
-                    and (candidate not in defaults or roles.get(candidate) not in taken)):
+            if (
+                len(kept) < wanted
+                and kinds.get(candidate) == kind
+                and candidate not in kept
+                and (candidate not in defaults or roles.get(candidate) not in taken)
+            ):
                 kept.append(candidate)
         slot = {"language": 0, "task": 2}
         kept.sort(key=lambda a: slot.get(roles.get(a), 1))  # the slot order: language first, task last
@@ -188,18 +202,25 @@ def check_choice(engine: Backend, request: FusionRequest) -> None:
         offered = [name for name, k in kinds.items() if k == kind]
         example = f" such as {offered[0]}" if offered else " (the library has none: train one in the Fit tab)"
         if [a for a in request.adapters if kinds.get(a) == kind] != request.adapters or len(request.adapters) != 1:
-            raise FusionError(f"{pretty} needs exactly one {kind} adapter{example}: pick it under More LoRAs "
-                              "and set the language and task pickers to (none)")
+            raise FusionError(
+                f"{pretty} needs exactly one {kind} adapter{example}: pick it under More LoRAs "
+                "and set the language and task pickers to (none)"
+            )
         return
     odd = [a for a in request.adapters if kinds.get(a, "lora") != "lora"]
     if odd:
-        raise FusionError(f"{pretty} fuses LoRAs, and {odd[0]} is a {kinds[odd[0]]} adapter: remove it from "
-                          "More LoRAs or pick the method made for it")
+        raise FusionError(
+            f"{pretty} fuses LoRAs, and {odd[0]} is a {kinds[odd[0]]} adapter: remove it from "
+            "More LoRAs or pick the method made for it"
+        )
     least, most = spec.get("min_adapters") or 0, spec.get("max_adapters")
     if most is not None and len(request.adapters) > most:
-        raise FusionError(f"{pretty} applies {most} LoRA, got {len(request.adapters)}: set the language or the "
-                          "task picker to (none)" if most == 1 else
-                          f"{pretty} takes at most {most} LoRAs, got {len(request.adapters)}")
+        raise FusionError(
+            f"{pretty} applies {most} LoRA, got {len(request.adapters)}: set the language or the task picker to (none)"
+            if most == 1
+            else f"{pretty} takes at most {most} LoRAs, got {len(request.adapters)}"
+        )
     if len(request.adapters) < least:
-        raise FusionError(f"{pretty} needs at least {least} LoRAs, got {len(request.adapters)}: pick a language "
-                          "and a task LoRA")
+        raise FusionError(
+            f"{pretty} needs at least {least} LoRAs, got {len(request.adapters)}: pick a language and a task LoRA"
+        )

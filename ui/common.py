@@ -112,19 +112,26 @@ class ParamPanel:
     def __init__(self, engine: Backend, prefix: str, for_fit: bool = False):
         # Parameters that only shape a fit (a new adapter's experts, rank, seed...) are shown in
         # the Fit tab only.
-        self.methods = {m["name"]: {**m, "params": [p for p in m["params"] if for_fit or not p.get("fit_only")]}
-                        for m in engine.methods()}
+        self.methods = {
+            m["name"]: {**m, "params": [p for p in m["params"] if for_fit or not p.get("fit_only")]}
+            for m in engine.methods()
+        }
         self.size = max([APP.min_param_controls] + [len(m["params"]) for m in self.methods.values()])
         self.prefix = prefix
         self.slots: list[dict[str, gr.components.Component]] = []
         self.note: gr.Markdown | None = None
 
-    def build(self, method: str | None, values: dict | None = None) -> "ParamPanel":
+    def build(self, method: str | None, values: dict | None = None) -> ParamPanel:
         """Create the note and the pool, set up for `method` (no round trip on page load)."""
         first = self.updates(method, values)
         self.note = gr.Markdown(first[0]["value"], elem_classes=["param-note"])
-        factories = {"number": gr.Number, "slider": gr.Slider, "checkbox": gr.Checkbox,
-                     "dropdown": gr.Dropdown, "textbox": gr.Textbox}
+        factories = {
+            "number": gr.Number,
+            "slider": gr.Slider,
+            "checkbox": gr.Checkbox,
+            "dropdown": gr.Dropdown,
+            "textbox": gr.Textbox,
+        }
         for i in range(self.size):
             slot = {}
             for j, kind in enumerate(KINDS):
@@ -171,16 +178,23 @@ class ParamPanel:
             step = 1 if param["type"] == "int" else 10.0 ** math.floor(math.log10(span / 1000)) if span > 0 else 0.01
             return {**common, "minimum": param["min"], "maximum": param["max"], "value": default, "step": step}
         if kind == "number":
-            return {**common, "value": default, "minimum": param.get("min"), "maximum": param.get("max"),
-                    "precision": 0 if param["type"] == "int" else None}
+            return {
+                **common,
+                "value": default,
+                "minimum": param.get("min"),
+                "maximum": param.get("max"),
+                "precision": 0 if param["type"] == "int" else None,
+            }
         if kind == "checkbox":
             return {**common, "value": bool(default)}
         if kind == "dropdown":
             return {**common, "choices": list(param.get("choices") or []), "value": default}
-        placeholder = {"floats": "comma-separated, one per adapter (empty = default)",
-                       "artifact": "a saved fusion name or a path (empty = none)",
-                       "float": "a number (empty = default)", "int": "a whole number (empty = default)"
-                       }.get(param["type"], "")
+        placeholder = {
+            "floats": "comma-separated, one per adapter (empty = default)",
+            "artifact": "a saved fusion name or a path (empty = none)",
+            "float": "a number (empty = default)",
+            "int": "a whole number (empty = default)",
+        }.get(param["type"], "")
         value = "" if default is None else (", ".join(map(str, default)) if isinstance(default, list) else str(default))
         return {**common, "value": value, "placeholder": placeholder}
 
@@ -220,8 +234,12 @@ class Pickers:
         task = adapter_choices(engine, "task", True)
         every = adapter_choices(engine)
         fusions = fusion_choices(engine)
-        return ([gr.update(choices=language) for _ in self.language] + [gr.update(choices=task) for _ in self.task]
-                + [gr.update(choices=every) for _ in self.adapters] + [gr.update(choices=fusions) for _ in self.fusions])
+        return (
+            [gr.update(choices=language) for _ in self.language]
+            + [gr.update(choices=task) for _ in self.task]
+            + [gr.update(choices=every) for _ in self.adapters]
+            + [gr.update(choices=fusions) for _ in self.fusions]
+        )
 
     def kind_updates(self, engine: Backend, methods: list) -> list:
         """Choices of the `by_method` pickers, given their methods' current values in order."""

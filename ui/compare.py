@@ -11,12 +11,21 @@ import gradio as gr
 from fusion import plots
 from fusion.api import Backend, Sampling
 from fusion.errors import FusionError
-
-from fusion.math_scoring import is_correct
 from fusion.math_data import EVAL_LANGUAGES, eval_examples
+from fusion.math_scoring import is_correct
 
-from .choices import (adapters_for, build_request, check_choice, default_selection, describe_fusion, fusion_choices,
-                      kind_choices, method_choices, request_label, saved_fusion)
+from .choices import (
+    adapters_for,
+    build_request,
+    check_choice,
+    default_selection,
+    describe_fusion,
+    fusion_choices,
+    kind_choices,
+    method_choices,
+    request_label,
+    saved_fusion,
+)
 from .common import TOAST_SECONDS, ParamPanel, Studio, error_line, queued_note
 from .constants import APP, NONE
 
@@ -35,12 +44,13 @@ def first_columns(engine: Backend, chosen: dict) -> list[dict]:
         if wanted in known and wanted not in fitted:
             columns.append({"name": NONE, "method": wanted, "adapters": pair, "params": None})
     while len(columns) < APP.max_compare:
-        columns.append(columns[-1] if columns else {"name": NONE, "method": chosen["method"], "adapters": pair,
-                                                    "params": None})
+        columns.append(
+            columns[-1] if columns else {"name": NONE, "method": chosen["method"], "adapters": pair, "params": None}
+        )
     for column in columns:
         if column["method"] != "base" and len(pair) < 2:  # two-LoRA methods need two LoRAs in the library
             column.update(name=NONE, method=chosen["method"], adapters=pair, params=None)
-    return columns[:APP.max_compare]
+    return columns[: APP.max_compare]
 
 
 @dataclass
@@ -57,14 +67,20 @@ class ColumnResult:
     queued: int = 0  # > 0: waiting for room in the engine's batch, at this place
 
     def summary(self) -> dict:
-        return {"label": self.label, "text": self.text, "error": self.error,
-                "seconds_to_first_token": self.seconds_to_first_token,
-                "tokens_per_second": self.tokens_per_second, "finish_reason": self.finish_reason,
-                "trace": plots.trace_summary(self.trace)}
+        return {
+            "label": self.label,
+            "text": self.text,
+            "error": self.error,
+            "seconds_to_first_token": self.seconds_to_first_token,
+            "tokens_per_second": self.tokens_per_second,
+            "finish_reason": self.finish_reason,
+            "trace": plots.trace_summary(self.trace),
+        }
 
 
-def run_side_by_side(engine: Backend, requests: list, prompt: str, sampling: Sampling, system: str | None,
-                     cancel: threading.Event):
+def run_side_by_side(
+    engine: Backend, requests: list, prompt: str, sampling: Sampling, system: str | None, cancel: threading.Event
+):
     """Every column's stream at once, each pulled by a thread of its own, so the columns join the
     engine's running batch together and decode in the same steps (and a remote column that stalls
     holds up no other); yields the results after each event. A column whose request fails shows
@@ -128,8 +144,11 @@ def stats_text(result: ColumnResult) -> str:
     if result.tokens_per_second:
         parts.append(f"{result.tokens_per_second:.1f} tok/s")
     if result.done:
-        parts.append({"cancelled": "stopped", "length": "token limit", "eos": "finished"}.get(
-            result.finish_reason, result.finish_reason or "done"))
+        parts.append(
+            {"cancelled": "stopped", "length": "token limit", "eos": "finished"}.get(
+                result.finish_reason, result.finish_reason or "done"
+            )
+        )
     elif result.queued:
         parts.append(queued_note(result.queued))
     elif result.seconds_to_first_token is None:
@@ -142,40 +161,85 @@ def build_compare_tab(studio: Studio) -> dict:
     chosen = default_selection(engine)
     columns = []
     with gr.Tab("Compare", id="compare"):
-        gr.Markdown("One prompt, several fusions at once. Each column streams its own reply with time to "
-                    "first token and tokens per second (columns share the CPU, so rates are per column while "
-                    "all run). The columns open on the saved fitted fusions, when there are any.",
-                    elem_classes=["param-note"])
-        prompt = gr.Textbox(label="Prompt", lines=2,
-                            placeholder="e.g. ¿Cuánto es 12 + 7?", elem_id="compare-input")
+        gr.Markdown(
+            "One prompt, several fusions at once. Each column streams its own reply with time to "
+            "first token and tokens per second (columns share the CPU, so rates are per column while "
+            "all run). The columns open on the saved fitted fusions, when there are any.",
+            elem_classes=["param-note"],
+        )
+        prompt = gr.Textbox(label="Prompt", lines=2, placeholder="e.g. ¿Cuánto es 12 + 7?", elem_id="compare-input")
         with gr.Row(equal_height=True, elem_id="compare-controls"):
-            count = gr.Radio([str(n) for n in range(2, APP.max_compare + 1)], value="2", label="Columns",
-                             scale=1, min_width=220, elem_id="compare-n")
-            max_tokens = gr.Slider(1, APP.max_new_tokens, value=min(64, APP.default_new_tokens), step=1,
-                                   label="Max new tokens", scale=2, min_width=200, elem_id="compare-max-tokens")
-            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", scale=2, min_width=200,
-                                    elem_id="compare-temperature")
+            count = gr.Radio(
+                [str(n) for n in range(2, APP.max_compare + 1)],
+                value="2",
+                label="Columns",
+                scale=1,
+                min_width=220,
+                elem_id="compare-n",
+            )
+            max_tokens = gr.Slider(
+                1,
+                APP.max_new_tokens,
+                value=min(64, APP.default_new_tokens),
+                step=1,
+                label="Max new tokens",
+                scale=2,
+                min_width=200,
+                elem_id="compare-max-tokens",
+            )
+            temperature = gr.Slider(
+                0.0,
+                2.0,
+                value=0.0,
+                step=0.05,
+                label="Temperature",
+                scale=2,
+                min_width=200,
+                elem_id="compare-temperature",
+            )
             with gr.Column(scale=1, min_width=160):
                 run = gr.Button("Compare", variant="primary", elem_id="compare-btn")
                 stop = gr.Button("Stop", variant="stop", elem_id="compare-stop-btn")
         with gr.Row(equal_height=False, elem_id="compare-columns"):
             for i, first in enumerate(first_columns(engine, chosen)):
                 with gr.Column(visible=i < 2, min_width=260) as column:
-                    method = gr.Dropdown(method_choices(engine), value=first["method"], label=f"Method {i + 1}",
-                                         elem_id=f"compare-method-{i}")
-                    adapters = gr.Dropdown(kind_choices(engine, first["method"]), value=first["adapters"],
-                                           multiselect=True, label="Adapters (in slot order)",
-                                           elem_id=f"compare-adapters-{i}")
-                    fusion = gr.Dropdown(fusion_choices(engine), value=first["name"], label="…or a saved fusion",
-                                         elem_id=f"compare-fusion-{i}")
+                    method = gr.Dropdown(
+                        method_choices(engine),
+                        value=first["method"],
+                        label=f"Method {i + 1}",
+                        elem_id=f"compare-method-{i}",
+                    )
+                    adapters = gr.Dropdown(
+                        kind_choices(engine, first["method"]),
+                        value=first["adapters"],
+                        multiselect=True,
+                        label="Adapters (in slot order)",
+                        elem_id=f"compare-adapters-{i}",
+                    )
+                    fusion = gr.Dropdown(
+                        fusion_choices(engine),
+                        value=first["name"],
+                        label="…or a saved fusion",
+                        elem_id=f"compare-fusion-{i}",
+                    )
                     note = gr.Markdown(describe_fusion(engine, first["name"]), elem_classes=["param-note"])
                     with gr.Accordion("Parameters", open=False):
                         panel = ParamPanel(engine, f"compare-{i}").build(first["method"], first["params"])
                     stats = gr.Markdown(elem_id=f"compare-stats-{i}", elem_classes=["stats-line"])
                     reply = gr.Markdown(elem_id=f"compare-out-{i}", elem_classes=["compare-out"], container=True)
                     heatmap = gr.Plot(None, show_label=False, elem_id=f"compare-heatmap-{i}")
-                columns.append({"column": column, "method": method, "adapters": adapters, "fusion": fusion,
-                                "panel": panel, "stats": stats, "reply": reply, "heatmap": heatmap})
+                columns.append(
+                    {
+                        "column": column,
+                        "method": method,
+                        "adapters": adapters,
+                        "fusion": fusion,
+                        "panel": panel,
+                        "stats": stats,
+                        "reply": reply,
+                        "heatmap": heatmap,
+                    }
+                )
                 wire_column(engine, chosen, method, adapters, fusion, note, panel)
                 studio.pickers.by_method.append((adapters, method))
                 studio.pickers.fusions.append(fusion)
@@ -215,8 +279,16 @@ def build_compare_tab(studio: Studio) -> dict:
 
     inputs = {prompt, count, max_tokens, temperature, *column_inputs(columns)}
     outputs = [c[key] for c in columns for key in ("stats", "reply", "heatmap")]
-    gr.on([run.click, prompt.submit], compare, inputs, outputs, api_visibility="private", show_progress="hidden",
-          concurrency_id="generate", trigger_mode="once")
+    gr.on(
+        [run.click, prompt.submit],
+        compare,
+        inputs,
+        outputs,
+        api_visibility="private",
+        show_progress="hidden",
+        concurrency_id="generate",
+        trigger_mode="once",
+    )
 
     def stop_all(request: gr.Request):
         studio.flags.cancel(request, "compare")
@@ -239,15 +311,28 @@ def wire_column(engine: Backend, chosen: dict, method, adapters, fusion, note, p
         picked = saved_fusion(engine, data[fusion])
         if picked is None:
             return [describe_fusion(engine, data[fusion])] + [gr.skip()] * (2 + 1 + len(panel.components))
-        return [describe_fusion(engine, picked["name"]), picked["method"],
-                gr.update(choices=kind_choices(engine, picked["method"]), value=picked["adapters"]),
-                *panel.updates(picked["method"], picked["params"])]
+        return [
+            describe_fusion(engine, picked["name"]),
+            picked["method"],
+            gr.update(choices=kind_choices(engine, picked["method"]), value=picked["adapters"]),
+            *panel.updates(picked["method"], picked["params"]),
+        ]
 
-    method.input(on_method, {method, adapters}, [fusion, note, adapters, panel.note, *panel.components],
-                 api_visibility="private", queue=False)
+    method.input(
+        on_method,
+        {method, adapters},
+        [fusion, note, adapters, panel.note, *panel.components],
+        api_visibility="private",
+        queue=False,
+    )
     adapters.input(lambda: (NONE, ""), None, [fusion, note], api_visibility="private", queue=False)
-    fusion.input(on_fusion, {fusion}, [note, method, adapters, panel.note, *panel.components],
-                 api_visibility="private", queue=False)
+    fusion.input(
+        on_fusion,
+        {fusion},
+        [note, method, adapters, panel.note, *panel.components],
+        api_visibility="private",
+        queue=False,
+    )
 
 
 def column_inputs(columns: list[dict]) -> list:
@@ -273,18 +358,26 @@ def build_scoring(studio: Studio, columns: list[dict], count: gr.Radio) -> dict:
     engine = studio.engine
     with gr.Accordion("Score these columns on math problems", open=False, elem_id="score-panel"):
         with gr.Row():
-            language = gr.Dropdown(list(EVAL_LANGUAGES), value="es" if "es" in EVAL_LANGUAGES else EVAL_LANGUAGES[0],
-                                   label="Problem language", min_width=160, elem_id="score-lang")
-            size = gr.Slider(1, APP.max_score_problems, value=8, step=1, label="Problems", min_width=200,
-                             elem_id="score-n")
-            limit = gr.Slider(8, 256, value=64, step=8, label="Max new tokens per answer", min_width=200,
-                              elem_id="score-max-tokens")
+            language = gr.Dropdown(
+                list(EVAL_LANGUAGES),
+                value="es" if "es" in EVAL_LANGUAGES else EVAL_LANGUAGES[0],
+                label="Problem language",
+                min_width=160,
+                elem_id="score-lang",
+            )
+            size = gr.Slider(
+                1, APP.max_score_problems, value=8, step=1, label="Problems", min_width=200, elem_id="score-n"
+            )
+            limit = gr.Slider(
+                8, 256, value=64, step=8, label="Max new tokens per answer", min_width=200, elem_id="score-max-tokens"
+            )
             go = gr.Button("Score", min_width=120, elem_id="score-btn")
-        table = gr.Dataframe(headers=["column", "correct", "problems", "accuracy"], interactive=False,
-                             elem_id="score-table")
+        table = gr.Dataframe(
+            headers=["column", "correct", "problems", "accuracy"], interactive=False, elem_id="score-table"
+        )
 
     def score(data: dict, request: gr.Request, progress=gr.Progress()):
-        requests = column_requests(engine, columns[:int(data[count])], data)
+        requests = column_requests(engine, columns[: int(data[count])], data)
         problems = eval_examples(data[language], int(data[size]))
         flag = studio.flags.start(request, "compare")
         rows = []
@@ -300,8 +393,13 @@ def build_scoring(studio: Studio, columns: list[dict], count: gr.Radio) -> dict:
                 try:
                     for number, problem in enumerate(problems, 1):
                         progress(done / total, desc=f"{label}: problem {number}/{len(problems)}")
-                        event = engine.generate(request_, problem.question,
-                                                Sampling(max_new_tokens=int(data[limit])), cancel=flag, trace=False)
+                        event = engine.generate(
+                            request_,
+                            problem.question,
+                            Sampling(max_new_tokens=int(data[limit])),
+                            cancel=flag,
+                            trace=False,
+                        )
                         correct += is_correct(event.text, problem.value)
                         done += 1
                         if flag.is_set():
@@ -315,6 +413,11 @@ def build_scoring(studio: Studio, columns: list[dict], count: gr.Radio) -> dict:
             studio.flags.finish(request, "compare", flag)
         return rows
 
-    go.click(score, {language, size, limit, count, *column_inputs(columns)}, table, api_visibility="private",
-             concurrency_id="generate")
+    go.click(
+        score,
+        {language, size, limit, count, *column_inputs(columns)},
+        table,
+        api_visibility="private",
+        concurrency_id="generate",
+    )
     return {"button": go, "table": table}

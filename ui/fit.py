@@ -17,9 +17,11 @@ from .choices import adapter_choices, default_selection, method_choices, parse_a
 from .common import TOAST_SECONDS, ParamPanel, Studio, error_line
 from .constants import APP
 
-EXAMPLE_JSONL = ('{"prompt": "¿Cuánto es 12 + 7?", "response": "12 + 7 = 19. La respuesta es 19."}\n'
-                 '{"prompt": "Ana tiene 5 manzanas y compra 3 más. ¿Cuántas tiene?", '
-                 '"response": "5 + 3 = 8. La respuesta es 8."}')
+EXAMPLE_JSONL = (
+    '{"prompt": "¿Cuánto es 12 + 7?", "response": "12 + 7 = 19. La respuesta es 19."}\n'
+    '{"prompt": "Ana tiene 5 manzanas y compra 3 más. ¿Cuántas tiene?", '
+    '"response": "5 + 3 = 8. La respuesta es 8."}'
+)
 
 
 def train_options(epochs, lr, batch_size, max_steps) -> dict:
@@ -28,8 +30,12 @@ def train_options(epochs, lr, batch_size, max_steps) -> dict:
     options = {}
     if lr is not None and lr != "" and float(lr) == 0:
         lr = None
-    for key, value, cast in (("epochs", epochs, int), ("lr", lr, float), ("batch_size", batch_size, int),
-                             ("max_steps", max_steps, int)):
+    for key, value, cast in (
+        ("epochs", epochs, int),
+        ("lr", lr, float),
+        ("batch_size", batch_size, int),
+        ("max_steps", max_steps, int),
+    ):
         if value not in (None, ""):
             options[key] = cast(value)
     for key in ("epochs", "batch_size"):
@@ -45,8 +51,11 @@ def train_options(epochs, lr, batch_size, max_steps) -> dict:
 def check_free_name(engine: Backend, name: str, overwrite: bool, method: str) -> None:
     """Refuse a taken name before training rather than after it."""
     spec = next((m for m in engine.methods() if m["name"] == method), {})
-    taken = ({a["name"] for a in engine.adapters()} if spec.get("fit_from_scratch")
-             else {f["name"] for f in engine.fusions()})
+    taken = (
+        {a["name"] for a in engine.adapters()}
+        if spec.get("fit_from_scratch")
+        else {f["name"] for f in engine.fusions()}
+    )
     if name in taken and not overwrite:
         raise FusionError(f"{name!r} is already in the library; choose another name or tick replace")
 
@@ -62,8 +71,17 @@ def fit_in_background(engine: Backend, method, adapters, examples, params, train
 
     def work():
         try:
-            artifact = engine.fit(method, adapters, examples, params, train=train, save_as=name, overwrite=overwrite,
-                                  on_progress=lambda p: events.put(("progress", p)), cancel=flag)
+            artifact = engine.fit(
+                method,
+                adapters,
+                examples,
+                params,
+                train=train,
+                save_as=name,
+                overwrite=overwrite,
+                on_progress=lambda p: events.put(("progress", p)),
+                cancel=flag,
+            )
             # The artifact, not the flag, says whether it was saved: the flag may be set after saving.
             events.put(("cancelled", None) if artifact.meta.get("cancelled") else ("done", artifact))
         except Exception as exc:
@@ -93,8 +111,10 @@ def finished_line(artifact, seconds: float) -> str:
     losses = meta.get("losses") or []
     steps = f"{len(losses)} steps" + (f", final loss {losses[-1]:.4f}" if losses else "")
     what = "adapter" if artifact.adapters == [artifact.name] else "fusion"
-    return (f"✔ Saved {what} **{artifact.name}** — `{artifact.method}` over {', '.join(artifact.adapters)}; "
-            f"{steps} in {seconds:.1f} s. It is now in the Chat and Compare pickers.")
+    return (
+        f"✔ Saved {what} **{artifact.name}** — `{artifact.method}` over {', '.join(artifact.adapters)}; "
+        f"{steps} in {seconds:.1f} s. It is now in the Chat and Compare pickers."
+    )
 
 
 def build_fit_tab(studio: Studio) -> dict:
@@ -104,39 +124,68 @@ def build_fit_tab(studio: Studio) -> dict:
     names = [value for _, value in fittable]
     first = "lora_flow" if "lora_flow" in names else (names[0] if names else None)
     with gr.Tab("Fit", id="fit"):
-        gr.Markdown("Learn a fusion from examples: LoRA-Flow gates, CAT logits or LoraHub weights over the chosen "
-                    "LoRAs (the LoRAs and base model stay frozen). One JSON object per line with `prompt` and "
-                    "`response` (or a `messages` list); the loss is taken on the response only.",
-                    elem_classes=["param-note"])
+        gr.Markdown(
+            "Learn a fusion from examples: LoRA-Flow gates, CAT logits or LoraHub weights over the chosen "
+            "LoRAs (the LoRAs and base model stay frozen). One JSON object per line with `prompt` and "
+            "`response` (or a `messages` list); the loss is taken on the response only.",
+            elem_classes=["param-note"],
+        )
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
-                examples = gr.Textbox(label="Examples (JSONL)", lines=10, max_lines=18, placeholder=EXAMPLE_JSONL,
-                                      max_length=APP.max_fit_chars, elem_id="fit-examples")
-                upload = gr.File(label="…or upload a .jsonl file", file_types=[".jsonl", ".json", ".txt"],
-                                 type="filepath", height=120, elem_id="fit-upload")
-                loss = gr.Plot(plots.empty_figure("The loss curve appears here while training.", height=300),
-                               show_label=False, elem_id="fit-loss")
+                examples = gr.Textbox(
+                    label="Examples (JSONL)",
+                    lines=10,
+                    max_lines=18,
+                    placeholder=EXAMPLE_JSONL,
+                    max_length=APP.max_fit_chars,
+                    elem_id="fit-examples",
+                )
+                upload = gr.File(
+                    label="…or upload a .jsonl file",
+                    file_types=[".jsonl", ".json", ".txt"],
+                    type="filepath",
+                    height=120,
+                    elem_id="fit-upload",
+                )
+                loss = gr.Plot(
+                    plots.empty_figure("The loss curve appears here while training.", height=300),
+                    show_label=False,
+                    elem_id="fit-loss",
+                )
             with gr.Column(scale=2, min_width=300):
                 method = gr.Dropdown(fittable, value=first, label="Method to fit", elem_id="fit-method-dd")
-                adapters = gr.Dropdown(adapter_choices(engine), value=chosen["adapters"], multiselect=True,
-                                       label="Adapters (in slot order: language first, task last)",
-                                       elem_id="fit-adapters")
+                adapters = gr.Dropdown(
+                    adapter_choices(engine),
+                    value=chosen["adapters"],
+                    multiselect=True,
+                    label="Adapters (in slot order: language first, task last)",
+                    elem_id="fit-adapters",
+                )
                 with gr.Accordion("Method parameters", open=False):
                     panel = ParamPanel(engine, "fit", for_fit=True).build(first)
                 with gr.Row():
                     epochs = gr.Number(value=1, precision=0, minimum=1, label="Epochs", elem_id="fit-epochs")
-                    lr = gr.Number(value=0, minimum=0, label="Learning rate", info="0 = the method's default",
-                                   elem_id="fit-lr")
+                    lr = gr.Number(
+                        value=0, minimum=0, label="Learning rate", info="0 = the method's default", elem_id="fit-lr"
+                    )
                 with gr.Row():
                     batch = gr.Number(value=4, precision=0, minimum=1, label="Batch size", elem_id="fit-batch")
-                    max_steps = gr.Number(value=0, precision=0, minimum=0, label="Max steps",
-                                          info="a cap: the epochs end sooner on few examples (0 = no cap)",
-                                          elem_id="fit-max-steps")
+                    max_steps = gr.Number(
+                        value=0,
+                        precision=0,
+                        minimum=0,
+                        label="Max steps",
+                        info="a cap: the epochs end sooner on few examples (0 = no cap)",
+                        elem_id="fit-max-steps",
+                    )
                 name = gr.Textbox(label="Save as", placeholder="e.g. es-math-gates", elem_id="fit-name")
-                overwrite = gr.Checkbox(value=False, label="Replace a saved fusion of that name",
-                                        elem_id="fit-overwrite")
-                gr.Markdown("**Cancel** stops after the current step; a cancelled fit is not saved.",
-                            elem_classes=["param-note"])
+                overwrite = gr.Checkbox(
+                    value=False, label="Replace a saved fusion of that name", elem_id="fit-overwrite"
+                )
+                gr.Markdown(
+                    "**Cancel** stops after the current step; a cancelled fit is not saved.",
+                    elem_classes=["param-note"],
+                )
                 with gr.Row():
                     train = gr.Button("Train", variant="primary", elem_id="fit-btn")
                     cancel = gr.Button("Cancel", variant="stop", elem_id="fit-cancel-btn")
@@ -173,19 +222,31 @@ def build_fit_tab(studio: Studio) -> dict:
             chosen_list = [] if spec.get("fit_from_scratch") else parse_adapters(data[adapters])
             progress(0, desc="preparing…")
             yield "preparing…", gr.skip()
-            for kind, payload in fit_in_background(engine, method_name, chosen_list, data[examples],
-                                                   panel.collect(method_name, data), options, save_as,
-                                                   bool(data[overwrite]), flag):
+            for kind, payload in fit_in_background(
+                engine,
+                method_name,
+                chosen_list,
+                data[examples],
+                panel.collect(method_name, data),
+                options,
+                save_as,
+                bool(data[overwrite]),
+                flag,
+            ):
                 if kind == "progress":
                     p = payload
                     progress(p.step / max(1, p.total_steps), desc=f"step {p.step}/{p.total_steps}")
                     stopping = " · stopping after this step…" if flag.is_set() else ""
-                    yield (f"step {p.step}/{p.total_steps} · loss {p.loss:.4f} · {p.seconds:.0f} s{stopping}",
-                           plots.loss_figure(list(p.losses), p.total_steps))
+                    yield (
+                        f"step {p.step}/{p.total_steps} · loss {p.loss:.4f} · {p.seconds:.0f} s{stopping}",
+                        plots.loss_figure(list(p.losses), p.total_steps),
+                    )
                 elif kind == "done":
                     losses = payload.meta.get("losses") or []
-                    yield finished_line(payload, time.perf_counter() - start), (
-                        plots.loss_figure(losses) if losses else gr.skip())
+                    yield (
+                        finished_line(payload, time.perf_counter() - start),
+                        (plots.loss_figure(losses) if losses else gr.skip()),
+                    )
                 elif kind == "cancelled":
                     yield f"Cancelled after {time.perf_counter() - start:.0f} s: nothing was saved.", gr.skip()
                 else:
@@ -203,11 +264,16 @@ def build_fit_tab(studio: Studio) -> dict:
         return gr.skip()
 
     upload.upload(load_upload, upload, examples, api_visibility="private")
-    method.change(on_method, method, [adapters, panel.note] + panel.components, api_visibility="private",
-                  queue=False)
+    method.change(on_method, method, [adapters, panel.note] + panel.components, api_visibility="private", queue=False)
     studio.pickers.adapters.append(adapters)
-    fit_event = train.click(run_fit, {examples, method, adapters, name, overwrite, epochs, lr, batch, max_steps,
-                                      *panel.components}, [status, loss], api_visibility="private",
-                            show_progress_on=[status], concurrency_limit=1, concurrency_id="fit")
+    fit_event = train.click(
+        run_fit,
+        {examples, method, adapters, name, overwrite, epochs, lr, batch, max_steps, *panel.components},
+        [status, loss],
+        api_visibility="private",
+        show_progress_on=[status],
+        concurrency_limit=1,
+        concurrency_id="fit",
+    )
     cancel.click(cancel_fit, None, status, api_visibility="private", queue=False)
     return {"event": fit_event, "status": status}

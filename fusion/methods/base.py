@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -28,8 +29,16 @@ class Param:
     fit_only: bool = False  # only meaningful when fitting (e.g. a new adapter's shape); hidden for chat
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "type": self.type, "default": self.default, "help": self.help,
-                "min": self.min, "max": self.max, "choices": list(self.choices), "fit_only": self.fit_only}
+        return {
+            "name": self.name,
+            "type": self.type,
+            "default": self.default,
+            "help": self.help,
+            "min": self.min,
+            "max": self.max,
+            "choices": list(self.choices),
+            "fit_only": self.fit_only,
+        }
 
     def coerce(self, value: Any, method: str) -> Any:
         where = f"parameter {self.name!r} of method {method!r}"
@@ -115,26 +124,39 @@ class FusionMethod:
     adapter_kind: str = "lora"  # lora | mixlora
 
     def describe(self) -> dict:
-        return {"name": self.name, "pretty_name": self.pretty_name, "kind": self.kind,
-                "reference_url": self.reference_url, "description": self.description,
-                "params": [p.to_dict() for p in self.params], "min_adapters": self.min_adapters,
-                "max_adapters": self.max_adapters, "fittable": self.fittable,
-                "fit_from_scratch": self.fit_from_scratch,
-                "adapter_kind": self.adapter_kind}
+        return {
+            "name": self.name,
+            "pretty_name": self.pretty_name,
+            "kind": self.kind,
+            "reference_url": self.reference_url,
+            "description": self.description,
+            "params": [p.to_dict() for p in self.params],
+            "min_adapters": self.min_adapters,
+            "max_adapters": self.max_adapters,
+            "fittable": self.fittable,
+            "fit_from_scratch": self.fit_from_scratch,
+            "adapter_kind": self.adapter_kind,
+        }
 
     def validate(self, adapters: list, params: dict | None) -> dict:
         """Check adapter count and coerce params; unknown params are an error."""
         params = dict(params or {})
         n = len(adapters)
         if n < self.min_adapters or (self.max_adapters is not None and n > self.max_adapters):
-            wanted = (f"exactly {self.min_adapters}" if self.min_adapters == self.max_adapters else
-                      f"at least {self.min_adapters}" if self.max_adapters is None else
-                      f"{self.min_adapters} to {self.max_adapters}")
+            wanted = (
+                f"exactly {self.min_adapters}"
+                if self.min_adapters == self.max_adapters
+                else f"at least {self.min_adapters}"
+                if self.max_adapters is None
+                else f"{self.min_adapters} to {self.max_adapters}"
+            )
             raise FusionError(f"method {self.name!r} takes {wanted} adapter(s), got {n}")
         kinds = {getattr(a, "kind", "lora") for a in adapters}
         if adapters and kinds != {self.adapter_kind}:
-            raise FusionError(f"method {self.name!r} needs {self.adapter_kind} adapters, got "
-                              f"{', '.join(f'{a.name} ({a.kind})' for a in adapters)}")
+            raise FusionError(
+                f"method {self.name!r} needs {self.adapter_kind} adapters, got "
+                f"{', '.join(f'{a.name} ({a.kind})' for a in adapters)}"
+            )
         return self.coerce_params(params)
 
     def coerce_params(self, params: dict | None) -> dict:
@@ -142,15 +164,17 @@ class FusionMethod:
         known = {p.name: p for p in self.params}
         unknown = sorted(set(params) - set(known))
         if unknown:
-            raise FusionError(f"method {self.name!r} has no parameter {unknown[0]!r}; "
-                              f"it takes: {', '.join(known) or 'none'}")
+            raise FusionError(
+                f"method {self.name!r} has no parameter {unknown[0]!r}; it takes: {', '.join(known) or 'none'}"
+            )
         return {name: p.coerce(params.get(name), self.name) for name, p in known.items()}
 
     def build(self, ctx: BuildContext, adapters: list, params: dict) -> FusionPlan:
         raise NotImplementedError
 
-    def fit(self, ctx: BuildContext, adapters: list, examples, params: dict, options: dict,
-            on_progress=None, cancel=None) -> FitResult:
+    def fit(
+        self, ctx: BuildContext, adapters: list, examples, params: dict, options: dict, on_progress=None, cancel=None
+    ) -> FitResult:
         raise FusionError(f"method {self.name!r} has nothing to fit")
 
 
@@ -162,8 +186,7 @@ def resolve_weights(weights: list[float] | None, k: int, default: float | None, 
     if weights is None:
         return [default if default is not None else 1.0 / k] * k
     if len(weights) != k:
-        raise FusionError(f"method {method!r} got {len(weights)} weights for {k} adapters; "
-                          "give one weight per adapter")
+        raise FusionError(f"method {method!r} got {len(weights)} weights for {k} adapters; give one weight per adapter")
     return list(weights)
 
 
@@ -176,9 +199,14 @@ def module_keys(adapters: list[LoraAdapter]) -> list[tuple[int, str]]:
     return sorted(keys, key=lambda key: (key[0], order[key[1]]))
 
 
-def stacked_delta(ctx: BuildContext, adapters: list[LoraAdapter], key: tuple[int, str],
-                  slot_coef: list[float] | torch.Tensor | None, dynamic: bool,
-                  keep_coef: bool = False) -> LowRankDelta | None:
+def stacked_delta(
+    ctx: BuildContext,
+    adapters: list[LoraAdapter],
+    key: tuple[int, str],
+    slot_coef: list[float] | torch.Tensor | None,
+    dynamic: bool,
+    keep_coef: bool = False,
+) -> LowRankDelta | None:
     """Concatenate the slots' factors of one module: A = [A_1; ...; A_k], B = [B_1 ... B_k].
 
     Each rank block of slot i is scaled by s_i * slot_coef[i]. With `dynamic`, the delta also
@@ -206,4 +234,3 @@ def stacked_delta(ctx: BuildContext, adapters: list[LoraAdapter], key: tuple[int
     if keep_coef:
         return LowRankDelta(A, B, slot_of_rank, coef)
     return LowRankDelta(A, B * coef, slot_of_rank, None, tuple(parts))
-

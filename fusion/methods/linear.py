@@ -7,8 +7,7 @@ peft's `linear`, which is offered separately as `peft_linear`).
 import torch
 
 from ..runtime import FusionPlan
-from .base import (BuildContext, FusionMethod, module_keys, resolve_weights, slot_weights_param,
-                   stacked_delta)
+from .base import BuildContext, FusionMethod, module_keys, resolve_weights, slot_weights_param, stacked_delta
 
 
 class LinearMethod(FusionMethod):
@@ -22,8 +21,6 @@ class LinearMethod(FusionMethod):
 
     def build(self, ctx: BuildContext, adapters, params) -> FusionPlan:
         weights = resolve_weights(params.get("weights"), len(adapters), None, self.name)
-        deltas = {key: stacked_delta(ctx, adapters, key, weights, dynamic=False)
-                  for key in module_keys(adapters)}
+        deltas = {key: stacked_delta(ctx, adapters, key, weights, dynamic=False) for key in module_keys(adapters)}
         static = torch.tensor(weights, dtype=torch.float32).expand(ctx.num_layers, -1).clone()
-        return FusionPlan(method=self.name, slot_names=[a.name for a in adapters], deltas=deltas,
-                          static_weights=static)
+        return FusionPlan(method=self.name, slot_names=[a.name for a in adapters], deltas=deltas, static_weights=static)

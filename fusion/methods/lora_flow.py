@@ -48,8 +48,10 @@ def load_released_gates(path: str | Path, num_layers: int, hidden: int, k: int):
             raise FusionError(f"{path}: {key} is for layer {layer}, but the base model has {num_layers} layers")
         if key.endswith("lora_fusion_gate.weight"):
             if tuple(tensor.shape) != (k, hidden):
-                raise FusionError(f"{path}: {key} has shape {tuple(tensor.shape)}; expected ({k}, {hidden}) "
-                                  f"for {k} LoRAs on this base model")
+                raise FusionError(
+                    f"{path}: {key} has shape {tuple(tensor.shape)}; expected ({k}, {hidden}) "
+                    f"for {k} LoRAs on this base model"
+                )
             W[layer] = tensor.float()
         elif key.endswith("weight_bias"):
             if tuple(tensor.shape) != (1, k):
@@ -57,8 +59,10 @@ def load_released_gates(path: str | Path, num_layers: int, hidden: int, k: int):
             b[layer] = tensor.float()
     missing = [i for i in range(num_layers) if W[i] is None or b[i] is None]
     if missing:
-        raise FusionError(f"{path}: no gate weight/bias for layer {missing[0]} "
-                          f"(expected encoder.layers.{missing[0]}.lora_fusion_gate.weight and .weight_bias)")
+        raise FusionError(
+            f"{path}: no gate weight/bias for layer {missing[0]} "
+            f"(expected encoder.layers.{missing[0]}.lora_fusion_gate.weight and .weight_bias)"
+        )
     return torch.stack(W), torch.stack(b)
 
 
@@ -76,13 +80,25 @@ class LoraFlowMethod(FusionMethod):
     pretty_name = "LoRA-Flow (dynamic gates)"
     kind = "dynamic"
     reference_url = "https://arxiv.org/abs/2402.11455"
-    description = ("Per-layer gates read each token's hidden state and weight the LoRAs per token; "
-                   "language LoRA first, task LoRA last.")
+    description = (
+        "Per-layer gates read each token's hidden state and weight the LoRAs per token; "
+        "language LoRA first, task LoRA last."
+    )
     params = (
-        Param("gates", "artifact", "", "Fitted gates: a fusion name, a folder, or the authors' .pt file; "
-                                       "empty = initial gates (all task LoRA)."),
-        Param("temperature", "float", None, "Softmax temperature T (default: the gates' own, else 1.0; "
-                                             "the released zh/ru math gates use 1.1).", min=0.05, max=20.0),
+        Param(
+            "gates",
+            "artifact",
+            "",
+            "Fitted gates: a fusion name, a folder, or the authors' .pt file; empty = initial gates (all task LoRA).",
+        ),
+        Param(
+            "temperature",
+            "float",
+            None,
+            "Softmax temperature T (default: the gates' own, else 1.0; the released zh/ru math gates use 1.1).",
+            min=0.05,
+            max=20.0,
+        ),
     )
     min_adapters = 2
     fittable = True
@@ -98,11 +114,15 @@ class LoraFlowMethod(FusionMethod):
             W = torch.stack([artifact.tensors[f"gate.{l}.weight"] for l in range(ctx.num_layers)])
             b = torch.stack([artifact.tensors[f"gate.{l}.bias"] for l in range(ctx.num_layers)])
         except KeyError as exc:
-            raise FusionError(f"{artifact.path}: gate tensor {exc.args[0]} is missing "
-                              f"(expected gate.0..{ctx.num_layers - 1}.weight/bias)") from None
+            raise FusionError(
+                f"{artifact.path}: gate tensor {exc.args[0]} is missing "
+                f"(expected gate.0..{ctx.num_layers - 1}.weight/bias)"
+            ) from None
         if tuple(W.shape[1:]) != (k, ctx.hidden_size) or tuple(b.shape[1:]) != (1, k):
-            raise FusionError(f"{artifact.path}: gates have shape {tuple(W.shape[1:])}; expected "
-                              f"({k}, {ctx.hidden_size}) for {k} LoRAs on this base model")
+            raise FusionError(
+                f"{artifact.path}: gates have shape {tuple(W.shape[1:])}; expected "
+                f"({k}, {ctx.hidden_size}) for {k} LoRAs on this base model"
+            )
         return W.float(), b.float(), artifact.meta.get("temperature")
 
     def build(self, ctx: BuildContext, adapters, params) -> FusionPlan:
@@ -128,8 +148,15 @@ class LoraFlowMethod(FusionMethod):
             return torch.softmax(logits, dim=-1) + bs[layer]
 
         deltas = {key: stacked_delta(ctx, adapters, key, None, dynamic=True) for key in module_keys(adapters)}
-        return FusionPlan(method=self.name, slot_names=[a.name for a in adapters], deltas=deltas,
-                          layer_gate=gate, trace_kind="gate", gate_tensors=(W, b, temperature), info={"temperature": temperature})
+        return FusionPlan(
+            method=self.name,
+            slot_names=[a.name for a in adapters],
+            deltas=deltas,
+            layer_gate=gate,
+            trace_kind="gate",
+            gate_tensors=(W, b, temperature),
+            info={"temperature": temperature},
+        )
 
     def fit(self, ctx, adapters, examples, params, options, on_progress=None, cancel=None) -> FitResult:
         """Options beyond "train": "dev" (tokenized examples: the dev loss is measured after every
@@ -148,16 +175,32 @@ class LoraFlowMethod(FusionMethod):
         b = initial_bias(ctx.num_layers, k).requires_grad_(True)
         config = TrainConfig(**options.get("train", {}))
         dev_losses: list[float] = []
-        losses = train(ctx.model, [W, b], lambda: self.plan_from_gates(ctx, adapters, W, b, temperature),
-                       examples, config, options["pad_id"], ctx.device, on_progress, cancel,
-                       dev=dev, dev_losses=dev_losses)
+        losses = train(
+            ctx.model,
+            [W, b],
+            lambda: self.plan_from_gates(ctx, adapters, W, b, temperature),
+            examples,
+            config,
+            options["pad_id"],
+            ctx.device,
+            on_progress,
+            cancel,
+            dev=dev,
+            dev_losses=dev_losses,
+        )
         tensors = {}
         for layer in range(ctx.num_layers):
             tensors[f"gate.{layer}.weight"] = W[layer].detach()
             tensors[f"gate.{layer}.bias"] = b[layer].detach()
-        meta = {"temperature": inference_temperature, "fit_temperature": temperature,
-                "slots": [a.name for a in adapters]}
+        meta = {
+            "temperature": inference_temperature,
+            "fit_temperature": temperature,
+            "slots": [a.name for a in adapters],
+        }
         if dev is not None:
-            meta.update(dev_examples=len(dev), dev_losses=[round(x, 5) for x in dev_losses],
-                        best_epoch=(dev_losses.index(min(dev_losses)) + 1) if dev_losses else None)
+            meta.update(
+                dev_examples=len(dev),
+                dev_losses=[round(x, 5) for x in dev_losses],
+                best_epoch=(dev_losses.index(min(dev_losses)) + 1) if dev_losses else None,
+            )
         return FitResult(losses=losses, tensors=tensors, meta=meta, param_ref="gates")

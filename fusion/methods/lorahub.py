@@ -15,15 +15,13 @@ import torch.nn.functional as F
 from ..errors import FusionError
 from ..runtime import FusionPlan, LowRankDelta, Run, activate
 from ..training import Progress, collate
-from .base import BuildContext, FitResult, FusionMethod, Param, module_keys, resolve_weights, slot_weights_param
-
+from .base import BuildContext, FitResult, FusionMethod, module_keys, resolve_weights, slot_weights_param
 
 L1_COEF = 0.05
 
 
 @torch.no_grad()
-def few_shot_loss(model, run, examples, pad_id: int, device, batch_size: int | None = None,
-                  chunk: int = 8) -> float:
+def few_shot_loss(model, run, examples, pad_id: int, device, batch_size: int | None = None, chunk: int = 8) -> float:
     """The reference's objective: the examples in batches of `batch_size` (default: all in one),
     each batch's mean token cross-entropy over its answer tokens, summed over the batches and
     divided by the number of examples. With one batch that is the mean cross-entropy / N, so
@@ -31,14 +29,15 @@ def few_shot_loss(model, run, examples, pad_id: int, device, batch_size: int | N
     batch_size = batch_size or len(examples)
     total = 0.0
     for first in range(0, len(examples), batch_size):
-        batch = examples[first:first + batch_size]
+        batch = examples[first : first + batch_size]
         loss_sum, count = 0.0, 0
         for start in range(0, len(batch), chunk):  # same value as one forward, bounded memory
-            ids, attention, labels = collate(batch[start:start + chunk], pad_id, device)
+            ids, attention, labels = collate(batch[start : start + chunk], pad_id, device)
             with activate(run):
                 logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits  # (B, T, V)
-            loss_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                        ignore_index=-100, reduction="sum").item()
+            loss_sum += F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+            ).item()
             count += int((labels[:, 1:] != -100).sum())
         total += loss_sum / max(count, 1)
     return total / len(examples)
@@ -59,8 +58,10 @@ class LoraHubMethod(FusionMethod):
         ranks = {f.rank for a in adapters for f in a.factors.values()}
         scales = {round(f.scale, 9) for a in adapters for f in a.factors.values()}
         if len(ranks) > 1 or len(scales) > 1:
-            raise FusionError("lorahub sums the A and B factors element-wise, so all adapters need the "
-                              f"same rank and alpha/r; got ranks {sorted(ranks)} and scales {sorted(scales)}")
+            raise FusionError(
+                "lorahub sums the A and B factors element-wise, so all adapters need the "
+                f"same rank and alpha/r; got ranks {sorted(ranks)} and scales {sorted(scales)}"
+            )
         deltas = {}
         for key in module_keys(adapters):
             present = [(a.factors[key], w) for a, w in zip(adapters, weights) if key in a.factors]
@@ -68,8 +69,7 @@ class LoraHubMethod(FusionMethod):
             B = sum(w * f.B for f, w in present) * present[0][0].scale  # (d_out, r)
             deltas[key] = LowRankDelta(A.to(ctx.device, ctx.dtype), B.to(ctx.device, ctx.dtype))
         static = torch.tensor(weights, dtype=torch.float32).expand(ctx.num_layers, -1).clone()
-        return FusionPlan(method=self.name, slot_names=[a.name for a in adapters], deltas=deltas,
-                          static_weights=static)
+        return FusionPlan(method=self.name, slot_names=[a.name for a in adapters], deltas=deltas, static_weights=static)
 
     def fit(self, ctx, adapters, examples, params, options, on_progress=None, cancel=None) -> FitResult:
         import nevergrad as ng
@@ -99,6 +99,12 @@ class LoraHubMethod(FusionMethod):
             if on_progress is not None:
                 on_progress(Progress(step + 1, budget, score, 0.0, time.perf_counter() - start, 0, losses))
         recommended = [float(v) for v in optimizer.provide_recommendation().value] if losses else best[1]
-        return FitResult(losses=losses, params={"weights": recommended},
-                         meta={"best_score": best[0], "budget": budget,
-                               "objective": "reference: sum of batch mean CE / examples + 0.05 * mean|w|"})
+        return FitResult(
+            losses=losses,
+            params={"weights": recommended},
+            meta={
+                "best_score": best[0],
+                "budget": budget,
+                "objective": "reference: sum of batch mean CE / examples + 0.05 * mean|w|",
+            },
+        )

@@ -23,23 +23,64 @@ class MixLoraMethod(FusionMethod):
     pretty_name = "MixLoRA (LoRA experts)"
     kind = "dynamic"
     reference_url = "https://arxiv.org/abs/2404.15159"
-    description = ("A router per layer sends each token to its top-k LoRA experts inside the frozen FFN; "
-                   "attention projections carry plain LoRAs. Fit trains a new MixLoRA adapter.")
+    description = (
+        "A router per layer sends each token to its top-k LoRA experts inside the frozen FFN; "
+        "attention projections carry plain LoRAs. Fit trains a new MixLoRA adapter."
+    )
     params = (
-        Param("top_k", "int", None, "Experts per token (default: the adapter's own top_k; 2 when training).",
-              min=1, max=MAX_EXPERTS),
+        Param(
+            "top_k",
+            "int",
+            None,
+            "Experts per token (default: the adapter's own top_k; 2 when training).",
+            min=1,
+            max=MAX_EXPERTS,
+        ),
         Param("num_experts", "int", 8, "Training: experts per layer.", min=1, max=MAX_EXPERTS, fit_only=True),
         Param("r", "int", 8, "Training: LoRA rank of every expert and attention LoRA.", min=1, max=256, fit_only=True),
         Param("lora_alpha", "int", 16, "Training: LoRA alpha (scale = alpha / r).", min=1, max=4096, fit_only=True),
-        Param("lora_dropout", "float", 0.05, "Training: dropout on LoRA inputs (the reference package "
-                                             "refuses 0).", min=0.001, max=0.9, fit_only=True),
-        Param("target_modules", "text", ",".join(ALL_MODULES),
-              "Training: comma-separated projections; attention ones get plain LoRAs, FFN ones experts.", fit_only=True),
-        Param("aux_loss_coef", "float", 0.01, "Training: weight of the load-balance loss.", min=0.0, max=10.0, fit_only=True),
-        Param("router_init_range", "float", 0.02, "Training: std of the router's normal init.",
-              min=0.0, max=1.0, fit_only=True),
-        Param("lora_init", "choice", "original", "Training: LoRA A init, as in the reference package.",
-              choices=("original", "gaussian"), fit_only=True),
+        Param(
+            "lora_dropout",
+            "float",
+            0.05,
+            "Training: dropout on LoRA inputs (the reference package refuses 0).",
+            min=0.001,
+            max=0.9,
+            fit_only=True,
+        ),
+        Param(
+            "target_modules",
+            "text",
+            ",".join(ALL_MODULES),
+            "Training: comma-separated projections; attention ones get plain LoRAs, FFN ones experts.",
+            fit_only=True,
+        ),
+        Param(
+            "aux_loss_coef",
+            "float",
+            0.01,
+            "Training: weight of the load-balance loss.",
+            min=0.0,
+            max=10.0,
+            fit_only=True,
+        ),
+        Param(
+            "router_init_range",
+            "float",
+            0.02,
+            "Training: std of the router's normal init.",
+            min=0.0,
+            max=1.0,
+            fit_only=True,
+        ),
+        Param(
+            "lora_init",
+            "choice",
+            "original",
+            "Training: LoRA A init, as in the reference package.",
+            choices=("original", "gaussian"),
+            fit_only=True,
+        ),
         Param("seed", "int", 0, "Training: seed of the initial weights.", min=0, max=2**31 - 1, fit_only=True),
     )
     min_adapters = max_adapters = 1
@@ -51,8 +92,10 @@ class MixLoraMethod(FusionMethod):
         adapter = adapters[0]
         top_k = params.get("top_k") or adapter.top_k
         if top_k > adapter.num_experts:
-            raise FusionError(f"parameter 'top_k' of method 'mixlora' is {top_k}, but adapter "
-                              f"{adapter.name!r} has only {adapter.num_experts} experts")
+            raise FusionError(
+                f"parameter 'top_k' of method 'mixlora' is {top_k}, but adapter "
+                f"{adapter.name!r} has only {adapter.num_experts} experts"
+            )
         return plan_from_adapter(ctx, adapter, top_k, name=self.name)
 
     def fit(self, ctx, adapters, examples, params, options, on_progress=None, cancel=None) -> FitResult:

@@ -28,9 +28,15 @@ def _lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dropout: float) -> 
     return F.linear(F.linear(x, A), B)
 
 
-def routed_ffn(x: torch.Tensor, mlp: torch.nn.Module, router: torch.Tensor,
-               experts: dict[str, tuple[torch.Tensor, torch.Tensor]], top_k: int, act,
-               dropout: float = 0.0):
+def routed_ffn(
+    x: torch.Tensor,
+    mlp: torch.nn.Module,
+    router: torch.Tensor,
+    experts: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    top_k: int,
+    act,
+    dropout: float = 0.0,
+):
     """MixLoRA's routed FFN on x (B, T, d).
 
     `experts` maps gate_proj/up_proj/down_proj to (A (E, r, d_in), B (E, d_out, r)) with the
@@ -47,8 +53,16 @@ def routed_ffn(x: torch.Tensor, mlp: torch.nn.Module, router: torch.Tensor,
     return y.reshape(x.shape[:-1] + (y.shape[-1],)), logits, probs, chosen
 
 
-def expert_mixture(flat: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, router: torch.Tensor,
-                   experts: dict, top_k: int, act, dropout: float = 0.0):
+def expert_mixture(
+    flat: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    router: torch.Tensor,
+    experts: dict,
+    top_k: int,
+    act,
+    dropout: float = 0.0,
+):
     """The routed part of the FFN for tokens flat (N, d) whose W_gate h and W_up h (N, f) are
     given (batched decoding computes those for many rows at once). Returns the mixture
     sum_e p_hat_e m_e (N, f) that W_down turns into the output, the experts' down deltas
@@ -113,8 +127,9 @@ class _DropoutDelta(LowRankDelta):
         return super().apply(F.dropout(x, self.dropout, training=True), y, run, layer)
 
 
-def plan_from_adapter(ctx: BuildContext, adapter: MixLoraAdapter, top_k: int, training: bool = False,
-                      name: str = "mixlora") -> FusionPlan:
+def plan_from_adapter(
+    ctx: BuildContext, adapter: MixLoraAdapter, top_k: int, training: bool = False, name: str = "mixlora"
+) -> FusionPlan:
     """A plan over the adapter's tensors. With `training`, LoRA inputs get dropout and each
     layer's router logits are appended to `run.extra_losses` for the load-balance loss."""
     config = adapter.config
@@ -125,23 +140,31 @@ def plan_from_adapter(ctx: BuildContext, adapter: MixLoraAdapter, top_k: int, tr
         deltas[key] = _DropoutDelta(A, B, dropout=dropout) if dropout > 0 else LowRankDelta(A, B)
     per_layer: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     for (layer, module), f in adapter.experts.items():
-        per_layer.setdefault(layer, {})[module] = (f.A.to(ctx.device, ctx.dtype),
-                                                   f.B.to(ctx.device, ctx.dtype) * f.scale)
+        per_layer.setdefault(layer, {})[module] = (
+            f.A.to(ctx.device, ctx.dtype),
+            f.B.to(ctx.device, ctx.dtype) * f.scale,
+        )
     routers = [r.to(ctx.device, torch.float32) for r in adapter.routers]
     act = activation(config.act_fn) if config.act_fn else None
 
     def mlp_override(layer: int, mlp: torch.nn.Module, x: torch.Tensor, run: Run) -> torch.Tensor:
         if training and config.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - config.jitter_noise, 1.0 + config.jitter_noise)
-        y, logits, probs, chosen = routed_ffn(x, mlp, routers[layer], per_layer.get(layer, {}), top_k,
-                                              act or mlp.act_fn, dropout)
+        y, logits, probs, chosen = routed_ffn(
+            x, mlp, routers[layer], per_layer.get(layer, {}), top_k, act or mlp.act_fn, dropout
+        )
         batch, tokens = x.shape[0], x.shape[1]
         run.on_router(layer, probs.view(batch, tokens, -1), chosen.view(batch, tokens, -1))
         if training:
             run.extra_losses.append(logits)
         return y
 
-    return FusionPlan(method=name, slot_names=[f"expert {e}" for e in range(config.num_experts)],
-                      deltas=deltas, mlp_override=mlp_override, trace_kind="router",
-                      experts=None if training else (routers, per_layer, top_k, act),
-                      info={"top_k": top_k, "num_experts": config.num_experts, "training": training})
+    return FusionPlan(
+        method=name,
+        slot_names=[f"expert {e}" for e in range(config.num_experts)],
+        deltas=deltas,
+        mlp_override=mlp_override,
+        trace_kind="router",
+        experts=None if training else (routers, per_layer, top_k, act),
+        info={"top_k": top_k, "num_experts": config.num_experts, "training": training},
+    )

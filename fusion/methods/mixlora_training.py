@@ -26,12 +26,19 @@ from .mixlora_checkpoint import ExpertFactors, MixLoraAdapter, MixLoraConfig, li
 from .mixlora_ffn import plan_from_adapter
 
 # Overridable through the fit's training options.
-TRAIN_DEFAULTS = {"lr": 3e-4, "epochs": 2, "batch_size": 4, "weight_decay": 0.0, "warmup_ratio": 0.05,
-                  "betas": (0.9, 0.999)}
+TRAIN_DEFAULTS = {
+    "lr": 3e-4,
+    "epochs": 2,
+    "batch_size": 4,
+    "weight_decay": 0.0,
+    "warmup_ratio": 0.05,
+    "betas": (0.9, 0.999),
+}
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int,
-                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def load_balancing_loss(
+    router_logits: list[torch.Tensor], num_experts: int, top_k: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mixtral's auxiliary loss (without the coefficient) over every layer's logits (B*T, E)."""
     logits = torch.cat(router_logits, dim=0).float()  # (L*B*T, E)
     probs = torch.softmax(logits, dim=-1)
@@ -62,17 +69,18 @@ def initial_adapter(model, config: MixLoraConfig, seed: int, device, name: str =
     num_layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
     routers, attention, experts = [], {}, {}
     for layer in range(num_layers):
-        routers.append(torch.empty(config.num_experts, hidden).normal_(0.0, config.router_init_range,
-                                                                       generator=generator))
+        routers.append(
+            torch.empty(config.num_experts, hidden).normal_(0.0, config.router_init_range, generator=generator)
+        )
         for module in config.attention_targets:
             d_in, d_out = linear_shape(model, layer, module)
-            attention[(layer, module)] = LoraFactors(_init_a(config.r, d_in, config, generator),
-                                                     torch.zeros(d_out, config.r), config.scale)
+            attention[(layer, module)] = LoraFactors(
+                _init_a(config.r, d_in, config, generator), torch.zeros(d_out, config.r), config.scale
+            )
         for module in config.expert_targets:
             d_in, d_out = linear_shape(model, layer, module)
             A = torch.stack([_init_a(config.r, d_in, config, generator) for _ in range(config.num_experts)])
-            experts[(layer, module)] = ExpertFactors(A, torch.zeros(config.num_experts, d_out, config.r),
-                                                     config.scale)
+            experts[(layer, module)] = ExpertFactors(A, torch.zeros(config.num_experts, d_out, config.r), config.scale)
     adapter = MixLoraAdapter(name=name, config=config, routers=routers, attention=attention, experts=experts)
     adapter.routers = [r.to(device).requires_grad_(True) for r in adapter.routers]
     for f in list(adapter.attention.values()) + list(adapter.experts.values()):
@@ -93,25 +101,32 @@ def config_from_params(ctx: BuildContext, params: dict, options: dict) -> MixLor
     unknown = [t for t in targets if t not in ALL_MODULES]
     if unknown or not targets:
         named = unknown[0] if unknown else "nothing"
-        raise FusionError(f"parameter 'target_modules' of method 'mixlora' names {named}; "
-                          f"choose among {', '.join(ALL_MODULES)}")
+        raise FusionError(
+            f"parameter 'target_modules' of method 'mixlora' names {named}; choose among {', '.join(ALL_MODULES)}"
+        )
     top_k = params.get("top_k") or 2
     if top_k > params["num_experts"]:
-        raise FusionError(f"parameter 'top_k' of method 'mixlora' is {top_k}, more than num_experts "
-                          f"({params['num_experts']})")
+        raise FusionError(
+            f"parameter 'top_k' of method 'mixlora' is {top_k}, more than num_experts ({params['num_experts']})"
+        )
     act_fn = getattr(ctx.model.config, "hidden_act", None)
     base = options.get("base_model_name_or_path") or getattr(ctx.model.config, "_name_or_path", "") or ""
-    return MixLoraConfig(r=params["r"], lora_alpha=params["lora_alpha"], lora_dropout=params["lora_dropout"],
-                         target_modules=tuple(m for m in ALL_MODULES if m in targets),
-                         num_experts=params["num_experts"], top_k=top_k,
-                         act_fn=act_fn if isinstance(act_fn, str) else None,
-                         router_aux_loss_coef=params["aux_loss_coef"],
-                         router_init_range=params["router_init_range"], lora_init=params["lora_init"],
-                         base_model=str(base))
+    return MixLoraConfig(
+        r=params["r"],
+        lora_alpha=params["lora_alpha"],
+        lora_dropout=params["lora_dropout"],
+        target_modules=tuple(m for m in ALL_MODULES if m in targets),
+        num_experts=params["num_experts"],
+        top_k=top_k,
+        act_fn=act_fn if isinstance(act_fn, str) else None,
+        router_aux_loss_coef=params["aux_loss_coef"],
+        router_init_range=params["router_init_range"],
+        lora_init=params["lora_init"],
+        base_model=str(base),
+    )
 
 
-def fit_mixlora(ctx: BuildContext, examples, params: dict, options: dict, on_progress=None,
-                cancel=None) -> FitResult:
+def fit_mixlora(ctx: BuildContext, examples, params: dict, options: dict, on_progress=None, cancel=None) -> FitResult:
     """Train a new MixLoRA adapter; the result writes it with `save_adapter(folder)`."""
     config = config_from_params(ctx, params, options)
     adapter = initial_adapter(ctx.model, config, params["seed"], ctx.device)
@@ -121,27 +136,47 @@ def fit_mixlora(ctx: BuildContext, examples, params: dict, options: dict, on_pro
         if not run.extra_losses or config.router_aux_loss_coef == 0:
             return torch.zeros((), device=ctx.device)
         return config.router_aux_loss_coef * load_balancing_loss(
-            run.extra_losses, config.num_experts, config.top_k, getattr(run, "attention_mask", None))
+            run.extra_losses, config.num_experts, config.top_k, getattr(run, "attention_mask", None)
+        )
 
     hook = ctx.model.register_forward_pre_hook(_remember_attention_mask, with_kwargs=True)
     try:
-        losses = train(ctx.model, adapter.tensors(),
-                       lambda: plan_from_adapter(ctx, adapter, config.top_k, training=True), examples,
-                       train_config, options["pad_id"], ctx.device, on_progress, cancel, extra_loss=aux_loss)
+        losses = train(
+            ctx.model,
+            adapter.tensors(),
+            lambda: plan_from_adapter(ctx, adapter, config.top_k, training=True),
+            examples,
+            train_config,
+            options["pad_id"],
+            ctx.device,
+            on_progress,
+            cancel,
+            extra_loss=aux_loss,
+        )
     finally:
         hook.remove()
-    trained = MixLoraAdapter(name=adapter.name, config=config,
-                             routers=[r.detach() for r in adapter.routers],
-                             attention={k: LoraFactors(f.A.detach(), f.B.detach(), f.scale)
-                                        for k, f in adapter.attention.items()},
-                             experts={k: ExpertFactors(f.A.detach(), f.B.detach(), f.scale)
-                                      for k, f in adapter.experts.items()})
+    trained = MixLoraAdapter(
+        name=adapter.name,
+        config=config,
+        routers=[r.detach() for r in adapter.routers],
+        attention={k: LoraFactors(f.A.detach(), f.B.detach(), f.scale) for k, f in adapter.attention.items()},
+        experts={k: ExpertFactors(f.A.detach(), f.B.detach(), f.scale) for k, f in adapter.experts.items()},
+    )
 
     def save_adapter(folder: Path) -> None:
         save_mixlora(trained, Path(folder))
 
-    return FitResult(losses=losses, save_adapter=save_adapter, meta={
-        "num_experts": config.num_experts, "top_k": config.top_k, "r": config.r,
-        "lora_alpha": config.lora_alpha, "target_modules": list(config.target_modules),
-        "aux_loss_coef": config.router_aux_loss_coef, "seed": params["seed"],
-        "train": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(train_config).items()}})
+    return FitResult(
+        losses=losses,
+        save_adapter=save_adapter,
+        meta={
+            "num_experts": config.num_experts,
+            "top_k": config.top_k,
+            "r": config.r,
+            "lora_alpha": config.lora_alpha,
+            "target_modules": list(config.target_modules),
+            "aux_loss_coef": config.router_aux_loss_coef,
+            "seed": params["seed"],
+            "train": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(train_config).items()},
+        },
+    )

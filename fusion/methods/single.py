@@ -16,7 +16,7 @@ class SingleMethod(FusionMethod):
     max_adapters = 1
 
     def build(self, ctx: BuildContext, adapters, params) -> FusionPlan:
-        deltas = {key: stacked_delta(ctx, adapters, key, None, dynamic=False)
-                  for key in module_keys(adapters)}
-        return FusionPlan(method=self.name, slot_names=[adapters[0].name], deltas=deltas,
-                          static_weights=torch.ones(ctx.num_layers, 1))
+        deltas = {key: stacked_delta(ctx, adapters, key, None, dynamic=False) for key in module_keys(adapters)}
+        return FusionPlan(
+            method=self.name, slot_names=[adapters[0].name], deltas=deltas, static_weights=torch.ones(ctx.num_layers, 1)
+        )

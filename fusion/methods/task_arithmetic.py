@@ -14,8 +14,8 @@ from peft.utils import merge_utils
 
 from ..errors import FusionError
 from ..runtime import FusionPlan, LowRankDelta
-from .base import (BuildContext, FusionMethod, Param, module_keys, resolve_weights,
-                   slot_weights_param)
+from .base import BuildContext, FusionMethod, Param, module_keys, resolve_weights, slot_weights_param
+
 
 def top_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
     """peft's magnitude pruning (keep the int(density * n) entries of largest |x|, zero the rest)
@@ -66,8 +66,7 @@ class TaskArithmeticMethod(FusionMethod):
     kind = "static"
     min_adapters = 1
 
-    def __init__(self, name: str, combination: str, svd: bool, pretty_name: str, reference_url: str,
-                 description: str):
+    def __init__(self, name: str, combination: str, svd: bool, pretty_name: str, reference_url: str, description: str):
         self.name = name
         self.combination = combination
         self.svd = svd
@@ -78,13 +77,21 @@ class TaskArithmeticMethod(FusionMethod):
         if combination != "linear":
             params.append(Param("density", "float", 0.5, "Fraction of entries kept.", min=0.0, max=1.0))
         if combination in ("ties", "dare_ties"):
-            params.append(Param("majority_sign_method", "choice", "total",
-                                "How TIES elects each entry's sign.", choices=("total", "frequency")))
+            params.append(
+                Param(
+                    "majority_sign_method",
+                    "choice",
+                    "total",
+                    "How TIES elects each entry's sign.",
+                    choices=("total", "frequency"),
+                )
+            )
         if combination.startswith("dare"):
             params.append(Param("seed", "int", 0, "Seed of DARE's random drop mask.", min=0, max=2**31 - 1))
         if svd:
-            params.append(Param("svd_rank", "int", 0, "Rank after SVD truncation; 0 = largest input rank.",
-                                min=0, max=4096))
+            params.append(
+                Param("svd_rank", "int", 0, "Rank after SVD truncation; 0 = largest input rank.", min=0, max=4096)
+            )
         self.params = tuple(params)
 
     def build(self, ctx: BuildContext, adapters, params) -> FusionPlan:
@@ -95,8 +102,10 @@ class TaskArithmeticMethod(FusionMethod):
         if len(adapters) == 1:  # peft's add_weighted_adapter turns any combination of one adapter into linear
             combine, svd = _COMBINE["linear"], False
         if not svd and len({f.rank for a in adapters for f in a.factors.values()}) > 1:
-            raise FusionError(f"method {self.name!r} combines A and B factors entry by entry, so all "
-                              "adapters must have the same rank; use an *_svd variant or `linear`")
+            raise FusionError(
+                f"method {self.name!r} combines A and B factors entry by entry, so all "
+                "adapters must have the same rank; use an *_svd variant or `linear`"
+            )
         deltas = {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(params.get("seed", 0))
@@ -107,8 +116,7 @@ class TaskArithmeticMethod(FusionMethod):
                 else:
                     deltas[key] = self._factors(ctx, present, combine, density, sign)
         static = torch.tensor(weights, dtype=torch.float32).expand(ctx.num_layers, -1).clone()
-        return FusionPlan(method=self.name, slot_names=[a.name for a in adapters], deltas=deltas,
-                          static_weights=static)
+        return FusionPlan(method=self.name, slot_names=[a.name for a in adapters], deltas=deltas, static_weights=static)
 
     @staticmethod
     def _factors(ctx, present, combine, density, sign) -> LowRankDelta:
@@ -131,23 +139,76 @@ class TaskArithmeticMethod(FusionMethod):
 
 _PEFT = "https://huggingface.co/docs/peft/developer_guides/model_merging"
 VARIANTS = [
-    TaskArithmeticMethod("ties", "ties", False, "TIES", "https://arxiv.org/abs/2306.01708",
-                         "Trim to the top-density entries, elect a sign, average agreeing entries."),
-    TaskArithmeticMethod("dare_linear", "dare_linear", False, "DARE (linear)",
-                         "https://arxiv.org/abs/2311.03099",
-                         "Randomly drop entries (keep `density`), rescale, weighted sum."),
-    TaskArithmeticMethod("dare_ties", "dare_ties", False, "DARE + TIES",
-                         "https://arxiv.org/abs/2311.03099", "DARE's random drop, then TIES' sign election."),
-    TaskArithmeticMethod("magnitude_prune", "magnitude_prune", False, "Magnitude prune", _PEFT,
-                         "Keep the largest-magnitude entries of each factor, weighted sum."),
-    TaskArithmeticMethod("peft_linear", "linear", False, "peft linear (factor sum)", _PEFT,
-                         "peft's `linear`: sums sqrt-weighted A and B factors separately (has cross terms)."),
-    TaskArithmeticMethod("ties_svd", "ties", True, "TIES on full deltas + SVD", _PEFT,
-                         "TIES over the full deltas, truncated back to a LoRA by SVD."),
-    TaskArithmeticMethod("dare_linear_svd", "dare_linear", True, "DARE (linear) + SVD", _PEFT,
-                         "DARE over the full deltas, truncated by SVD."),
-    TaskArithmeticMethod("dare_ties_svd", "dare_ties", True, "DARE + TIES + SVD", _PEFT,
-                         "DARE-TIES over the full deltas, truncated by SVD."),
-    TaskArithmeticMethod("magnitude_prune_svd", "magnitude_prune", True, "Magnitude prune + SVD", _PEFT,
-                         "Magnitude pruning over the full deltas, truncated by SVD."),
+    TaskArithmeticMethod(
+        "ties",
+        "ties",
+        False,
+        "TIES",
+        "https://arxiv.org/abs/2306.01708",
+        "Trim to the top-density entries, elect a sign, average agreeing entries.",
+    ),
+    TaskArithmeticMethod(
+        "dare_linear",
+        "dare_linear",
+        False,
+        "DARE (linear)",
+        "https://arxiv.org/abs/2311.03099",
+        "Randomly drop entries (keep `density`), rescale, weighted sum.",
+    ),
+    TaskArithmeticMethod(
+        "dare_ties",
+        "dare_ties",
+        False,
+        "DARE + TIES",
+        "https://arxiv.org/abs/2311.03099",
+        "DARE's random drop, then TIES' sign election.",
+    ),
+    TaskArithmeticMethod(
+        "magnitude_prune",
+        "magnitude_prune",
+        False,
+        "Magnitude prune",
+        _PEFT,
+        "Keep the largest-magnitude entries of each factor, weighted sum.",
+    ),
+    TaskArithmeticMethod(
+        "peft_linear",
+        "linear",
+        False,
+        "peft linear (factor sum)",
+        _PEFT,
+        "peft's `linear`: sums sqrt-weighted A and B factors separately (has cross terms).",
+    ),
+    TaskArithmeticMethod(
+        "ties_svd",
+        "ties",
+        True,
+        "TIES on full deltas + SVD",
+        _PEFT,
+        "TIES over the full deltas, truncated back to a LoRA by SVD.",
+    ),
+    TaskArithmeticMethod(
+        "dare_linear_svd",
+        "dare_linear",
+        True,
+        "DARE (linear) + SVD",
+        _PEFT,
+        "DARE over the full deltas, truncated by SVD.",
+    ),
+    TaskArithmeticMethod(
+        "dare_ties_svd",
+        "dare_ties",
+        True,
+        "DARE + TIES + SVD",
+        _PEFT,
+        "DARE-TIES over the full deltas, truncated by SVD.",
+    ),
+    TaskArithmeticMethod(
+        "magnitude_prune_svd",
+        "magnitude_prune",
+        True,
+        "Magnitude prune + SVD",
+        _PEFT,
+        "Magnitude pruning over the full deltas, truncated by SVD.",
+    ),
 ]
