@@ -154,38 +154,30 @@ def heatmap(
     readable = readable_tokens(trace.tokens)
     labels = [display_token(readable[i]) for i in indices]
     every = max(1, len(indices) // (20 if compact else 48))  # keep tick labels legible on long windows
+    # every variant: one cell per layer and token, its exact values on hover
+    cells = dict(
+        z=z.tolist(), x=x, y=list(range(layers)), text=hover, hovertemplate="%{text}<extra></extra>", xgap=1, ygap=1
+    )
     if name == TOP_EXPERT:
         k = len(trace.slot_names)
         colours = [PALETTE[i % len(PALETTE)] for i in range(k)]
         scale = [[edge, colours[min(i, k - 1)]] for i in range(k) for edge in (i / k, (i + 1) / k)]
         data = go.Heatmap(
-            z=z.tolist(),
-            x=x,
-            y=list(range(layers)),
-            text=hover,
-            hovertemplate="%{text}<extra></extra>",
+            **cells,
             colorscale=scale,
             zmin=-0.5,
             zmax=k - 0.5,
-            xgap=1,
-            ygap=1,
             colorbar=dict(title="top-1", tickvals=list(range(k)), ticktext=trace.slot_names),
         )
         title = "Router: top-1 expert per token and layer"
     elif name == DIFFERENCE:
         extent = max(1e-6, float(z.abs().max()))
         data = go.Heatmap(
-            z=z.tolist(),
-            x=x,
-            y=list(range(layers)),
-            text=hover,
-            hovertemplate="%{text}<extra></extra>",
+            **cells,
             colorscale="RdBu_r",
             zmid=0.0,
             zmin=-extent,
             zmax=extent,
-            xgap=1,
-            ygap=1,
             colorbar=dict(title=dict(text=f"{trace.slot_names[1]}<br>minus<br>{trace.slot_names[0]}", side="top")),
         )
         title = f"Gates: red = {trace.slot_names[1]}, blue = {trace.slot_names[0]}"
@@ -194,14 +186,8 @@ def heatmap(
         # LoRA-Flow gates may leave [0, 1], so their scale follows the data.
         fixed = dict(zmin=0.0, zmax=1.0) if trace.kind == "router" else {}
         data = go.Heatmap(
-            z=z.tolist(),
-            x=x,
-            y=list(range(layers)),
-            text=hover,
-            hovertemplate="%{text}<extra></extra>",
+            **cells,
             colorscale="Viridis",
-            xgap=1,
-            ygap=1,
             colorbar=dict(title=name),
             **fixed,
         )
