@@ -65,27 +65,31 @@ def _entries(delta, dynamic: bool):
 
 @dataclass
 class Table:
-    """The deltas of the projections of one layer that read the same input, for all rows."""
+    """The deltas of the projections of one layer that read the same input, for all rows. A row
+    that uses none of them has coefficients 0: it adds exact zeros, which costs less than
+    selecting the rows that use the table (the factors are read either way)."""
 
     A: torch.Tensor  # (R, d_in): every entry's A, module after module
     members: list  # (module, start, end, B (d_out, end - start))
-    coef: torch.Tensor  # (n, R) fixed coefficient of each rank for each row using the table
-    slots: torch.Tensor | None  # (n, R) column of the row's gate table scaling each rank (0: none)
-    rows: torch.Tensor | None  # (n,) rows using the table; None = all
+    coef: torch.Tensor  # (N, R) fixed coefficient of each rank for each row
+    slots: torch.Tensor | None  # (N, R) column of the row's gate table scaling each rank (0: none)
+
+    def select(self, keep: torch.Tensor) -> Table | None:
+        """This table for the rows `keep` (old indices, in order) of its batch; None if none of
+        them uses it. The factors are not rebuilt: columns no kept row uses stay, with
+        coefficient 0, until the next rebuild."""
+        coef = self.coef.index_select(0, keep)
+        if not bool(coef.any()):
+            return None
+        return Table(self.A, self.members, coef, None if self.slots is None else self.slots.index_select(0, keep))
 
     def apply(self, x: torch.Tensor, ys: dict, gates: torch.Tensor | None) -> None:
         """x (N, d_in); ys: module -> (N, d_out), updated in place; gates (N, 1 + S)."""
-        if self.rows is not None:
-            x = x.index_select(0, self.rows)
-            gates = None if gates is None else gates.index_select(0, self.rows)
-        h = F.linear(x, self.A)  # (n, R)
+        h = F.linear(x, self.A)  # (N, R)
         coef = self.coef if self.slots is None or gates is None else self.coef * gates.gather(1, self.slots)
         h = h * coef
         for name, start, end, B in self.members:
-            if self.rows is None:
-                ys[name] = torch.addmm(ys[name], h[:, start:end], B.t())
-            else:
-                ys[name].index_add_(0, self.rows, F.linear(h[:, start:end], B))
+            ys[name] = torch.addmm(ys[name], h[:, start:end], B.t())
 
 
 def build_table(layer: int, names: tuple[str, ...], plans: list[FusionPlan], device, dtype) -> Table | None:
@@ -112,17 +116,14 @@ def build_table(layer: int, names: tuple[str, ...], plans: list[FusionPlan], dev
             members.append((name, start_of_module, width, torch.cat(Bs, 1)))
     if not As:
         return None
-    users = sorted({a[0] for a in assigned})
-    index = {row: i for i, row in enumerate(users)}
-    coef = torch.zeros(len(users), width)
-    slots = torch.zeros((len(users), width), dtype=torch.long)  # 0: the constant-1 column
+    coef = torch.zeros(n, width)
+    slots = torch.zeros((n, width), dtype=torch.long)  # 0: the constant-1 column
     for row, start, end, c, s in assigned:
-        coef[index[row], start:end] = c
+        coef[row, start:end] = c
         if s is not None:
-            slots[index[row], start:end] = s + 1
+            slots[row, start:end] = s + 1
     dynamic = bool((slots > 0).any())
-    table_rows = None if len(users) == n else torch.tensor(users, dtype=torch.long, device=device)
-    return Table(torch.cat(As, 0), members, coef.to(device, dtype), slots.to(device) if dynamic else None, table_rows)
+    return Table(torch.cat(As, 0), members, coef.to(device, dtype), slots.to(device) if dynamic else None)
 
 
 class Layout:
@@ -133,8 +134,9 @@ class Layout:
         self.plans = plans
         weight = model.lm_head.weight
         device, dtype = weight.device, weight.dtype
+        self.device = device
         layers = model.config.num_hidden_layers
-        self.n = len(plans)
+        self.n = self.built_rows = len(plans)
         moe = [i for i, p in enumerate(plans) if p.mlp_override is not None]
         self.moe_groups: list[tuple[FusionPlan, torch.Tensor, list[int]]] = []
         for plan in {id(plans[i]): plans[i] for i in moe}.values():
@@ -148,6 +150,37 @@ class Layout:
         self.gates = None
         if self.flow:
             self._stack_gates(device, dtype)
+
+    def select(self, keep: list[int]) -> Layout:
+        """The layout of rows `keep` (indices into this one's rows, in order) when rows have left
+        and none joined: every tensor is indexed, nothing is rebuilt. Each kept row computes
+        exactly what it computed before (the columns of adapters only departed rows used get
+        coefficient 0)."""
+        out = object.__new__(Layout)
+        position = {old: new for new, old in enumerate(keep)}
+        out.plans, out.n = [self.plans[i] for i in keep], len(keep)
+        out.built_rows = self.built_rows
+        out.moe_groups = []
+        for plan, rows, members in self.moe_groups:
+            kept = [position[i] for i in members if i in position]
+            if kept:
+                out.moe_groups.append((plan, torch.tensor(kept, dtype=torch.long, device=rows.device), kept))
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        out.device = self.device
+        out.tables = [[None if t is None else t.select(index) for t in layer] for layer in self.tables]
+        kept_flow = [j for j, i in enumerate(self.flow) if i in position]
+        out.flow = [position[self.flow[j]] for j in kept_flow]
+        out.gates = None
+        if out.flow:
+            index = torch.tensor(kept_flow, dtype=torch.long, device=self.gate_W.device)
+            out.gate_width = self.gate_width
+            out.flow_ks = [self.flow_ks[j] for j in kept_flow]
+            out.flow_rows = torch.tensor(out.flow, dtype=torch.long, device=self.gate_W.device)
+            out.gate_W = self.gate_W.index_select(1, index)
+            out.gate_b = self.gate_b.index_select(1, index)
+            out.gate_mask = None if self.gate_mask is None else self.gate_mask.index_select(0, index)
+            out.gate_temps = None if self.gate_temps is None else self.gate_temps.index_select(0, index)
+        return out
 
     def _stack_gates(self, device, dtype) -> None:
         ks = [len(self.plans[i].slot_names) for i in self.flow]

@@ -2,7 +2,8 @@
 
 Requests join the running batch between decode steps: each is prefilled alone (the patched
 model's forward under its own `Run`, so its prompt's trace is recorded as in a solo run) and
-then decodes with the others, one batched forward per step (`batched.decode_step`). A row
+then decodes with the others, one batched forward per step (`batched.decode_step`; on CPU
+with one intra-op thread by default, see `threads`). A row
 leaves as soon as it stops (end of text, stop string, max tokens, cancel); the rest go on.
 Each row keeps its own sampling, random generator, stop tokens and trace. Rows beyond the
 cap on rows or on KV memory wait in a queue; their callers see where they stand.
@@ -27,6 +28,7 @@ import torch
 from .batched import Layout, RowCache, decode_step
 from .generate import GenerationEvent, Sampling, _sample, stop_token_ids, token_labels
 from .runtime import FusionPlan, ModelLock, Run, activate, merged_into
+from .threads import decode_threads, local_threads
 from .trace import build_trace
 
 
@@ -87,6 +89,7 @@ class Scheduler:
         self.kv_budget = kv_budget_bytes
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
+        self.decode_threads = decode_threads(self.device)  # intra-op threads of a decode step (`threads`)
         self.eos: set[int] | None = None  # on first use: engines without a tokenizer never generate
         self._eos_of = None
         self._cond = threading.Condition()
@@ -254,10 +257,12 @@ class Scheduler:
             self._running = running
         if not running:
             return
+        with local_threads(self.decode_threads):
+            self._decode(running)
+
+    def _decode(self, running: list[_Row]) -> None:
         plans = [self._compute_plan(r.plan) for r in running]
-        key = tuple(id(p) for p in plans)
-        if self._layout is None or self._layout[0] != key:
-            self._layout = (key, Layout(self.model, plans))
+        self._layout = self._layout_for(plans)
         tokens = torch.tensor([r.next_token for r in running], device=self.device)
         runs = [r.run if r.record else None for r in running]
         logits = decode_step(self.model, self._layout[1], tokens, [r.cache for r in running], runs)  # (N, V)
@@ -272,6 +277,27 @@ class Scheduler:
                 still.append(row)
         with self._cond:
             self._running = still
+
+    def _layout_for(self, plans: list[FusionPlan]) -> tuple[tuple, Layout]:
+        """The batch's layout: the current one, or when rows have only left it, the current one
+        narrowed to the remaining rows (cheap), or a new one when rows joined or the batch has
+        shrunk below half the rows its tables were built for."""
+        key = tuple(id(p) for p in plans)
+        if self._layout is not None:
+            old_key, old = self._layout
+            if old_key == key:
+                return self._layout
+            keep, j = [], 0
+            for k in key:
+                while j < len(old_key) and old_key[j] != k:
+                    j += 1
+                if j == len(old_key):
+                    break
+                keep.append(j)
+                j += 1
+            if len(keep) == len(key) and 2 * len(keep) >= old.built_rows:
+                return key, old.select(keep)
+        return key, Layout(self.model, plans)
 
     def _retire_if_cancelled(self, row: _Row) -> bool:
         if row.closing or not row.cancelled():

@@ -68,16 +68,19 @@ def solo_logits(model, plan, prompt_ids: list[int], tokens: list[int]):
     return torch.stack(out), run
 
 
-def assert_batched_equals_solo(model, plans: dict, prompts: dict, steps: int, late: set, layers: int):
+def assert_batched_equals_solo(model, plans: dict, prompts: dict, steps, late: set, layers: int):
     """Rows decode teacher-forced random tokens in one batch, the `late` ones joining after 3
     steps; every step's logits of every row equal its solo run within 1e-4, its gate/router
-    record within 1e-5."""
+    record within 1e-5. steps: per row (a dict) or for all; rows that finish leave the batch,
+    and the rest go on with the layout narrowed to them (`Layout.select`), as the scheduler does."""
     from transformers import DynamicCache
 
     names = list(plans)
+    budget = steps if isinstance(steps, dict) else dict.fromkeys(names, steps)
+    steps = max(budget.values())
     rows = {}
     for i, name in enumerate(names):
-        tokens = torch.randint(3, 90, (steps,), generator=torch.Generator().manual_seed(40 + i)).tolist()
+        tokens = torch.randint(3, 90, (budget[name],), generator=torch.Generator().manual_seed(40 + i)).tolist()
         rows[name] = (tokens, *solo_logits(model, plans[name], prompts[name], tokens))
     state = {}  # name -> [cache, run, tokens fed, logits]
 
@@ -85,19 +88,25 @@ def assert_batched_equals_solo(model, plans: dict, prompts: dict, steps: int, la
         cache, run = DynamicCache(config=model.config), Run(plans[name], record=True)
         with torch.inference_mode(), activate(run):
             first = model(input_ids=torch.tensor([prompts[name]]), past_key_values=cache, use_cache=True).logits[0, -1]
-        state[name] = [RowCache(cache, len(prompts[name]) + steps + 1), run, 0, [first]]
+        state[name] = [RowCache(cache, len(prompts[name]) + budget[name] + 1), run, 0, [first]]
 
     for name in names:
         if name not in late:
             join(name)
+    layout, previous, narrowed = None, [], 0
     for step in range(steps + 3):
         if step == 3:
             for name in late:
                 join(name)
-        active = [n for n in names if n in state and state[n][2] < steps]
+        active = [n for n in names if n in state and state[n][2] < budget[n]]
         if not active:
             break
-        layout = Layout(model, [plans[n] for n in active])
+        if active != previous:
+            if set(active) <= set(previous):  # rows only left
+                layout, narrowed = layout.select([previous.index(n) for n in active]), narrowed + 1
+            else:
+                layout = Layout(model, [plans[n] for n in active])
+            previous = active
         tokens = torch.tensor([rows[n][0][state[n][2]] for n in active])
         logits = decode_step(model, layout, tokens, [state[n][0] for n in active], [state[n][1] for n in active])
         for i, n in enumerate(active):
@@ -118,14 +127,21 @@ def assert_batched_equals_solo(model, plans: dict, prompts: dict, steps: int, la
                 torch.testing.assert_close(mine[layer][0], theirs[layer][0], atol=1e-5, rtol=0)
                 assert torch.equal(mine[layer][1], theirs[layer][1])
     assert any(rows[n][2].steps for n in names) and any(rows[n][2].router_steps for n in names)
+    if len(set(budget.values())) > 1:
+        assert narrowed > 0
 
 
 def test_mixed_batch_logits_and_traces_equal_solo_runs(studio, requests):
-    """Nine fusions with prompts of 3 to 19 tokens; CAT and LoRA-Flow k=3 join after 3 steps."""
+    """Nine fusions and a second MixLoRA row, prompts of 3 to 21 tokens; CAT and LoRA-Flow k=3 join after 3 steps;
+    rows decode 5 to 10 tokens, so the batch narrows as they finish (LoRA-Flow k=2, MixLoRA and
+    TIES leave while LoRA-Flow k=3 and CAT still decode)."""
     engine = studio.engine
     plans = {n: engine.plan(r) for n, r in requests.items()}
-    prompts = {n: prompt(studio, 3 + 2 * i, seed=i) for i, n in enumerate(requests)}
-    assert_batched_equals_solo(engine.model, plans, prompts, 6, {"flow3", "cat"}, LAYERS)
+    plans["mixlora (b)"] = plans["mixlora"]  # two rows of one MixLoRA: their experts gathered together
+    prompts = {n: prompt(studio, 3 + 2 * i, seed=i) for i, n in enumerate(plans)}
+    budget = {"base": 7, "single": 5, "linear": 9, "cat": 8, "flow2": 5, "flow3": 10, "mixlora": 6, "ties": 7}
+    budget.update({"wide": 8, "mixlora (b)": 9})
+    assert_batched_equals_solo(engine.model, plans, prompts, budget, {"flow3", "cat"}, LAYERS)
 
 
 def test_mixed_batch_on_the_embedded_model(app_engine):
@@ -158,8 +174,9 @@ def test_an_adapter_shared_by_fusions_is_one_table_entry(studio, requests):
     rank = 4  # lang-a and task-b are rank 4; TIES keeps the common rank
     # per module: lang-a, task-b, TIES -> 3 entries of rank 4, for q, k and v
     assert qkv.A.shape[0] == 3 * 3 * rank
-    assert qkv.rows.tolist() == [0, 1, 2, 3]  # the base row pays nothing
-    assert qkv.coef.shape == (4, 3 * 3 * rank)
+    assert qkv.coef.shape == (5, 3 * 3 * rank)
+    assert not qkv.coef[4].any()  # the base row adds exact zeros
+    assert qkv.coef[:4].any(dim=1).all()
     only_base = Layout(engine.model, [engine.plan(FusionRequest())] * 3)
     assert all(t is None for layer in only_base.tables for t in layer)
 
@@ -354,3 +371,38 @@ def test_many_prompts_at_once_come_back_in_order(studio, requests):
         time.sleep(0.01)
     assert scheduler.status()["running"] == 0 and scheduler.status()["queued"] == 0
     assert scheduler.steps - at_close < 100, "the rows left behind went on decoding"
+
+
+def test_decode_threads_are_set_for_the_calling_thread_only(monkeypatch):
+    """`local_threads` changes the intra-op threads of its own thread for the body and restores
+    them; other threads, and threads started meanwhile, keep torch's setting."""
+    from fusion import threads
+
+    if threads._setters() is None:
+        pytest.skip("no per-thread OpenMP/MKL setters in this build")
+    default = torch.get_num_threads()
+    seen = {}
+
+    def other():
+        seen["other"] = torch.get_num_threads()
+
+    def worker():
+        with threads.local_threads(default + 1):
+            seen["inside"] = torch.get_num_threads()
+            t = threading.Thread(target=other)
+            t.start()
+            t.join()
+        seen["after"] = torch.get_num_threads()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == {"inside": default + 1, "other": default, "after": default}
+    assert torch.get_num_threads() == default
+    monkeypatch.setenv("LORA_STUDIO_DECODE_THREADS", "3")
+    assert threads.decode_threads(torch.device("cpu")) == 3
+    monkeypatch.setenv("LORA_STUDIO_DECODE_THREADS", "0")
+    assert threads.decode_threads(torch.device("cpu")) is None
+    monkeypatch.delenv("LORA_STUDIO_DECODE_THREADS")
+    assert threads.decode_threads(torch.device("cpu")) == 1
+    assert threads.decode_threads(torch.device("meta")) is None

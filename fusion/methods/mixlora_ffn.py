@@ -71,9 +71,9 @@ def expert_mixture(
     probs = torch.softmax(logits, dim=-1)
     top_p, chosen = probs.topk(top_k, dim=-1)  # (N, k)
     top_p = (top_p / top_p.sum(dim=-1, keepdim=True)).to(flat.dtype)
-    if flat.shape[0] == 1 and dropout == 0.0:
-        mixed, down = _one_token_mixture(flat[0], gate[0], up[0], experts, chosen[0], top_p[0], act)
-        return mixed.unsqueeze(0), None if down is None else down.unsqueeze(0), logits, probs, chosen
+    if dropout == 0.0 and flat.shape[0] * top_k <= GATHER_LIMIT:
+        mixed, down = _gathered_mixture(flat, gate, up, experts, chosen, top_p, act)
+        return mixed, down, logits, probs, chosen
     mixed = torch.zeros_like(gate)  # (N, f): sum_e p_hat_e m_e
     down_delta = None
     for e in range(router.shape[0]):
@@ -97,24 +97,33 @@ def expert_mixture(
     return mixed, down_delta, logits, probs, chosen
 
 
-def _one_token_mixture(h, gate, up, experts, chosen, weights, act):
-    """Decoding fast path (one token): the k chosen experts' LoRAs gathered and applied as
-    batched matmuls, no per-expert Python loop or token indexing. Same value as the loop."""
-    k = chosen.shape[0]
-    g = gate.expand(k, -1)  # (k, f)
-    u = up.expand(k, -1)
+GATHER_LIMIT = 64  # token-expert pairs up to which the chosen experts' factors are gathered
+
+
+def _gathered_mixture(flat, gate, up, experts, chosen, weights, act):
+    """Fast path for a few tokens (decoding, one token per row): each token's k chosen experts'
+    LoRAs are gathered and applied as batched matmuls, no per-expert Python loop or token
+    indexing. Same value as the loop. flat (n, d), gate/up (n, f), chosen/weights (n, k)."""
+    n, k = chosen.shape
+    pick = chosen.reshape(-1)  # (n k,)
+
+    def lora(name, x):  # x (n k, d_in, 1) -> (n k, d_out)
+        A, B = experts[name]
+        return torch.bmm(B.index_select(0, pick), torch.bmm(A.index_select(0, pick), x)).squeeze(-1)
+
+    h = flat.repeat_interleave(k, 0).unsqueeze(-1)  # (n k, d, 1)
+    g, u = gate.repeat_interleave(k, 0), up.repeat_interleave(k, 0)  # (n k, f)
     if "gate_proj" in experts:
-        A, B = experts["gate_proj"]
-        g = g + (B[chosen] @ (A[chosen] @ h).unsqueeze(-1)).squeeze(-1)  # (k, f)
+        g = g + lora("gate_proj", h)
     if "up_proj" in experts:
-        A, B = experts["up_proj"]
-        u = u + (B[chosen] @ (A[chosen] @ h).unsqueeze(-1)).squeeze(-1)
-    m = act(g) * u  # (k, f)
+        u = u + lora("up_proj", h)
+    m = act(g) * u  # (n k, f)
+    w = weights.unsqueeze(1)  # (n, 1, k)
+    mixed = torch.bmm(w, m.view(n, k, -1)).squeeze(1)  # (n, f)
     down = None
     if "down_proj" in experts:
-        A, B = experts["down_proj"]
-        down = weights @ (B[chosen] @ (A[chosen] @ m.unsqueeze(-1))).squeeze(-1)  # (d,)
-    return weights @ m, down
+        down = torch.bmm(w, lora("down_proj", m.unsqueeze(-1)).view(n, k, -1)).squeeze(1)  # (n, d)
+    return mixed, down
 
 
 @dataclass
