@@ -37,6 +37,17 @@ class RowCache:
                 store.append(buffer)
         self.length = prefill.layers[0].keys.shape[-2]
 
+    @classmethod
+    def empty(cls, config, capacity: int, device, dtype) -> RowCache:
+        """A row's cache before its prompt: filled by the forward that reads the prompt."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        cache = object.__new__(cls)
+        shape = (config.num_key_value_heads, capacity, head_dim)
+        cache.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        cache.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        cache.length = 0
+        return cache
+
     @staticmethod
     def bytes_for(config, tokens: int, dtype: torch.dtype) -> int:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -148,34 +159,41 @@ class Layout:
         self.tables = [[build_table(layer, names, plans, device, dtype) for names in GROUPS] for layer in range(layers)]
         self.flow = [i for i, p in enumerate(plans) if p.layer_gate is not None]
         self.gates = None
+        self.flow_token_rows = None  # in a layout of tokens: each LoRA-Flow token's row in the gate stacks
         if self.flow:
             self._stack_gates(device, dtype)
 
     def select(self, keep: list[int]) -> Layout:
-        """The layout of rows `keep` (indices into this one's rows, in order) when rows have left
-        and none joined: every tensor is indexed, nothing is rebuilt. Each kept row computes
-        exactly what it computed before (the columns of adapters only departed rows used get
-        coefficient 0)."""
+        """The layout of rows `keep` (indices into this one's rows, in order; an index may repeat,
+        which is how a row feeding several tokens becomes one layout row per token): every tensor
+        is indexed, nothing is rebuilt. Each kept row computes exactly what it computed before
+        (the columns of adapters only departed rows used get coefficient 0)."""
         out = object.__new__(Layout)
-        position = {old: new for new, old in enumerate(keep)}
         out.plans, out.n = [self.plans[i] for i in keep], len(keep)
-        out.built_rows = self.built_rows
+        out.built_rows, out.device = self.built_rows, self.device
         out.moe_groups = []
-        for plan, rows, members in self.moe_groups:
-            kept = [position[i] for i in members if i in position]
+        for plan, _, members in self.moe_groups:
+            chosen = set(members)
+            kept = [new for new, old in enumerate(keep) if old in chosen]
             if kept:
-                out.moe_groups.append((plan, torch.tensor(kept, dtype=torch.long, device=rows.device), kept))
+                out.moe_groups.append((plan, torch.tensor(kept, dtype=torch.long, device=self.device), kept))
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        out.device = self.device
         out.tables = [[None if t is None else t.select(index) for t in layer] for layer in self.tables]
-        kept_flow = [j for j, i in enumerate(self.flow) if i in position]
-        out.flow = [position[self.flow[j]] for j in kept_flow]
-        out.gates = None
+        if self.flow_token_rows is not None:
+            raise ValueError("a layout of tokens cannot be narrowed again")
+        flow_at = {old: j for j, old in enumerate(self.flow)}
+        kept_flow = [flow_at[old] for old in keep if old in flow_at]  # per kept flow row or token
+        out.flow = [new for new, old in enumerate(keep) if old in flow_at]
+        out.gates, out.flow_token_rows = None, None
         if out.flow:
-            index = torch.tensor(kept_flow, dtype=torch.long, device=self.gate_W.device)
+            unique = list(dict.fromkeys(kept_flow))  # the gate stacks stay one per row
+            index = torch.tensor(unique, dtype=torch.long, device=self.device)
+            if len(unique) != len(kept_flow):
+                at = {j: u for u, j in enumerate(unique)}
+                out.flow_token_rows = torch.tensor([at[j] for j in kept_flow], dtype=torch.long, device=self.device)
             out.gate_width = self.gate_width
             out.flow_ks = [self.flow_ks[j] for j in kept_flow]
-            out.flow_rows = torch.tensor(out.flow, dtype=torch.long, device=self.gate_W.device)
+            out.flow_rows = torch.tensor(out.flow, dtype=torch.long, device=self.device)
             out.gate_W = self.gate_W.index_select(1, index)
             out.gate_b = self.gate_b.index_select(1, index)
             out.gate_mask = None if self.gate_mask is None else self.gate_mask.index_select(0, index)
@@ -209,12 +227,22 @@ class Layout:
         """x (N, d) the residual stream entering the layer -> (gate weights of the LoRA-Flow rows
         (n_flow, S), every row's table: a constant-1 column, then its weights (N, 1 + S))."""
         h = x.index_select(0, self.flow_rows) if len(self.flow) != self.n else x
-        logits = torch.bmm(self.gate_W[layer], h.unsqueeze(-1)).squeeze(-1)  # (n_flow, S)
-        if self.gate_temps is not None:
-            logits = logits / self.gate_temps
-        if self.gate_mask is not None:
-            logits = logits + self.gate_mask
-        weights = torch.softmax(logits, dim=-1) + self.gate_b[layer]
+        W, b = self.gate_W[layer], self.gate_b[layer]  # (R, S, d), (R, S): one per LoRA-Flow row
+        mask, temps, rows = self.gate_mask, self.gate_temps, self.flow_token_rows
+        if rows is None:  # one token per row
+            logits = torch.bmm(W, h.unsqueeze(-1)).squeeze(-1)  # (n_flow, S)
+        else:  # several tokens per row: every token against every row's gate, then its own row's
+            S = W.shape[1]
+            every = F.linear(h, W.reshape(-1, W.shape[-1])).view(h.shape[0], -1, S)  # (n_flow, R, S)
+            logits = every.gather(1, rows.view(-1, 1, 1).expand(-1, 1, S)).squeeze(1)
+            b = b.index_select(0, rows)
+            mask = None if mask is None else mask.index_select(0, rows)
+            temps = None if temps is None else temps.index_select(0, rows)
+        if temps is not None:
+            logits = logits / temps
+        if mask is not None:
+            logits = logits + mask
+        weights = torch.softmax(logits, dim=-1) + b
         table = x.new_ones(self.n, self.gate_width + 1)
         table.index_copy_(0, self.flow_rows, F.pad(weights, (1, 0), value=1.0))
         return weights, table
@@ -227,19 +255,32 @@ class _RouterSink:
         self.seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def on_router(self, layer: int, probs: torch.Tensor, chosen: torch.Tensor) -> None:
-        self.seen[layer] = (probs, chosen)  # (n, 1, E), (n, 1, k)
+        self.seen[layer] = (probs, chosen)  # (n, E), (n, k)
 
 
 @torch.inference_mode()
-def decode_step(model, layout: Layout, tokens: torch.Tensor, caches: list[RowCache], runs: list) -> torch.Tensor:
-    """tokens (N,) one per row, at each row's next position -> logits (N, V). Caches grow by one.
-    `runs[i]` records row i's gate weights or routing (a `Run`, or None)."""
+def decode_step(
+    model, layout: Layout, tokens: torch.Tensor, caches: list[RowCache], runs: list, counts: list[int] | None = None
+) -> torch.Tensor:
+    """One forward for all rows. tokens: one per row (N,), or with `counts` each row's tokens one
+    after another (sum(counts),): a new row's whole prompt (its cache empty) next to the running
+    rows' next tokens. Returns each row's logits at its last token (N, V); caches grow by what
+    their rows fed. `runs[i]` records row i's gate weights or routing (a `Run`, or None)."""
     inner = model.model
-    n = tokens.shape[0]
-    x = inner.embed_tokens(tokens)  # (N, d)
-    positions = torch.tensor([[c.length] for c in caches], device=x.device)  # (N, 1)
-    cos, sin = inner.rotary_emb(x.unsqueeze(1), positions)  # (N, 1, hd)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (N, 1, 1, hd)
+    counts = counts or [1] * len(caches)
+    m = tokens.shape[0]
+    spans = []  # (first token, end) per row
+    for count in counts:
+        start = spans[-1][1] if spans else 0
+        spans.append((start, start + count))
+    if m != len(caches):  # one layout row per token
+        layout = layout.select([i for i, count in enumerate(counts) for _ in range(count)])
+    x = inner.embed_tokens(tokens)  # (M, d)
+    positions = torch.tensor(
+        [[c.length + t] for c, count in zip(caches, counts) for t in range(count)], device=x.device
+    )  # (M, 1)
+    cos, sin = inner.rotary_emb(x.unsqueeze(1), positions)  # (M, 1, hd)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (M, 1, 1, hd)
     gate_log, sinks = [], [_RouterSink() for _ in layout.moe_groups]
     for index, layer in enumerate(inner.layers):
         tables = layout.tables[index]
@@ -256,34 +297,48 @@ def decode_step(model, layout: Layout, tokens: torch.Tensor, caches: list[RowCac
         if tables[0] is not None:
             tables[0].apply(h, ys, gates)
         head_dim = attn.head_dim
-        q = ys["q_proj"].view(n, -1, 1, head_dim)  # (N, H, 1, hd)
-        k = ys["k_proj"].view(n, -1, 1, head_dim)  # (N, kvh, 1, hd)
+        q = ys["q_proj"].view(m, -1, 1, head_dim)  # (M, H, 1, hd)
+        k = ys["k_proj"].view(m, -1, 1, head_dim)  # (M, kvh, 1, hd)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        v = ys["v_proj"].view(n, -1, head_dim)  # (N, kvh, hd)
-        out = []
-        for i, cache in enumerate(caches):
-            end = cache.length + 1
-            keys, values = cache.keys[index], cache.values[index]
-            keys[:, cache.length] = k[i, :, 0]
-            values[:, cache.length] = v[i]
-            # 4-D: with 3-D inputs the CPU kernel takes a path ~300x slower
-            out.append(
-                F.scaled_dot_product_attention(
-                    q[i : i + 1], keys[None, :, :end], values[None, :, :end], scale=attn.scaling, enable_gqa=True
-                )
-            )  # (1, H, 1, hd)
-        o = torch.cat(out).reshape(n, -1)  # (N, H * hd)
+        v = ys["v_proj"].view(m, -1, head_dim)  # (M, kvh, hd)
+        out = [_attend(attn, q, k, v, cache, index, start, end) for cache, (start, end) in zip(caches, spans)]
+        o = torch.cat(out).reshape(m, -1)  # (M, H * hd)
         ys = {"o_proj": F.linear(o, attn.o_proj.weight, attn.o_proj.bias)}
         if tables[1] is not None:
             tables[1].apply(o, ys, gates)
         x = x + ys["o_proj"]
         h = layer.post_attention_layernorm(x)
         x = x + _mlp(layer.mlp, index, h, tables, gates, layout, sinks)
+    if m != len(caches):
+        x = x.index_select(0, torch.tensor([end - 1 for _, end in spans], device=x.device))
     logits = model.lm_head(inner.norm(x))  # (N, V)
-    _record(layout, runs, gate_log, sinks)
-    for cache in caches:
-        cache.length += 1
+    _record(layout, runs, gate_log, sinks, spans)
+    for cache, count in zip(caches, counts):
+        cache.length += count
     return logits
+
+
+def _attend(attn, q, k, v, cache: RowCache, layer: int, start: int, end: int) -> torch.Tensor:
+    """One row's attention over its own cache after writing its new keys and values: q/k (M,
+    heads, 1, hd), v (M, kvh, hd) of the whole batch, the row's tokens start:end. Several new
+    tokens (a prompt) need an empty cache: they attend causally among themselves."""
+    count, past = end - start, cache.length
+    keys, values = cache.keys[layer], cache.values[layer]
+    keys[:, past : past + count] = k[start:end, :, 0].transpose(0, 1)
+    values[:, past : past + count] = v[start:end].transpose(0, 1)
+    if count > 1 and past:
+        raise ValueError("several new tokens for a row with a cache are not supported")
+    query = q[start:end, :, 0].transpose(0, 1).unsqueeze(0)  # (1, H, T, hd)
+    # 4-D: with 3-D inputs the CPU kernel takes a path ~300x slower
+    out = F.scaled_dot_product_attention(
+        query,
+        keys[None, :, : past + count],
+        values[None, :, : past + count],
+        scale=attn.scaling,
+        is_causal=count > 1,
+        enable_gqa=True,
+    )  # (1, H, T, hd)
+    return out[0].transpose(0, 1)  # (T, H, hd)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -311,7 +366,7 @@ def _mlp(mlp, layer: int, h: torch.Tensor, tables, gates, layout: Layout, sinks)
             act or mlp.act_fn,
         )
         m.index_copy_(0, rows, mixed)
-        sink.on_router(layer, probs.unsqueeze(1), chosen.unsqueeze(1))
+        sink.on_router(layer, probs, chosen)
         if down is not None:
             extra.append((rows, down))
     ys = {"down_proj": F.linear(m, mlp.down_proj.weight, mlp.down_proj.bias)}
@@ -323,21 +378,32 @@ def _mlp(mlp, layer: int, h: torch.Tensor, tables, gates, layout: Layout, sinks)
     return y
 
 
-def _record(layout: Layout, runs: list, gate_log: list, sinks: list) -> None:
-    """Hand every recording row its own part of this step, as its solo forward would record it."""
-    if gate_log and any(runs[i] is not None and runs[i].record for i in layout.flow):
-        stacked = torch.stack(gate_log).float().cpu()  # (L, n_flow, S)
-        for j, (i, k) in enumerate(zip(layout.flow, layout.flow_ks)):
-            run = runs[i]
-            if run is not None and run.record:
-                run.steps.append({layer: stacked[layer, j : j + 1, :k] for layer in range(stacked.shape[0])})
+def _record(layout: Layout, runs: list, gate_log: list, sinks: list, spans: list) -> None:
+    """Hand every recording row its own part of this forward, as its solo forward would record
+    it: per layer, its tokens' gate weights (T, k), or their router probabilities (T, E) and
+    chosen experts (T, k). `layout` has one row per token; spans[i] are row i's tokens."""
+    recording = [i for i, run in enumerate(runs) if run is not None and run.record]
+    if not recording:
+        return
+    token_row = [i for i, (start, end) in enumerate(spans) for _ in range(start, end)]
+    if gate_log:
+        stacked = torch.stack(gate_log).float().cpu()  # (L, n_flow tokens, S)
+        flow_rows = [token_row[t] for t in layout.flow]
+        for i in recording:
+            mine = [j for j, row in enumerate(flow_rows) if row == i]
+            if mine:
+                first, k = mine[0], layout.flow_ks[mine[0]]
+                part = stacked[:, first : first + len(mine), :k]
+                runs[i].steps.append({layer: part[layer] for layer in range(part.shape[0])})
     for (_, _, members), sink in zip(layout.moe_groups, sinks):
         if not sink.seen:
             continue
         layers = sorted(sink.seen)
-        probs = torch.stack([sink.seen[l][0] for l in layers]).float().cpu()  # (L, n, 1, E)
-        chosen = torch.stack([sink.seen[l][1] for l in layers]).cpu()  # (L, n, 1, k)
-        for j, i in enumerate(members):
-            run = runs[i]
-            if run is not None and run.record:
-                run.router_steps.append({l: (probs[a, j], chosen[a, j]) for a, l in enumerate(layers)})
+        probs = torch.stack([sink.seen[l][0] for l in layers]).float().cpu()  # (L, n, E)
+        chosen = torch.stack([sink.seen[l][1] for l in layers]).cpu()  # (L, n, k)
+        group_rows = [token_row[t] for t in members]
+        for i in recording:
+            mine = [j for j, row in enumerate(group_rows) if row == i]
+            if mine:
+                a, b = mine[0], mine[0] + len(mine)
+                runs[i].router_steps.append({l: (probs[n, a:b], chosen[n, a:b]) for n, l in enumerate(layers)})

@@ -1,9 +1,10 @@
 """Continuous batching: one loop decodes every request of an engine, whatever its fusion.
 
-Requests join the running batch between decode steps: each is prefilled alone (the patched
-model's forward under its own `Run`, so its prompt's trace is recorded as in a solo run) and
-then decodes with the others, one batched forward per step (`batched.decode_step`; on CPU
-with one intra-op thread by default, see `threads`). A row
+Requests join the running batch between decode steps: their prompts go through the same
+forward as the running rows' next tokens (`batched.decode_step`: one forward per step over
+every row's new tokens, each row attending over its own cache, its prompt's trace recorded as
+in a solo run), up to `max_prompt_tokens_per_step` prompt tokens a step; then they decode with
+the others (on CPU with one intra-op thread by default, see `threads`). A row
 leaves as soon as it stops (end of text, stop string, max tokens, cancel); the rest go on.
 Each row keeps its own sampling, random generator, stop tokens and trace. Rows beyond the
 cap on rows or on KV memory wait in a queue; their callers see where they stand.
@@ -27,7 +28,7 @@ import torch
 
 from .batched import Layout, RowCache, decode_step
 from .generate import GenerationEvent, Sampling, _sample, stop_token_ids, token_labels
-from .runtime import FusionPlan, ModelLock, Run, activate, merged_into
+from .runtime import FusionPlan, ModelLock, Run, merged_into
 from .threads import decode_threads, local_threads
 from .trace import build_trace
 
@@ -79,6 +80,7 @@ class Scheduler:
         merge_static: bool = True,
         max_rows: int = 16,
         kv_budget_bytes: int | None = None,
+        max_prompt_tokens_per_step: int = 2048,
     ):
         """tokenizer: the tokenizer, or a function giving the current one (an engine's may change)."""
         self.model = model
@@ -87,6 +89,7 @@ class Scheduler:
         self.merge_static = merge_static
         self.max_rows = max(1, int(max_rows))
         self.kv_budget = kv_budget_bytes
+        self.max_prompt_tokens_per_step = max(1, int(max_prompt_tokens_per_step))
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.decode_threads = decode_threads(self.device)  # intra-op threads of a decode step (`threads`)
@@ -228,6 +231,7 @@ class Scheduler:
         """Rows that fit now, in arrival order; cancelled waiting rows leave at once. Under _cond."""
         out: list[_Row] = []
         used = sum(r.kv_bytes for r in self._running)
+        prompt_tokens = 0
         while self._pending and len(self._running) + len(out) < self.max_rows:
             row = self._pending[0]
             if row.cancelled():
@@ -238,6 +242,9 @@ class Scheduler:
             busy = self._running or out
             if busy and self.kv_budget is not None and used + row.kv_bytes > self.kv_budget:
                 break
+            if out and prompt_tokens + len(row.prompt_ids) > self.max_prompt_tokens_per_step:
+                break  # the next step takes it: one forward holds the others' tokens back
+            prompt_tokens += len(row.prompt_ids)
             self._pending.popleft()
             row.ticket.state, row.ticket.position = "running", 0
             used += row.kv_bytes
@@ -247,30 +254,37 @@ class Scheduler:
         return out
 
     def _step(self, admitted: list[_Row]) -> None:
+        """One forward: the running rows' next tokens and the admitted rows' whole prompts."""
         self._arrange_model(self._running + admitted)
-        joined = []
+        running = [r for r in self._running if not self._retire_if_cancelled(r)]
         for row in admitted:
-            if self._prefill(row):
-                joined.append(row)
-        running = [r for r in self._running if not self._retire_if_cancelled(r)] + joined
+            row.run = Run(self._compute_plan(row.plan), record=row.record)
+            capacity = len(row.prompt_ids) + row.sampling.max_new_tokens + 1
+            row.cache = RowCache.empty(self.model.config, capacity, self.device, self.dtype)
+        rows = running + admitted
         with self._cond:
-            self._running = running
-        if not running:
+            self._running = rows
+        if not rows:
             return
-        with local_threads(self.decode_threads):
-            self._decode(running)
+        # prompts are a few large matmuls: torch's threads; decode steps: see `threads`
+        with local_threads(None if admitted else self.decode_threads):
+            self._forward(rows, len(running))
 
-    def _decode(self, running: list[_Row]) -> None:
-        plans = [self._compute_plan(r.plan) for r in running]
+    def _forward(self, rows: list[_Row], decoding: int) -> None:
+        """rows[:decoding] feed their next token, the rest their prompt."""
+        plans = [self._compute_plan(r.plan) for r in rows]
         self._layout = self._layout_for(plans)
-        tokens = torch.tensor([r.next_token for r in running], device=self.device)
-        runs = [r.run if r.record else None for r in running]
-        logits = decode_step(self.model, self._layout[1], tokens, [r.cache for r in running], runs)  # (N, V)
+        feeds = [[r.next_token] for r in rows[:decoding]] + [r.prompt_ids for r in rows[decoding:]]
+        tokens = torch.tensor([t for feed in feeds for t in feed], dtype=torch.long, device=self.device)
+        runs = [r.run if r.record else None for r in rows]
+        caches = [r.cache for r in rows]
+        with torch.inference_mode():
+            logits = decode_step(self.model, self._layout[1], tokens, caches, runs, [len(f) for f in feeds])  # (N, V)
         self.steps += 1
-        self.rows_per_step[len(running)] += 1
+        self.rows_per_step[len(rows)] += 1
         greedy = logits.argmax(-1).tolist()
         still = []
-        for i, row in enumerate(running):
+        for i, row in enumerate(rows):
             if row.closing:
                 self._finish(row)
             elif self._advance(row, logits[i], greedy[i]):
@@ -305,19 +319,6 @@ class Scheduler:
         row.finish = "cancelled"
         self._finish(row)
         return True
-
-    @torch.inference_mode()
-    def _prefill(self, row: _Row) -> bool:
-        """The prompt through the patched model alone; True if the row goes on decoding."""
-        from transformers import DynamicCache
-
-        row.run = Run(self._compute_plan(row.plan), record=row.record)
-        cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([row.prompt_ids], dtype=torch.long, device=self.device)
-        with activate(row.run):
-            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
-        row.cache = RowCache(cache, len(row.prompt_ids) + row.sampling.max_new_tokens + 1)
-        return self._advance(row, logits, int(torch.argmax(logits)))
 
     def _advance(self, row: _Row, logits: torch.Tensor, greedy: int) -> bool:
         """One new token from the row's logits (V,), as `generate.stream_tokens` does; False if done."""

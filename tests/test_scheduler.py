@@ -68,11 +68,15 @@ def solo_logits(model, plan, prompt_ids: list[int], tokens: list[int]):
     return torch.stack(out), run
 
 
-def assert_batched_equals_solo(model, plans: dict, prompts: dict, steps, late: set, layers: int):
+def assert_batched_equals_solo(
+    model, plans: dict, prompts: dict, steps, late: set, layers: int, prompts_in_batch=False
+):
     """Rows decode teacher-forced random tokens in one batch, the `late` ones joining after 3
     steps; every step's logits of every row equal its solo run within 1e-4, its gate/router
     record within 1e-5. steps: per row (a dict) or for all; rows that finish leave the batch,
-    and the rest go on with the layout narrowed to them (`Layout.select`), as the scheduler does."""
+    and the rest go on with the layout narrowed to them (`Layout.select`), as the scheduler does.
+    prompts_in_batch: a joining row's prompt goes through the same forward as the other rows'
+    next tokens (as the scheduler does); otherwise it is prefilled alone by the patched model."""
     from transformers import DynamicCache
 
     names = list(plans)
@@ -82,36 +86,49 @@ def assert_batched_equals_solo(model, plans: dict, prompts: dict, steps, late: s
     for i, name in enumerate(names):
         tokens = torch.randint(3, 90, (budget[name],), generator=torch.Generator().manual_seed(40 + i)).tolist()
         rows[name] = (tokens, *solo_logits(model, plans[name], prompts[name], tokens))
-    state = {}  # name -> [cache, run, tokens fed, logits]
+    state = {}  # name -> [cache, run, tokens fed, logits, prompt still to feed]
 
     def join(name):
-        cache, run = DynamicCache(config=model.config), Run(plans[name], record=True)
+        run, capacity = Run(plans[name], record=True), len(prompts[name]) + budget[name] + 1
+        if prompts_in_batch:
+            state[name] = [RowCache.empty(model.config, capacity, "cpu", torch.float32), run, 0, [], True]
+            return
+        cache = DynamicCache(config=model.config)
         with torch.inference_mode(), activate(run):
             first = model(input_ids=torch.tensor([prompts[name]]), past_key_values=cache, use_cache=True).logits[0, -1]
-        state[name] = [RowCache(cache, len(prompts[name]) + budget[name] + 1), run, 0, [first]]
+        state[name] = [RowCache(cache, capacity), run, 0, [first], False]
 
     for name in names:
         if name not in late:
             join(name)
-    layout, previous, narrowed = None, [], 0
-    for step in range(steps + 3):
+    layout, previous, narrowed, joined_together = None, [], 0, 0
+    for step in range(steps + 5):
         if step == 3:
             for name in late:
                 join(name)
-        active = [n for n in names if n in state and state[n][2] < budget[n]]
+        decoding = [n for n in names if n in state and not state[n][4] and state[n][2] < budget[n]]
+        new = [n for n in names if n in state and state[n][4]]
+        active = decoding + new
         if not active:
             break
         if active != previous:
-            if set(active) <= set(previous):  # rows only left
+            if set(active) <= set(previous) and active == [n for n in previous if n in active]:  # rows only left
                 layout, narrowed = layout.select([previous.index(n) for n in active]), narrowed + 1
             else:
                 layout = Layout(model, [plans[n] for n in active])
             previous = active
-        tokens = torch.tensor([rows[n][0][state[n][2]] for n in active])
-        logits = decode_step(model, layout, tokens, [state[n][0] for n in active], [state[n][1] for n in active])
+        feeds = [[rows[n][0][state[n][2]]] for n in decoding] + [prompts[n] for n in new]
+        tokens = torch.tensor([t for feed in feeds for t in feed])
+        caches, runs = [state[n][0] for n in active], [state[n][1] for n in active]
+        logits = decode_step(model, layout, tokens, caches, runs, [len(f) for f in feeds])
+        joined_together += bool(new and decoding)
         for i, n in enumerate(active):
-            state[n][2] += 1
+            if n in decoding:
+                state[n][2] += 1
             state[n][3].append(logits[i])
+            state[n][4] = False
+    if prompts_in_batch and late:
+        assert joined_together  # prompts went through a forward with rows that were decoding
     for name in names:
         _, solo, solo_run = rows[name]
         got = torch.stack(state[name][3])
@@ -142,6 +159,22 @@ def test_mixed_batch_logits_and_traces_equal_solo_runs(studio, requests):
     budget = {"base": 7, "single": 5, "linear": 9, "cat": 8, "flow2": 5, "flow3": 10, "mixlora": 6, "ties": 7}
     budget.update({"wide": 8, "mixlora (b)": 9})
     assert_batched_equals_solo(engine.model, plans, prompts, budget, {"flow3", "cat"}, LAYERS)
+
+
+def test_prompts_in_the_batch_forward_equal_solo_prefills(studio, requests):
+    """As the scheduler runs it: the rows' prompts go through one forward together (and the late
+    rows' prompts through the forward of the rows already decoding); every row's logits, gate
+    weights and routing for its prompt and each later step equal its solo run. The MixLoRA
+    prompts are long enough for the experts' loop (more than 64 token-expert pairs)."""
+    engine = studio.engine
+    plans = {n: engine.plan(r) for n, r in requests.items()}
+    plans["mixlora (b)"] = plans["mixlora"]
+    plans["flow2 (b)"] = plans["flow2"]
+    lengths = {"mixlora": 40, "mixlora (b)": 3, "flow2": 25, "flow2 (b)": 1, "flow3": 17}
+    prompts = {n: prompt(studio, lengths.get(n, 4 + 3 * i), seed=10 + i) for i, n in enumerate(plans)}
+    budget = {n: 3 + i % 4 for i, n in enumerate(plans)}
+    late = {"flow3", "cat", "mixlora (b)", "flow2 (b)"}
+    assert_batched_equals_solo(engine.model, plans, prompts, budget, late, LAYERS, prompts_in_batch=True)
 
 
 def test_mixed_batch_on_the_embedded_model(app_engine):
@@ -321,9 +354,9 @@ def test_merge_only_while_one_static_fusion_is_alone(studio, requests, monkeypat
     seen = []  # (rows in the step, merged fusion)
     original = module.decode_step
 
-    def step(model, layout, tokens, *args):
-        seen.append((tokens.shape[0], scheduler.status()["merged"]))
-        return original(model, layout, tokens, *args)
+    def step(model, layout, tokens, caches, *args):
+        seen.append((len(caches), scheduler.status()["merged"]))
+        return original(model, layout, tokens, caches, *args)
 
     monkeypatch.setattr(module, "decode_step", step)
     ids = prompt(studio, 6, seed=5)
@@ -406,3 +439,28 @@ def test_decode_threads_are_set_for_the_calling_thread_only(monkeypatch):
     monkeypatch.delenv("LORA_STUDIO_DECODE_THREADS")
     assert threads.decode_threads(torch.device("cpu")) == 1
     assert threads.decode_threads(torch.device("meta")) is None
+
+
+def test_prompt_tokens_per_forward_are_capped(studio, requests, monkeypatch):
+    """Three 6-token prompts submitted together with a cap of 10 prompt tokens a step: no
+    forward holds more than one of them (a single prompt over the cap still goes alone), and
+    each reply equals its solo run."""
+    import fusion.scheduler as module
+
+    engine = studio.engine
+    scheduler = Scheduler(engine.model, engine.tokenizer, max_prompt_tokens_per_step=10)
+    fed = []  # prompt tokens in each forward
+    original = module.decode_step
+
+    def step(model, layout, tokens, caches, runs, counts=None):
+        fed.append(sum(c for c in (counts or []) if c > 1))
+        return original(model, layout, tokens, caches, runs, counts)
+
+    monkeypatch.setattr(module, "decode_step", step)
+    plan = engine.plan(requests["flow2"])
+    prompts = [prompt(studio, 6, seed=s) for s in (1, 2, 3)] + [prompt(studio, 14, seed=4)]
+    replies = list(scheduler.finals(plan, prompts, Sampling(max_new_tokens=4)))
+    assert max(fed) == 14 and sorted(x for x in fed if x) == [6, 6, 6, 14]
+    for ids, reply in zip(prompts, replies):
+        solo = collect(stream_tokens(engine.model, engine.tokenizer, Run(plan), ids, Sampling(max_new_tokens=4)))[0]
+        assert reply.token_ids == solo.token_ids
