@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .batched import Layout, RowCache, decode_step
+from .batch_layout import Layout, layout_for
+from .batched import RowCache, decode_step
 from .generate import GenerationEvent, Sampling, _sample, stop_token_ids, token_labels
 from .runtime import FusionPlan, ModelLock, Run, merged_into
 from .threads import decode_threads, local_threads
@@ -273,7 +274,7 @@ class Scheduler:
     def _forward(self, rows: list[_Row], decoding: int) -> None:
         """rows[:decoding] feed their next token, the rest their prompt."""
         plans = [self._compute_plan(r.plan) for r in rows]
-        self._layout = self._layout_for(plans)
+        self._layout = layout_for(self.model, self._layout, plans)
         feeds = [[r.next_token] for r in rows[:decoding]] + [r.prompt_ids for r in rows[decoding:]]
         tokens = torch.tensor([t for feed in feeds for t in feed], dtype=torch.long, device=self.device)
         runs = [r.run if r.record else None for r in rows]
@@ -291,27 +292,6 @@ class Scheduler:
                 still.append(row)
         with self._cond:
             self._running = still
-
-    def _layout_for(self, plans: list[FusionPlan]) -> tuple[tuple, Layout]:
-        """The batch's layout: the current one, or when rows have only left it, the current one
-        narrowed to the remaining rows (cheap), or a new one when rows joined or the batch has
-        shrunk below half the rows its tables were built for."""
-        key = tuple(id(p) for p in plans)
-        if self._layout is not None:
-            old_key, old = self._layout
-            if old_key == key:
-                return self._layout
-            keep, j = [], 0
-            for k in key:
-                while j < len(old_key) and old_key[j] != k:
-                    j += 1
-                if j == len(old_key):
-                    break
-                keep.append(j)
-                j += 1
-            if len(keep) == len(key) and 2 * len(keep) >= old.built_rows:
-                return key, old.select(keep)
-        return key, Layout(self.model, plans)
 
     def _retire_if_cancelled(self, row: _Row) -> bool:
         if row.closing or not row.cancelled():

@@ -13,7 +13,8 @@ from app_fixtures import app_engine  # noqa: F401  (fixture)
 from conftest import HIDDEN, LAYERS
 from mixlora_helpers import mixlora_config, mixlora_state, write_mixlora
 
-from fusion.batched import Layout, RowCache, decode_step
+from fusion.batch_layout import Layout
+from fusion.batched import RowCache, decode_step
 from fusion.engine import FusionRequest
 from fusion.generate import Sampling, stream_tokens
 from fusion.methods.lora_flow import save_released_gates
