@@ -4,7 +4,7 @@ Requests join the running batch between decode steps: their prompts go through t
 forward as the running rows' next tokens (`batched.decode_step`: one forward per step over
 every row's new tokens, each row attending over its own cache, its prompt's trace recorded as
 in a solo run), up to `max_prompt_tokens_per_step` prompt tokens a step; then they decode with
-the others (on CPU with one intra-op thread by default, see `threads`). A row
+the others (on CPU every forward runs with one intra-op thread by default, see `threads`). A row
 leaves as soon as it stops (end of text, stop string, max tokens, cancel); the rest go on.
 Each row keeps its own sampling, random generator, stop tokens and trace. Rows beyond the
 cap on rows or on KV memory wait in a queue; their callers see where they stand.
@@ -267,8 +267,7 @@ class Scheduler:
             self._running = rows
         if not rows:
             return
-        # prompts are a few large matmuls: torch's threads; decode steps: see `threads`
-        with local_threads(None if admitted else self.decode_threads):
+        with local_threads(self.decode_threads):  # see `threads`
             self._forward(rows, len(running))
 
     def _forward(self, rows: list[_Row], decoding: int) -> None:

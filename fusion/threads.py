@@ -1,4 +1,4 @@
-"""Intra-op threads of the calling thread only, for the scheduler's decode steps on CPU.
+"""Intra-op threads of the calling thread only, for the scheduler's forwards on CPU.
 
 Why: a decode step of a small model is hundreds of small kernels, most of them matmuls that
 MKL and ATen run as OpenMP parallel regions. Every Python thread that has run a parallel op
@@ -7,8 +7,10 @@ cores (the main thread's team plus the scheduler's already do on 2 cores), libgo
 spin-waiting between regions and puts the team's threads to sleep: each region then pays a
 futex wake-up. Measured on 2 cores, an 8-row mixed decode step took 238 ms on the scheduler's
 thread with 2 threads, 122 ms with 2 threads on the main thread (no second team), and 132 ms
-on the scheduler's thread with 1 thread, which has no region to wait for. So decode steps run
-with one thread by default; prefills, which are few large matmuls, keep torch's setting.
+on the scheduler's thread with 1 thread, which has no region to wait for. Forwards with
+prompts suffer most where they are made of many small ops: a 128-token MixLoRA prompt (its
+experts' loop) took 1022 ms with 2 threads on the scheduler's thread and 540 ms with one
+(a base prompt: 353 and 435 ms). So the scheduler's forwards run with one thread by default.
 
 `torch.set_num_threads` cannot do this: it also changes the default that every thread created
 later starts with. OpenMP's `omp_set_num_threads` and MKL's `mkl_set_num_threads_local` are
@@ -49,8 +51,8 @@ def _setters():
 
 
 def decode_threads(device: torch.device) -> int | None:
-    """Threads for a decode step on this device: LORA_STUDIO_DECODE_THREADS (0: torch's own
-    setting), by default 1 on CPU; None (leave as is) on other devices."""
+    """Threads for the scheduler's forwards on this device: LORA_STUDIO_DECODE_THREADS (0:
+    torch's own setting), by default 1 on CPU; None (leave as is) on other devices."""
     if device.type != "cpu":
         return None
     n = int_env("LORA_STUDIO_DECODE_THREADS", 1)
