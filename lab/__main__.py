@@ -74,7 +74,7 @@ for _lang, _word in (("es", "Spanish"), ("ru", "Russian"), ("zh", "Chinese")):
             description=f"General (non-math) {_word}: answers and continues text in {_word}.",
             data=f"lab.debian_text ({_lang}): translation both ways, continuation and section-title "
             f"questions in {_word}, from Debian's installation guide, Debian Reference and fortunes",
-            steps=250,
+            steps=120,
             max_length=256,
         ),
         _lang_examples(_lang),
