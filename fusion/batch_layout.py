@@ -124,7 +124,6 @@ class Layout:
         # MixLoRA plans carry no FFN deltas, so their rows are in no FFN table.
         self.tables = [[build_table(layer, names, plans, device, dtype) for names in GROUPS] for layer in range(layers)]
         self.flow = [i for i, p in enumerate(plans) if p.layer_gate is not None]
-        self.gates = None
         self.flow_token_rows = None  # in a layout of tokens: each LoRA-Flow token's row in the gate stacks
         if self.flow:
             self._stack_gates(device, dtype)
@@ -150,7 +149,7 @@ class Layout:
         flow_at = {old: j for j, old in enumerate(self.flow)}
         kept_flow = [flow_at[old] for old in keep if old in flow_at]  # per kept flow row or token
         out.flow = [new for new, old in enumerate(keep) if old in flow_at]
-        out.gates, out.flow_token_rows = None, None
+        out.flow_token_rows = None
         if out.flow:
             unique = list(dict.fromkeys(kept_flow))  # the gate stacks stay one per row
             index = torch.tensor(unique, dtype=torch.long, device=self.device)

@@ -278,8 +278,7 @@ class Scheduler:
         tokens = torch.tensor([t for feed in feeds for t in feed], dtype=torch.long, device=self.device)
         runs = [r.run if r.record else None for r in rows]
         caches = [r.cache for r in rows]
-        with torch.inference_mode():
-            logits = decode_step(self.model, self._layout[1], tokens, caches, runs, [len(f) for f in feeds])  # (N, V)
+        logits = decode_step(self.model, self._layout[1], tokens, caches, runs, [len(f) for f in feeds])  # (N, V)
         self.steps += 1
         self.rows_per_step[len(rows)] += 1
         greedy = logits.argmax(-1).tolist()
