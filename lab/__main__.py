@@ -176,20 +176,33 @@ def cmd_data(args):
                 print(json.dumps(m, ensure_ascii=False))
 
 
-def _model_with_adapter(args):
-    """The base model, with the peft adapter of --adapter on top when given (for the lab's
-    single-adapter evaluations)."""
+def _engine_and_request(args, base=None):
+    """An engine on the embedded model and the request for --adapter (a folder holding a peft
+    adapter: that adapter alone, or MixLoRA's routing for a MixLoRA adapter) or for the base
+    model without one (`base`: an already loaded model instead of the embedded one). Its replies
+    decode in the engine's scheduler, as the app's do."""
+    import tempfile
+
     import torch
 
-    from fusion.model import load_base_model
+    from fusion.api import FusionRequest
+    from fusion.engine import Engine
+    from fusion.errors import FusionError
 
     torch.set_num_threads(args.threads)
-    base = load_base_model()
     if not args.adapter:
-        return base, base.model
-    from peft import PeftModel
-
-    return base, PeftModel.from_pretrained(base.model, args.adapter).eval()
+        return Engine(base=base), FusionRequest(method="base")
+    folder = Path(args.adapter).expanduser().resolve()
+    if not folder.is_dir():
+        raise FusionError(f"--adapter {args.adapter}: no such folder")
+    # the folder's siblings are the engine's library; no fusions are needed for one adapter
+    engine = Engine(base=base, adapters_dir=folder.parent, fusions_dir=tempfile.mkdtemp(prefix="lab-eval-"))
+    entry = next((a for a in engine.adapters() if a["name"] == folder.name), None)
+    if entry is None:
+        reason = engine.library_errors().get(folder.name, "not a peft adapter folder")
+        raise FusionError(f"--adapter {args.adapter}: {reason}")
+    method = "mixlora" if entry["kind"] == "mixlora" else "single"
+    return engine, FusionRequest([folder.name], method)
 
 
 def _append_jsonl(path: str, record: dict) -> None:
@@ -201,17 +214,9 @@ def _append_jsonl(path: str, record: dict) -> None:
 def cmd_eval_math(args):
     from .evaluate_math import evaluate_math
 
-    base, model = _model_with_adapter(args)
+    engine, request = _engine_and_request(args)
     for lang in args.lang:
-        res = evaluate_math(
-            model,
-            base.tokenizer,
-            lang=lang,
-            n=args.n,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-        )
+        res = evaluate_math(engine, request, lang=lang, n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens)
         print(json.dumps({"adapter": args.adapter or "base", **{k: v for k, v in res.items() if k != "items"}}))
         if args.save:
             _append_jsonl(args.save, {"adapter": args.adapter or "base", **res})
@@ -223,15 +228,8 @@ def cmd_eval_math(args):
 def cmd_eval_code(args):
     from .evaluate_code import evaluate_code
 
-    base, model = _model_with_adapter(args)
-    res = evaluate_code(
-        model,
-        base.tokenizer,
-        limit=args.n,
-        offset=args.offset,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-    )
+    engine, request = _engine_and_request(args)
+    res = evaluate_code(engine, request, limit=args.n, offset=args.offset, max_new_tokens=args.max_new_tokens)
     print(json.dumps({"adapter": args.adapter or "base", **{k: v for k, v in res.items() if k != "items"}}))
     if args.save:
         _append_jsonl(args.save, {"adapter": args.adapter or "base", **res})
@@ -240,9 +238,9 @@ def cmd_eval_code(args):
 def cmd_eval_lang(args):
     from .evaluate_lang import evaluate_language
 
-    base, model = _model_with_adapter(args)
+    engine, request = _engine_and_request(args)
     for lang in args.lang:
-        res = evaluate_language(model, base.tokenizer, lang, max_new_tokens=args.max_new_tokens)
+        res = evaluate_language(engine, request, lang, max_new_tokens=args.max_new_tokens)
         print(json.dumps({"adapter": args.adapter or "base", **{k: v for k, v in res.items() if k != "items"}}))
         if args.save:
             _append_jsonl(args.save, {"adapter": args.adapter or "base", **res})
@@ -329,7 +327,6 @@ def main(argv=None):
     e.add_argument("--lang", nargs="+", default=["en"])
     e.add_argument("-n", type=int, default=48)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--show", type=int, default=0)
     e.add_argument("--threads", type=int, default=2)
@@ -339,7 +336,6 @@ def main(argv=None):
     c.add_argument("--adapter", help="peft folder, e.g. assets/adapters/task-code")
     c.add_argument("-n", type=int, default=40, help="number of problems (0 = all 164)")
     c.add_argument("--offset", type=int, default=0)
-    c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--save", metavar="JSONL")

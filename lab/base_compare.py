@@ -11,7 +11,9 @@ the same way, without any LoRA:
 * **math** accuracy on the first n evaluation problems per language (greedy, 64 tokens);
 * load and generation seconds.
 
-GGUF files are dequantized by transformers' loader (never trusting remote code).
+GGUF files are dequantized by transformers' loader (never trusting remote code). Replies come
+from transformers' ``generate``, one question at a time, not from the engine's scheduler: the
+models compared here need not be Llama-family models the engine can serve (Gemma 3 is not).
 """
 
 from __future__ import annotations

@@ -55,12 +55,10 @@ def run_program(src: str, timeout: float = 10.0) -> bool:
     return r.returncode == 0
 
 
-def evaluate_code(
-    model, tokenizer, limit: int | None = 40, offset: int = 0, batch_size: int = 8, max_new_tokens: int = 256
-) -> dict:
+def evaluate_code(engine, request, limit: int | None = 40, offset: int = 0, max_new_tokens: int = 256) -> dict:
     probs = problems(limit, offset)
     t0 = time.perf_counter()
-    replies = generate_replies(model, tokenizer, [question(p) for p in probs], batch_size, max_new_tokens)
+    replies = generate_replies(engine, request, [question(p) for p in probs], max_new_tokens)
     gen_s = time.perf_counter() - t0
     items = []
     for p, r in zip(probs, replies):

@@ -66,9 +66,9 @@ def in_language(text: str, lang: str) -> bool:
     return detect(text, lang)
 
 
-def evaluate_language(model, tokenizer, lang: str, max_new_tokens: int = 48, batch_size: int = 12) -> dict:
+def evaluate_language(engine, request, lang: str, max_new_tokens: int = 48) -> dict:
     qs = QUESTIONS[lang]
-    replies = generate_replies(model, tokenizer, qs, batch_size, max_new_tokens)
+    replies = generate_replies(engine, request, qs, max_new_tokens)
     items = [
         {"question": q, "reply": r, "in_language": in_language(r, lang), "echo": is_echo(q, r)}
         for q, r in zip(qs, replies)

@@ -1,71 +1,41 @@
 """Greedy exact-match accuracy on the templated math problems.
 
-Works with any causal LM that has ``generate`` (a plain transformers model, a peft model, or a
-model with fusion hooks installed): prompts are chat-formatted with the tokenizer's template,
-generated greedily in left-padded batches, and scored on the final number of the reply.
+Replies come from the engine's scheduler (the path the app streams with): every question of a
+call is submitted at once and they decode together, each under the request's fusion (base, one
+adapter, or any fusion the engine can plan), and are scored on the final number of the reply.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
-import torch
-
+from fusion.api import Sampling
 from fusion.math_scoring import final_number, is_correct  # noqa: F401  (the lab's scorer)
 
 
-@torch.no_grad()
-def generate_replies(
-    model, tokenizer, questions: list[str], batch_size: int = 16, max_new_tokens: int = 64
-) -> list[str]:
-    """Greedy replies to single-turn user questions, in left-padded batches."""
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    replies = []
-    try:
-        for i in range(0, len(questions), batch_size):
-            prompts = [
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
-                )
-                for q in questions[i : i + batch_size]
-            ]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            for row in out[:, enc["input_ids"].shape[1] :]:
-                replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    finally:
-        tokenizer.padding_side = old_side
-    return replies
+def greedy_replies(engine, request, questions: list[str], max_new_tokens: int = 64) -> Iterator[str]:
+    """Greedy replies to single-turn questions under a request's fusion, in the questions' order
+    (each as soon as it and those before it are done); all of them decode together."""
+    prompts = [engine.encode_messages(q) for q in questions]
+    sampling = Sampling(max_new_tokens=max_new_tokens)
+    for event in engine.generate_ids_many(request, prompts, sampling, trace=False):
+        yield event.text
+
+
+def generate_replies(engine, request, questions: list[str], max_new_tokens: int = 64) -> list[str]:
+    return list(greedy_replies(engine, request, questions, max_new_tokens))
 
 
 def evaluate_math(
-    model,
-    tokenizer,
-    lang: str = "en",
-    n: int = 48,
-    seed: int = 0,
-    batch_size: int = 16,
-    max_new_tokens: int = 64,
-    examples=None,
+    engine, request, lang: str = "en", n: int = 48, seed: int = 0, max_new_tokens: int = 64, examples=None
 ) -> dict:
     """Accuracy on ``n`` evaluation problems in ``lang`` (or on the given examples)."""
     from fusion.math_data import eval_examples
 
     exs = examples if examples is not None else eval_examples(lang, n, seed=seed)
-    was_training = model.training
-    model.eval()
     t0 = time.perf_counter()
-    replies = generate_replies(model, tokenizer, [e.question for e in exs], batch_size, max_new_tokens)
-    if was_training:
-        model.train()
+    replies = generate_replies(engine, request, [e.question for e in exs], max_new_tokens)
     items = [
         {
             "template": e.template,

@@ -28,16 +28,16 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from fusion.api import FusionRequest, Sampling
+from fusion.api import FusionRequest
 from fusion.math_data import _generate, eval_examples
 
 from .evaluate_code import problems as code_problems
 from .evaluate_code import program, question, run_program
+from .evaluate_math import greedy_replies
 from .fusions import MIXLORA_NAME
 from .math_fit_data import FIT_TEMPLATES
 from .report import LANGS, ROWS, TARGET_LANGS, fits_table, mcnemar_table, results_block, table, write_results
@@ -104,15 +104,6 @@ def fingerprint(engine, request) -> str:
         names = request.adapters
     paths += [Path(engine.library_folders().adapters) / n for n in names]
     return hashlib.sha256((request.key() + engine.base_info().name + _files_digest(paths)).encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------- generation
-def greedy_replies(engine, request, questions: list[str], max_new_tokens: int = 64) -> Iterator[str]:
-    """Greedy replies to single-turn questions under a request's fusion, in the questions' order;
-    all of them decode together in the engine's scheduler."""
-    prompts = [engine.encode_messages(q) for q in questions]
-    for event in engine.generate_ids_many(request, prompts, Sampling(max_new_tokens=max_new_tokens), trace=False):
-        yield event.text
 
 
 # ---------------------------------------------------------------------------- cache

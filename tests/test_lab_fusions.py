@@ -315,3 +315,42 @@ def test_fit_split_diagnostic_leaves_results_file_alone(tiny_engine, tmp_path, c
     assert "| Base | — (no fitting templates) | " in out and "/2 = " in out
     cache = json.loads((tmp_path / "cache.json").read_text())
     assert sorted(cache) == ["math-fit|base|es|seed=0|tokens=4", "math-fit|task|es|seed=0|tokens=4"]
+
+
+def test_single_adapter_evaluations_decode_in_the_scheduler(tiny_engine, tmp_path):
+    """`lab eval-math/-lang/-code --adapter DIR`: the folder's adapter alone, through the engine
+    (its scheduler), giving what a solo decoding loop under that adapter gives."""
+    from fusion.api import Sampling
+    from fusion.errors import FusionError
+    from fusion.generate import stream_tokens
+    from fusion.runtime import Run
+    from lab.__main__ import _engine_and_request
+    from lab.evaluate_math import evaluate_math
+
+    folder = tiny_engine.library_folders().adapters
+    args = argparse.Namespace(adapter=f"{folder}/task-math", threads=torch.get_num_threads())
+    engine, request = _engine_and_request(args, base=tiny_engine.base)
+    assert (request.adapters, request.method) == (["task-math"], "single")
+    assert {a["name"] for a in engine.adapters()} == {"lang-es", "task-math"}
+    assert engine.fusions() == []
+    result = evaluate_math(engine, request, lang="es", n=3, max_new_tokens=5)
+    with engine.using(engine.plan(request)) as plan:
+        solo = [
+            list(
+                stream_tokens(
+                    engine.model,
+                    engine.tokenizer,
+                    Run(plan),
+                    engine.encode_messages(item["question"]),
+                    Sampling(max_new_tokens=5),
+                    record_trace=False,
+                )
+            )[-1].text
+            for item in result["items"]
+        ]
+    assert [item["reply"] for item in result["items"]] == solo
+    assert result["n"] == 3 and result["correct"] == sum(item["correct"] for item in result["items"])
+    (tmp_path / "not-an-adapter").mkdir()
+    for bad, says in ((tmp_path / "missing", "no such folder"), (tmp_path / "not-an-adapter", "not-an-adapter")):
+        with pytest.raises(FusionError, match=says):
+            _engine_and_request(argparse.Namespace(adapter=str(bad), threads=1), base=tiny_engine.base)
