@@ -172,13 +172,14 @@ def test_stop_button_ends_a_long_reply(page):
     set_number(page, "#max-tokens", 8)
 
 
-def test_compare_two_methods_side_by_side(page):
+def test_compare_opens_on_the_fitted_fusion_the_average_and_the_task_lora(page):
     page.click("button[role=tab]:has-text('Compare')")
     page.fill("#compare-input textarea", "What is 2 + 2?")
     set_number(page, "#compare-max-tokens", 6)
     page.click("#compare-btn")
+    shown = [0, 1, 2]
     page.wait_for_function(
-        "() => [0, 1].every(i => document.querySelector('#compare-stats-' + i).innerText.includes('tok/s'))",
+        f"() => {shown}.every(i => document.querySelector('#compare-stats-' + i).innerText.includes('tok/s'))",
         timeout=TIMEOUT_MS,
     )
     page.wait_for_function(
@@ -186,11 +187,13 @@ def test_compare_two_methods_side_by_side(page):
         "'#compare-heatmap-' + i + ' .js-plotly-plot'); return p && p.data && p.data.length })",
         timeout=TIMEOUT_MS,
     )
-    stats = [page.inner_text(f"#compare-stats-{i}") for i in (0, 1)]
-    # The first column opens on the saved fitted fusion, the next on a plain method.
-    assert stats[0].startswith(f"{SAVED} (lora_flow)") and stats[1].startswith("linear")
+    stats = [page.inner_text(f"#compare-stats-{i}") for i in shown]
+    # The saved fitted gates, then what they must beat: the average of the pair, the task LoRA alone.
+    assert stats[0].startswith(f"{SAVED} (lora_flow)"), stats
+    assert stats[1].startswith("linear · lang-es + task-math"), stats
+    assert stats[2].startswith("single · task-math"), stats
     assert all("first token" in s for s in stats)
-    assert all(page.inner_text(f"#compare-out-{i}").strip() for i in (0, 1))
+    assert all(page.inner_text(f"#compare-out-{i}").strip() for i in shown)
     assert [heatmap_rows(page, f"#compare-heatmap-{i}") for i in (0, 1)] == [LAYERS, LAYERS]
     shot(page, "compare.png")
     assert not page.page_errors

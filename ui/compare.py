@@ -29,27 +29,37 @@ from .choices import (
 from .common import TOAST_SECONDS, ParamPanel, Studio, error_line, queued_note
 from .constants import APP, NONE
 
-COLUMN_METHODS = ["lora_flow", "linear", "cat", "base"]  # first choices, left to right
-FITTED_FIRST = ["lora_flow", "cat", "lorahub"]  # saved fusions over the default pair open the columns
+FIRST_SHOWN = min(3, APP.max_compare)  # columns shown when the tab opens
+FITTED_LATER = ["cat", "lorahub"]  # saved fits over the default pair, after the first three columns
 
 
 def first_columns(engine: Backend, chosen: dict) -> list[dict]:
-    """What each column opens on: the saved fitted fusions over the default pair (so the columns
-    differ from the start: untrained gates or logits answer like a plain average), then methods."""
+    """What each column opens on, left to right: the LoRA-Flow gates fitted for the default pair
+    (or LoRA-Flow unfitted when none are saved), the linear average of the pair, the task LoRA
+    alone (what the fusion must beat), then the pair's other saved fits and the base model."""
     pair = chosen["adapters"]
     fitted = {f["method"]: f["name"] for f in engine.fusions() if f["adapters"] == pair and len(pair) == 2}
     known = {m["name"] for m in engine.methods()}
-    columns = [saved_fusion(engine, fitted[m]) for m in FITTED_FIRST if m in fitted]
-    for wanted in COLUMN_METHODS:
-        if wanted in known and wanted not in fitted:
-            columns.append({"name": NONE, "method": wanted, "adapters": pair, "params": None})
+
+    def plain(method, adapters):
+        return {"name": NONE, "method": method, "adapters": adapters, "params": None}
+
+    columns = []
+    if len(pair) == 2:
+        if "lora_flow" in fitted:
+            columns.append(saved_fusion(engine, fitted["lora_flow"]))
+        elif "lora_flow" in known:
+            columns.append(plain("lora_flow", pair))
+        if "linear" in known:
+            columns.append(plain("linear", pair))
+    task = chosen.get("task")
+    if task not in (None, NONE) and "single" in known:
+        columns.append(plain("single", [task]))
+    columns += [saved_fusion(engine, fitted[m]) for m in FITTED_LATER if m in fitted]
+    if "base" in known:
+        columns.append(plain("base", pair))
     while len(columns) < APP.max_compare:
-        columns.append(
-            columns[-1] if columns else {"name": NONE, "method": chosen["method"], "adapters": pair, "params": None}
-        )
-    for column in columns:
-        if column["method"] != "base" and len(pair) < 2:  # two-LoRA methods need two LoRAs in the library
-            column.update(name=NONE, method=chosen["method"], adapters=pair, params=None)
+        columns.append(columns[-1] if columns else plain(chosen["method"], pair))
     return columns[: APP.max_compare]
 
 
@@ -164,14 +174,15 @@ def build_compare_tab(studio: Studio) -> dict:
         gr.Markdown(
             "One prompt, several fusions at once. Each column streams its own reply with time to "
             "first token and tokens per second (columns share the CPU, so rates are per column while "
-            "all run). The columns open on the saved fitted fusions, when there are any.",
+            "all run). The columns open on the fitted LoRA-Flow fusion, the linear average of its two "
+            "LoRAs and the task LoRA alone.",
             elem_classes=["param-note"],
         )
         prompt = gr.Textbox(label="Prompt", lines=2, placeholder="e.g. ¿Cuánto es 12 + 7?", elem_id="compare-input")
         with gr.Row(equal_height=True, elem_id="compare-controls"):
             count = gr.Radio(
                 [str(n) for n in range(2, APP.max_compare + 1)],
-                value="2",
+                value=str(FIRST_SHOWN),
                 label="Columns",
                 scale=1,
                 min_width=220,
@@ -202,7 +213,7 @@ def build_compare_tab(studio: Studio) -> dict:
                 stop = gr.Button("Stop", variant="stop", elem_id="compare-stop-btn")
         with gr.Row(equal_height=False, elem_id="compare-columns"):
             for i, first in enumerate(first_columns(engine, chosen)):
-                with gr.Column(visible=i < 2, min_width=260) as column:
+                with gr.Column(visible=i < FIRST_SHOWN, min_width=260) as column:
                     method = gr.Dropdown(
                         method_choices(engine),
                         value=first["method"],
