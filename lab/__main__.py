@@ -225,6 +225,25 @@ def cmd_eval_math(args):
                 print(json.dumps(it, ensure_ascii=False))
 
 
+def cmd_examples(args):
+    import torch
+
+    from fusion.engine import Engine
+
+    from .examples import pick_examples, write_examples
+
+    torch.set_num_threads(args.threads)
+    engine = Engine(adapters_dir=args.adapters_dir, fusions_dir=args.fusions_dir)
+    examples = pick_examples(
+        engine, args.lang, n=args.n, per_lang=args.per_lang, max_new_tokens=args.max_new_tokens, min_gap=args.min_gap
+    )
+    for example in examples:
+        print(json.dumps(example, ensure_ascii=False))
+    if args.out:
+        write_examples(args.out, examples, engine.base_info().name)
+        print(f"wrote {len(examples)} examples to {args.out}")
+
+
 def cmd_eval_code(args):
     from .evaluate_code import evaluate_code
 
@@ -347,6 +366,19 @@ def main(argv=None):
     g.add_argument("--threads", type=int, default=2)
     g.add_argument("--save", metavar="JSONL")
     g.set_defaults(func=cmd_eval_lang)
+    x = sub.add_parser(
+        "examples", help="the chat's example questions: where each language's LoRA-Flow fusion answers right"
+    )
+    x.add_argument("--lang", nargs="+", default=["es", "ru", "zh"])
+    x.add_argument("-n", type=int, default=200, help="evaluation problems tried per language")
+    x.add_argument("--per-lang", type=int, default=2)
+    x.add_argument("--max-new-tokens", type=int, default=128, help="the chat's default budget")
+    x.add_argument("--min-gap", type=float, default=0.1, help="smallest lead of each greedy token's logit")
+    x.add_argument("--threads", type=int, default=1)
+    x.add_argument("--adapters-dir", default=str(ADAPTERS))
+    x.add_argument("--fusions-dir", default=str(FUSIONS))
+    x.add_argument("--out", help="write them here (the app reads assets/chat_examples.json)")
+    x.set_defaults(func=cmd_examples)
     bc = sub.add_parser(
         "base-compare", help="which base model reads es/ru/zh (no LoRA): bits/char, reply language, math"
     )

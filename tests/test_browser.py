@@ -268,6 +268,25 @@ def test_picking_a_method_leaves_the_preselected_saved_fusion(fresh):
     assert not fresh.page_errors
 
 
+def test_an_example_question_fills_the_box_and_picks_its_fusion(fresh):
+    from ui.constants import CHAT_EXAMPLES
+
+    shipped = json.loads(CHAT_EXAMPLES.read_text(encoding="utf-8"))["examples"]
+    first = next(e for e in shipped if e["fusion"] == SAVED)  # the only fitted fusion this library has
+    buttons = fresh.locator("button[id^=chat-example-]")
+    # only the examples whose fusion is in the library: this one has no ru/zh fits
+    sync_api.expect(buttons).to_have_count(sum(e["fusion"] == SAVED for e in shipped), timeout=10_000)
+    pick(fresh, "#method-dd", "Linear (weighted sum of deltas)")
+    shows(fresh, "#fusion-dd", "(none)")
+    buttons.first.click()
+    sync_api.expect(fresh.locator("#chat-input textarea")).to_have_value(first["question"], timeout=10_000)
+    shows(fresh, "#method-dd", "LoRA-Flow (dynamic gates)")
+    assert fresh.input_value("#fusion-dd input").startswith(SAVED)
+    assert fresh.input_value("#chat-param-0-textbox textarea") == SAVED
+    assert fresh.inner_text("#chatbot").count(first["question"]) == 0  # filled, not sent
+    assert not fresh.page_errors
+
+
 def test_enter_while_a_reply_streams_starts_nothing_and_traces_match_the_chat(fresh):
     fresh.click("text=Generation")
     set_number(fresh, "#max-tokens", 60)

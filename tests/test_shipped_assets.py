@@ -82,3 +82,29 @@ def test_default_pair_fuses_with_lora_flow(engine):
     assert event.done and event.trace is not None
     weights = torch.as_tensor(event.trace.weights)
     assert weights.shape[1:] == (engine.base.num_layers, 2) and torch.isfinite(weights).all()
+
+
+@pytest.mark.numeric
+def test_chat_examples_are_answered_right_and_in_their_language(engine, figures):
+    """Each shipped example question: its fusion's greedy reply at the chat's default budget has
+    the right final number and is in the question's language, with every token's lead over the
+    runner-up at least what `lab examples` required (so another CPU's logits give the same reply)."""
+    from fusion.api import FusionRequest, Sampling
+    from lab.examples import smallest_lead
+    from lab.scoring import score_reply
+    from ui.choices import chat_examples
+    from ui.constants import APP, CHAT_EXAMPLES
+
+    shipped = json.loads(CHAT_EXAMPLES.read_text(encoding="utf-8"))["examples"]
+    assert shipped and chat_examples(engine) == shipped  # every example's fusion is shipped
+    assert {e["lang"] for e in shipped} <= {"es", "ru", "zh"}
+    leads = []
+    for example in shipped:
+        request = FusionRequest(fusion=example["fusion"])
+        event = engine.generate(request, example["question"], Sampling(max_new_tokens=APP.default_new_tokens))
+        score = score_reply(event.text, example["answer"], example["lang"])
+        assert score["joint"] and event.finish_reason != "length", (example["question"], event.text)
+        lead = smallest_lead(engine, request, engine.encode_messages(example["question"]), event.token_ids)
+        leads.append(round(lead, 4))
+        assert lead >= 0.05, (example["question"], lead)
+    figures["smallest_leads"] = leads

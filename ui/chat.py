@@ -10,9 +10,11 @@ from .choices import (
     adapter_choices,
     adapters_for,
     build_request,
+    chat_examples,
     check_choice,
     default_selection,
     describe_fusion,
+    example_label,
     fusion_choices,
     method_choices,
     request_label,
@@ -156,6 +158,15 @@ def build_chat_tab(studio: Studio) -> dict:
                     send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send-btn")
                     stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="stop-btn")
                     clear = gr.Button("Clear", scale=1, min_width=80, elem_id="clear-btn")
+                examples = chat_examples(engine)
+                example_buttons = []
+                if examples:
+                    with gr.Row(elem_id="chat-examples"):
+                        gr.Markdown("Try (each picks the fusion that answers it):", elem_classes=["param-note"])
+                        for i, example in enumerate(examples):
+                            example_buttons.append(
+                                gr.Button(example_label(example), size="sm", elem_id=f"chat-example-{i}")
+                            )
                 status = gr.Markdown(elem_id="chat-status", elem_classes=["stats-line"])
                 why = TracePanel(studio).build()
 
@@ -323,5 +334,32 @@ def build_chat_tab(studio: Studio) -> dict:
         api_visibility="private",
         queue=False,
     )
+
+    def use_example(example: dict):
+        """An example's question in the box and its fusion in the pickers (nothing is sent)."""
+        picked = saved_fusion(engine, example["fusion"])
+        if picked is None:  # removed from the library since the page was built
+            gr.Warning(f"the fusion {example['fusion']} is no longer in the library", duration=TOAST_SECONDS)
+            return [gr.skip()] * (3 + 1 + len(pickers) + 1 + len(panel.components))
+        lang, more, task_name = split_pickers(engine, picked["adapters"])
+        return [
+            example["question"],
+            picked["name"],
+            describe_fusion(engine, picked["name"]),
+            picked["method"],
+            lang,
+            more,
+            task_name,
+            *panel.updates(picked["method"], picked["params"]),
+        ]
+
+    for button, example in zip(example_buttons, examples):
+        button.click(
+            lambda example=example: use_example(example),
+            None,
+            [message, fusion, fusion_note, method, *pickers, panel.note, *panel.components],
+            api_visibility="private",
+            queue=False,
+        )
     why.wire(state)
     return {"language": language, "task": task, "method": method, "fusion": fusion, "chatbot": chatbot}

@@ -9,7 +9,7 @@ import json
 from fusion.api import Backend, FusionRequest
 from fusion.errors import FusionError
 
-from .constants import NONE, PREFERRED
+from .constants import CHAT_EXAMPLES, NONE, PREFERRED
 
 
 def adapter_choices(engine: Backend, role: str | None = None, with_none: bool = False) -> list:
@@ -224,3 +224,19 @@ def check_choice(engine: Backend, request: FusionRequest) -> None:
         raise FusionError(
             f"{pretty} needs at least {least} LoRAs, got {len(request.adapters)}: pick a language and a task LoRA"
         )
+
+
+def chat_examples(engine: Backend, path=None) -> list[dict]:
+    """The shipped example questions whose fusion is in the library ([] without the file)."""
+    try:
+        examples = json.loads((path or CHAT_EXAMPLES).read_text(encoding="utf-8"))["examples"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    fusions = {f["name"] for f in engine.fusions()}
+    return [e for e in examples if isinstance(e, dict) and e.get("fusion") in fusions and e.get("question")]
+
+
+def example_label(example: dict, width: int = 44) -> str:
+    question = " ".join(str(example["question"]).split())
+    short = question if len(question) <= width else question[: width - 1].rstrip() + "…"
+    return f"{example.get('lang', '?')} · {short}"

@@ -4,7 +4,9 @@ Input limits the engine enforces itself (prompt length, new tokens, adapters per
 in `fusion.limits`; this module holds what only the web app decides.
 """
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from fusion.limits import LIMITS, int_env
 
@@ -28,3 +30,8 @@ APP = AppLimits()
 
 NONE = "(none)"  # the "no adapter" choice of the language and task pickers
 PREFERRED = {"language": "lang-es", "task": "task-math", "method": "lora_flow"}
+# Example questions the chat offers (written by `python -m lab examples`): each with the fusion
+# that answers it right and in its language; shown only when that fusion is in the library.
+CHAT_EXAMPLES = Path(
+    os.environ.get("LORA_STUDIO_CHAT_EXAMPLES", Path(__file__).resolve().parents[1] / "assets" / "chat_examples.json")
+)
