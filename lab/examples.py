@@ -3,7 +3,8 @@
 For each target language, the evaluation problems on which that language's fitted LoRA-Flow
 fusion (``{lang}-math-flow``) answers the chat's way (greedy, the chat's default budget of new
 tokens, the model's default system prompt) with the right final number *and* in the question's
-language. They are chosen for the app to show what the fusion does, so they are the fusion's
+language, and whose every worked step ("47 - 45 = 2") is true arithmetic with the last one
+arriving at the answer, so that a right number reached by a wrong step is not shown. They are chosen for the app to show what the fusion does, so they are the fusion's
 successes by construction: the results table, not these examples, says how often it succeeds.
 
 A greedy reply is only worth showing if another CPU gives the same one: a candidate is kept
@@ -16,6 +17,7 @@ widest smallest lead are kept, one per template.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -26,6 +28,26 @@ from fusion.math_data import eval_examples
 from .scoring import score_reply
 
 LANGS = ("es", "ru", "zh")
+_STEP = re.compile(r"(\d+)\s*([-+−×x*÷/])\s*(\d+)\s*=\s*(\d+)")
+_OPS = {
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "−": lambda a, b: a - b,
+    "×": lambda a, b: a * b,
+    "x": lambda a, b: a * b,
+    "*": lambda a, b: a * b,
+    "÷": lambda a, b: a / b if b else None,
+    "/": lambda a, b: a / b if b else None,
+}
+
+
+def steps_are_true(reply: str, answer: int) -> bool:
+    """The reply shows at least one worked step, every "a op b = c" in it holds, and the last
+    one arrives at the answer."""
+    steps = _STEP.findall(reply)
+    return (
+        bool(steps) and all(_OPS[op](int(a), int(b)) == int(c) for a, op, b, c in steps) and int(steps[-1][3]) == answer
+    )
 
 
 def smallest_lead(engine, request: FusionRequest, prompt: list[int], reply: list[int]) -> float:
@@ -56,12 +78,14 @@ def pick_examples(
         candidates = []
         for problem, prompt, event in zip(problems, prompts, events):
             score = score_reply(event.text, problem.value, lang)
-            if not score["joint"] or event.finish_reason == "length":
+            if not score["joint"] or event.finish_reason == "length" or not steps_are_true(event.text, problem.value):
                 continue
             lead = smallest_lead(engine, request, prompt, event.token_ids)
             candidates.append((lead, problem, event.text))
         good = sorted((c for c in candidates if c[0] >= min_gap), key=lambda c: -c[0])
-        log(f"{lang}: {len(candidates)} of {n} right and in the language; {len(good)} with a lead >= {min_gap}")
+        log(
+            f"{lang}: {len(candidates)} of {n} right, in the language and with true steps; {len(good)} with a lead >= {min_gap}"
+        )
         templates = set()
         for lead, problem, text in good:
             if problem.template in templates:

@@ -90,7 +90,7 @@ def test_chat_examples_are_answered_right_and_in_their_language(engine, figures)
     the right final number and is in the question's language, with every token's lead over the
     runner-up at least what `lab examples` required (so another CPU's logits give the same reply)."""
     from fusion.api import FusionRequest, Sampling
-    from lab.examples import smallest_lead
+    from lab.examples import smallest_lead, steps_are_true
     from lab.scoring import score_reply
     from ui.choices import chat_examples
     from ui.constants import APP, CHAT_EXAMPLES
@@ -104,6 +104,10 @@ def test_chat_examples_are_answered_right_and_in_their_language(engine, figures)
         event = engine.generate(request, example["question"], Sampling(max_new_tokens=APP.default_new_tokens))
         score = score_reply(event.text, example["answer"], example["lang"])
         assert score["joint"] and event.finish_reason != "length", (example["question"], event.text)
+        assert steps_are_true(event.text, example["answer"]) and event.text == example["reply"], (
+            example["question"],
+            event.text,
+        )
         lead = smallest_lead(engine, request, engine.encode_messages(example["question"]), event.token_ids)
         leads.append(round(lead, 4))
         assert lead >= 0.05, (example["question"], lead)
