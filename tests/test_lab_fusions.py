@@ -65,6 +65,28 @@ def test_wilson_interval_values():
     assert report.cell_text(5, 10) == "5/10 = 50% [24–76]"
 
 
+def solo_replies(engine, request, questions: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy replies one question at a time through the solo decoding loop (the reference)."""
+    from fusion.api import Sampling
+    from fusion.generate import stream_tokens
+    from fusion.runtime import Run
+
+    with engine.using(engine.plan(request)) as plan:
+        return [
+            list(
+                stream_tokens(
+                    engine.model,
+                    engine.tokenizer,
+                    Run(plan),
+                    engine.encode_messages(q),
+                    Sampling(max_new_tokens=max_new_tokens),
+                    record_trace=False,
+                )
+            )[-1].text
+            for q in questions
+        ]
+
+
 # ---------------------------------------------------------------------------- a tiny library
 @pytest.fixture()
 def tiny_engine(tmp_path):
@@ -156,8 +178,6 @@ def test_fusion_steps_fit_save_and_skip(tiny_engine):
 # ---------------------------------------------------------------------------- generation
 def test_batched_greedy_equals_engine_generate(tiny_engine):
     from fusion.engine import FusionRequest
-    from fusion.generate import Sampling, stream_tokens
-    from fusion.runtime import Run
     from lab.fusions import build_fusions
 
     build_fusions(
@@ -177,21 +197,7 @@ def test_batched_greedy_equals_engine_generate(tiny_engine):
         FusionRequest(fusion="es-math-flow"),
     ):
         batched = list(suite.greedy_replies(tiny_engine, request, questions, max_new_tokens=6))
-        with tiny_engine.using(tiny_engine.plan(request)) as plan:
-            one_by_one = [
-                list(
-                    stream_tokens(
-                        tiny_engine.model,
-                        tiny_engine.tokenizer,
-                        Run(plan),
-                        tiny_engine.encode_messages(q),
-                        Sampling(max_new_tokens=6),
-                        record_trace=False,
-                    )
-                )[-1].text
-                for q in questions
-            ]
-        assert batched == one_by_one, request
+        assert batched == solo_replies(tiny_engine, request, questions, 6), request
 
 
 def test_request_rows(tiny_engine):
@@ -320,10 +326,7 @@ def test_fit_split_diagnostic_leaves_results_file_alone(tiny_engine, tmp_path, c
 def test_single_adapter_evaluations_decode_in_the_scheduler(tiny_engine, tmp_path):
     """`lab eval-math/-lang/-code --adapter DIR`: the folder's adapter alone, through the engine
     (its scheduler), giving what a solo decoding loop under that adapter gives."""
-    from fusion.api import Sampling
     from fusion.errors import FusionError
-    from fusion.generate import stream_tokens
-    from fusion.runtime import Run
     from lab.__main__ import _engine_and_request
     from lab.evaluate_math import evaluate_math
 
@@ -334,20 +337,7 @@ def test_single_adapter_evaluations_decode_in_the_scheduler(tiny_engine, tmp_pat
     assert {a["name"] for a in engine.adapters()} == {"lang-es", "task-math"}
     assert engine.fusions() == []
     result = evaluate_math(engine, request, lang="es", n=3, max_new_tokens=5)
-    with engine.using(engine.plan(request)) as plan:
-        solo = [
-            list(
-                stream_tokens(
-                    engine.model,
-                    engine.tokenizer,
-                    Run(plan),
-                    engine.encode_messages(item["question"]),
-                    Sampling(max_new_tokens=5),
-                    record_trace=False,
-                )
-            )[-1].text
-            for item in result["items"]
-        ]
+    solo = solo_replies(engine, request, [item["question"] for item in result["items"]], 5)
     assert [item["reply"] for item in result["items"]] == solo
     assert result["n"] == 3 and result["correct"] == sum(item["correct"] for item in result["items"])
     (tmp_path / "not-an-adapter").mkdir()

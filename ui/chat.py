@@ -304,10 +304,9 @@ def build_chat_tab(studio: Studio) -> dict:
     def on_adapters():
         return NONE, ""
 
-    def on_fusion(data: dict):
-        picked = saved_fusion(engine, data[fusion])
-        if picked is None:
-            return [describe_fusion(engine, data[fusion])] + [gr.skip()] * (4 + 1 + len(panel.components))
+    def showing(picked: dict) -> list:
+        """A saved fusion in the pickers: its note, method, adapters and params (in the order of
+        [fusion_note, method, *pickers, panel.note, *panel.components])."""
         lang, more, task_name = split_pickers(engine, picked["adapters"])
         return [
             describe_fusion(engine, picked["name"]),
@@ -317,6 +316,12 @@ def build_chat_tab(studio: Studio) -> dict:
             task_name,
             *panel.updates(picked["method"], picked["params"]),
         ]
+
+    def on_fusion(data: dict):
+        picked = saved_fusion(engine, data[fusion])
+        if picked is None:
+            return [describe_fusion(engine, data[fusion])] + [gr.skip()] * (4 + 1 + len(panel.components))
+        return showing(picked)
 
     method.input(
         on_method,
@@ -341,17 +346,7 @@ def build_chat_tab(studio: Studio) -> dict:
         if picked is None:  # removed from the library since the page was built
             gr.Warning(f"the fusion {example['fusion']} is no longer in the library", duration=TOAST_SECONDS)
             return [gr.skip()] * (3 + 1 + len(pickers) + 1 + len(panel.components))
-        lang, more, task_name = split_pickers(engine, picked["adapters"])
-        return [
-            example["question"],
-            picked["name"],
-            describe_fusion(engine, picked["name"]),
-            picked["method"],
-            lang,
-            more,
-            task_name,
-            *panel.updates(picked["method"], picked["params"]),
-        ]
+        return [example["question"], picked["name"], *showing(picked)]
 
     for button, example in zip(example_buttons, examples):
         button.click(
