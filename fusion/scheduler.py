@@ -16,9 +16,11 @@ runs unmerged.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -104,6 +106,8 @@ class Scheduler:
         self._holding: str | None = None  # None | "shared" | "merged"
         self._merged: tuple[FusionPlan, FusionPlan] | None = None  # (plan, its merged stand-in)
         self._layout: tuple[tuple, Layout] | None = None
+        self._closed = False
+        _open_schedulers.add(self)
         self.steps = 0  # decode forwards so far (each serves every running row)
         self.rows_per_step: Counter[int] = Counter()  # decode forwards by how many rows they served
 
@@ -121,6 +125,8 @@ class Scheduler:
         record_trace: bool = True,
     ) -> Ticket:
         sampling.validate()
+        if self._closed:
+            raise RuntimeError("the engine's scheduler is closed; start a new engine")
         if self._eos_of is not self.tokenizer:
             self.eos, self._eos_of = stop_token_ids(self.tokenizer, self.model), self.tokenizer
         ticket = Ticket()
@@ -208,13 +214,29 @@ class Scheduler:
                 "merged": None if self._merged is None else self._merged[0].method,
             }
 
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the loop after its current step: waiting and running rows end as cancelled, the
+        weights are restored and the loop's thread exits (waited for up to `timeout` s). Run at
+        interpreter exit, so that no forward is still inside torch while the process tears down."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
     # ---- the loop ----------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._running:
+                while not self._pending and not self._running and not self._closed:
                     self._release_model()
                     self._cond.wait()
+                if self._closed:
+                    left = [*self._pending, *self._running]
+                    self._pending.clear()
+                    self._running = []
+                    break
                 admitted = self._admit()
             rows = self._running + admitted
             try:
@@ -227,6 +249,11 @@ class Scheduler:
                 with self._cond:
                     self._running = []
                 self._release_model()
+        for row in left:
+            if row.ticket.state != "done":
+                row.finish = "cancelled"
+                self._finish(row)
+        self._release_model()
 
     def _admit(self) -> list[_Row]:
         """Rows that fit now, in arrival order; cancelled waiting rows leave at once. Under _cond."""
@@ -397,3 +424,12 @@ class Scheduler:
             self._held.close()
             self._held = ExitStack()
         self._holding, self._merged, self._layout = None, None, None
+
+
+_open_schedulers: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for scheduler in list(_open_schedulers):
+        scheduler.close()

@@ -468,3 +468,26 @@ def test_prompt_tokens_per_forward_are_capped(studio, requests, monkeypatch):
     for ids, reply in zip(prompts, replies):
         solo = collect(stream_tokens(engine.model, engine.tokenizer, Run(plan), ids, Sampling(max_new_tokens=4)))[0]
         assert reply.token_ids == solo.token_ids
+
+
+def test_close_cancels_rows_and_stops_the_loop(studio, requests):
+    """Closing (as at interpreter exit) ends a running and a waiting row as cancelled, restores
+    the weights a merged fusion changed, and the loop's thread exits; a later submit is refused."""
+    engine = studio.engine
+    scheduler = Scheduler(engine.model, engine.tokenizer, max_rows=1, lock=engine._model_lock)
+    never_ending(scheduler)
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    ids = prompt(studio, 5, seed=4)
+    running = scheduler.stream(engine.plan(requests["single"]), ids, Sampling(max_new_tokens=1000))
+    next(running)
+    assert scheduler.status()["merged"] == "single"
+    waiting = scheduler.stream(engine.plan(requests["flow2"]), ids, Sampling(max_new_tokens=5))
+    assert next(waiting).queued == 1
+    scheduler.close()
+    assert not scheduler._thread.is_alive()
+    assert list(running)[-1].finish_reason == "cancelled"
+    assert list(waiting)[-1].finish_reason == "cancelled"
+    after = engine.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(RuntimeError, match="closed"):
+        scheduler.submit(engine.plan(requests["base"]), ids, Sampling(max_new_tokens=2))
