@@ -158,7 +158,7 @@ def test_a_full_batch_shows_queued_columns_then_their_replies(app_engine, monkey
     from collections import Counter
 
     from fusion.api import GenerationEvent, Sampling, event_from_dict, event_to_dict
-    from ui.compare import run_side_by_side, stats_text
+    from ui.side_by_side import run_side_by_side, stats_text
 
     requests = column_requests_of(BATCH_COLUMNS)
     solo = solo_replies(app_engine, requests)

@@ -17,8 +17,8 @@ from fusion.errors import FusionError
 
 from .choices import build_request, parse_adapters, parse_params
 from .common import error_line
-from .compare import run_side_by_side
 from .constants import APP
+from .side_by_side import run_side_by_side
 
 
 def plain(value):
