@@ -47,7 +47,7 @@ class Table:
     selecting the rows that use the table (the factors are read either way)."""
 
     A: torch.Tensor  # (R, d_in): every entry's A, module after module
-    members: list  # (module, start, end, B (d_out, end - start))
+    members: list  # (module, start, end, B transposed: (end - start, d_out), contiguous)
     coef: torch.Tensor  # (N, R) fixed coefficient of each rank for each row
     slots: torch.Tensor | None  # (N, R) column of the row's gate table scaling each rank (0: none)
 
@@ -62,11 +62,11 @@ class Table:
 
     def apply(self, x: torch.Tensor, ys: dict, gates: torch.Tensor | None) -> None:
         """x (N, d_in); ys: module -> (N, d_out), updated in place; gates (N, 1 + S)."""
-        h = F.linear(x, self.A)  # (N, R)
-        coef = self.coef if self.slots is None or gates is None else self.coef * gates.gather(1, self.slots)
-        h = h * coef
-        for name, start, end, B in self.members:
-            ys[name] = torch.addmm(ys[name], h[:, start:end], B.t())
+        h = F.linear(x, self.A).mul_(self.coef)  # (N, R)
+        if self.slots is not None and gates is not None:
+            h.mul_(gates.gather(1, self.slots))
+        for name, start, end, Bt in self.members:
+            ys[name].addmm_(h[:, start:end], Bt)  # ys holds each projection's own fresh output
 
 
 def build_table(layer: int, names: tuple[str, ...], plans: list[FusionPlan], device, dtype) -> Table | None:
@@ -90,7 +90,7 @@ def build_table(layer: int, names: tuple[str, ...], plans: list[FusionPlan], dev
                     Bs.append(B.to(device, dtype))
                 assigned.append((row, *span, coef, slots))
         if Bs:
-            members.append((name, start_of_module, width, torch.cat(Bs, 1)))
+            members.append((name, start_of_module, width, torch.cat(Bs, 1).t().contiguous()))
     if not As:
         return None
     coef = torch.zeros(n, width)
@@ -208,6 +208,8 @@ class Layout:
         if mask is not None:
             logits = logits + mask
         weights = torch.softmax(logits, dim=-1) + b
+        if len(self.flow) == self.n:  # every row (or token) is a LoRA-Flow one, in order
+            return weights, F.pad(weights, (1, 0), value=1.0)
         table = x.new_ones(self.n, self.gate_width + 1)
         table.index_copy_(0, self.flow_rows, F.pad(weights, (1, 0), value=1.0))
         return weights, table
