@@ -8,6 +8,7 @@ as in the reference implementation, whose few-shot loss is normalised in its own
 """
 
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +88,9 @@ class LoraHubMethod(FusionMethod):
         for step in range(budget):
             if cancel is not None and cancel.is_set():
                 break
-            candidate = optimizer.ask()
+            with warnings.catch_warnings():  # NGOpt's inner COBYLA warns about its own default tolerance
+                warnings.filterwarnings("ignore", message=".*Invalid RHOEND.*", category=UserWarning)
+                candidate = optimizer.ask()
             weights = [float(v) for v in candidate.value]
             plan = self.build(ctx, adapters, {"weights": weights})
             loss = few_shot_loss(ctx.model, Run(plan), examples, options["pad_id"], ctx.device, batch_size)
