@@ -531,3 +531,38 @@ def test_device_and_dtype_default_to_the_best_available():
     assert resolved_dtype("auto", "auto") == ("bfloat16" if torch.cuda.is_available() else "float32")
     assert resolved_dtype("cpu", "auto") == "float32"
     assert resolved_dtype("cpu", "float16") == "float16"  # an explicit choice is kept
+
+
+def test_scoring_answers_every_problem_of_every_column_in_shared_batches(app_engine):
+    """The Compare tab's scoring: each column's count equals its problems answered one at a time
+    (problems whose expected value is set from those solo replies, so that some are right and some
+    wrong), the answers share forwards, a column whose request failed shows its error."""
+    import dataclasses
+    import threading
+    from collections import Counter
+
+    from fusion.api import Sampling
+    from fusion.errors import FusionError
+    from fusion.math_data import eval_examples
+    from fusion.math_scoring import final_number
+    from ui.side_by_side import score_columns
+
+    requests = column_requests_of(BATCH_COLUMNS[:2]) + [FusionError("adapter 'nope' is not in the library")]
+    sampling = Sampling(max_new_tokens=12)
+    problems = eval_examples("es", 4)
+    solo = [[app_engine.generate(r, p.question, sampling, trace=False).text for p in problems] for r in requests[:2]]
+    # Problem i's expected value: column 0's solo final number for even i, a number no reply ends on otherwise.
+    values = [int(final_number(solo[0][i]) or 0) if i % 2 == 0 else 987654 for i in range(len(problems))]
+    problems = [dataclasses.replace(p, value=v) for p, v in zip(problems, values)]
+    expected = [sum(final_number(t) == v for t, v in zip(texts, values)) for texts in solo]
+    before = Counter(app_engine.scheduler.rows_per_step)
+    seen = []
+    rows = score_columns(app_engine, requests, problems, sampling, threading.Event(), lambda d, t: seen.append((d, t)))
+    assert [row[1] for row in rows[:2]] == expected
+    assert rows[0][1] == sum(final_number(t) is not None for t in solo[0][::2])
+    assert [row[2] for row in rows] == [4, 4, 4] and rows[0][3] == f"{expected[0] / 4:.0%}"
+    assert rows[2][1] is None and "nope" in rows[2][3]
+    assert seen == [(d, 8) for d in range(1, 9)]
+    steps = Counter(app_engine.scheduler.rows_per_step)
+    steps.subtract(before)
+    assert max(k for k, v in steps.items() if v > 0) > 1, dict(steps)  # answers decoded together

@@ -8,7 +8,6 @@ from fusion import plots
 from fusion.api import Backend, Sampling
 from fusion.errors import FusionError
 from fusion.math_data import EVAL_LANGUAGES, eval_examples
-from fusion.math_scoring import is_correct
 
 from .choices import (
     adapters_for,
@@ -19,12 +18,11 @@ from .choices import (
     fusion_choices,
     kind_choices,
     method_choices,
-    request_label,
     saved_fusion,
 )
 from .common import TOAST_SECONDS, ParamPanel, Studio, error_line
 from .constants import APP, NONE
-from .side_by_side import run_side_by_side, stats_text
+from .side_by_side import run_side_by_side, score_columns, stats_text
 
 FIRST_SHOWN = min(3, APP.max_compare)  # columns shown when the tab opens
 FITTED_LATER = ["cat", "lorahub"]  # saved fits over the default pair, after the first three columns
@@ -285,38 +283,18 @@ def build_scoring(studio: Studio, columns: list[dict], count: gr.Radio) -> dict:
         requests = column_requests(engine, columns[: int(data[count])], data)
         problems = eval_examples(data[language], int(data[size]))
         flag = studio.flags.start(request, "compare")
-        rows = []
-        total = len(problems) * len(requests)
-        done = 0
+        progress(0.0, desc="answering")
         try:
-            for request_ in requests:
-                label = request_label(engine, request_)
-                if isinstance(request_, Exception):
-                    rows.append([label, None, len(problems), error_line(request_)])
-                    continue
-                correct = 0
-                try:
-                    for number, problem in enumerate(problems, 1):
-                        progress(done / total, desc=f"{label}: problem {number}/{len(problems)}")
-                        event = engine.generate(
-                            request_,
-                            problem.question,
-                            Sampling(max_new_tokens=int(data[limit])),
-                            cancel=flag,
-                            trace=False,
-                        )
-                        correct += is_correct(event.text, problem.value)
-                        done += 1
-                        if flag.is_set():
-                            break
-                    rows.append([label, correct, len(problems), f"{correct / len(problems):.0%}"])
-                except Exception as exc:
-                    rows.append([label, None, len(problems), error_line(exc)])
-                if flag.is_set():
-                    break
+            return score_columns(
+                engine,
+                requests,
+                problems,
+                Sampling(max_new_tokens=int(data[limit])),
+                flag,
+                lambda done, total: progress(done / total, desc=f"{done}/{total} answers"),
+            )
         finally:
             studio.flags.finish(request, "compare", flag)
-        return rows
 
     go.click(
         score,

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from fusion import plots
 from fusion.api import Backend, Sampling
+from fusion.math_scoring import is_correct
 
 from .choices import request_label
 from .common import error_line, queued_note
@@ -116,3 +118,44 @@ def stats_text(result: ColumnResult) -> str:
     elif result.seconds_to_first_token is None:
         parts.append("waiting…")
     return " · ".join(parts)
+
+
+SCORE_PARALLEL = 16  # problems in flight at once: the engine batches them (more would only queue)
+
+
+def score_columns(
+    engine: Backend, requests: list, problems: list, sampling: Sampling, cancel: threading.Event, on_progress=None
+) -> list[list]:
+    """Every column's answers to every problem, submitted together so that the engine decodes
+    them in shared batches. Returns one row per column: [label, correct, problems, accuracy or
+    error]. A column whose request is an error, or one of whose answers fails, shows the error;
+    after `cancel` the answers still missing count as wrong. on_progress(done, total) after each
+    answer."""
+    jobs = [(c, p) for c, r in enumerate(requests) if not isinstance(r, Exception) for p in range(len(problems))]
+    correct = [0] * len(requests)
+    errors: list[str | None] = [error_line(r) if isinstance(r, Exception) else None for r in requests]
+    if jobs:
+        with ThreadPoolExecutor(max_workers=min(SCORE_PARALLEL, len(jobs)), thread_name_prefix="score") as pool:
+            futures = {
+                pool.submit(engine.generate, requests[c], problems[p].question, sampling, cancel=cancel, trace=False): (
+                    c,
+                    p,
+                )
+                for c, p in jobs
+            }
+            for done, future in enumerate(as_completed(futures), 1):
+                c, p = futures[future]
+                try:
+                    correct[c] += is_correct(future.result().text, problems[p].value)
+                except Exception as exc:
+                    errors[c] = errors[c] or error_line(exc)
+                if on_progress is not None:
+                    on_progress(done, len(jobs))
+    rows = []
+    for c, request in enumerate(requests):
+        label = request_label(engine, request)
+        if errors[c] is not None:
+            rows.append([label, None, len(problems), errors[c]])
+        else:
+            rows.append([label, correct[c], len(problems), f"{correct[c] / max(1, len(problems)):.0%}"])
+    return rows
