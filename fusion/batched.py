@@ -18,6 +18,22 @@ import torch.nn.functional as F
 from .batch_layout import Layout
 from .methods.mixlora_ffn import expert_mixture
 
+BATCHED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def supports(model) -> bool:
+    """Whether `decode_step` computes this model as its own forward does: a Llama-family layer
+    (RMSNorm, rotary attention with optional biases, gated MLP) and full attention over the whole
+    cache (no sliding window in use)."""
+    config = model.config
+    kind = getattr(config, "model_type", None)
+    if kind not in BATCHED_MODEL_TYPES:
+        return False
+    window = getattr(config, "sliding_window", None)
+    if kind == "qwen2" and not getattr(config, "use_sliding_window", False):
+        window = None
+    return window is None
+
 
 class RowCache:
     """One row's keys and values per layer, (kv_heads, capacity, head_dim), sized to the row."""

@@ -59,7 +59,7 @@ def stop_token_ids(tokenizer, model) -> set[int]:
             ids.add(source)
         elif isinstance(source, (list, tuple)):
             ids.update(int(i) for i in source)
-    for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+    for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
         tid = tokenizer.convert_tokens_to_ids(token)
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
             ids.add(tid)

@@ -101,9 +101,17 @@ class Library:
                     if folder.name.startswith(".") or not (folder / "fusion.json").is_file():
                         continue
                     try:
-                        fusions[folder.name] = load_artifact(folder)
+                        artifact = load_artifact(folder)
                     except FusionError as exc:
                         errors[folder.name] = str(exc)
+                        continue
+                    unloaded = [a for a in artifact.adapters if a in errors]
+                    if unloaded:  # e.g. a library made for another base model
+                        errors[folder.name] = (
+                            f"fusion {folder.name} uses {', '.join(unloaded)}, which did not load for this base model"
+                        )
+                    else:
+                        fusions[folder.name] = artifact
             self.adapters, self.fusions, self.errors = adapters, fusions, errors
             self.version += 1
 

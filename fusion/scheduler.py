@@ -12,6 +12,10 @@ cap on rows or on KV memory wait in a queue; their callers see where they stand.
 A static fusion is merged into the weights while it is the only fusion in the batch (exact
 restore afterwards); as soon as another fusion joins, the weights are restored and every row
 runs unmerged.
+
+A model whose layers `batched.decode_step` does not compute (`batched.supports`: e.g. Gemma 3,
+or a sliding window) still goes through this loop, queue and caps, but each of its rows decodes
+through the model's own forward (`generate.stream_tokens`), the rows taking turns a token at a time.
 """
 
 from __future__ import annotations
@@ -19,59 +23,19 @@ from __future__ import annotations
 import atexit
 import queue
 import threading
-import time
 import weakref
 from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 
 import torch
 
 from .batch_layout import Layout, layout_for
-from .batched import RowCache, decode_step
-from .generate import GenerationEvent, Sampling, _sample, stop_token_ids, token_labels
+from .batched import RowCache, decode_step, supports
+from .generate import GenerationEvent, Sampling, stop_token_ids, stream_tokens
 from .runtime import FusionPlan, ModelLock, Run, merged_into
+from .scheduler_rows import Row, Ticket
 from .threads import decode_threads, local_threads
-from .trace import build_trace
-
-
-@dataclass
-class Ticket:
-    """A submitted request as its caller sees it: its events, and where it stands."""
-
-    events: queue.Queue[GenerationEvent | BaseException] = field(default_factory=queue.Queue)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    state: str = "queued"  # queued | running | done
-    position: int = 0  # 1 = next to be admitted, while queued
-
-
-class _Row:
-    def __init__(
-        self,
-        ticket: Ticket,
-        plan: FusionPlan,
-        prompt_ids: list[int],
-        sampling: Sampling,
-        record: bool,
-        user_cancel: threading.Event | None,
-    ):
-        self.ticket, self.plan, self.prompt_ids, self.sampling = ticket, plan, list(prompt_ids), sampling
-        self.record, self.user_cancel = record, user_cancel
-        self.generator = torch.Generator().manual_seed(int(sampling.seed)) if sampling.temperature > 0 else None
-        self.generated: list[int] = []
-        self.text = ""
-        self.finish = "length"
-        self.start = time.perf_counter()
-        self.first_token_at: float | None = None
-        self.run: Run | None = None
-        self.cache: RowCache | None = None
-        self.next_token = -1
-        self.closing = False  # fed once more for its last token's trace row, then done
-        self.kv_bytes = 0
-
-    def cancelled(self) -> bool:
-        return self.ticket.cancel.is_set() or (self.user_cancel is not None and self.user_cancel.is_set())
 
 
 class Scheduler:
@@ -87,9 +51,10 @@ class Scheduler:
     ):
         """tokenizer: the tokenizer, or a function giving the current one (an engine's may change)."""
         self.model = model
+        self.batched = supports(model)  # else every row decodes alone, in turns (module docstring)
         self._tokenizer = tokenizer if callable(tokenizer) and not hasattr(tokenizer, "decode") else (lambda: tokenizer)
         self.lock = lock or ModelLock()
-        self.merge_static = merge_static
+        self.merge_static = merge_static and self.batched
         self.max_rows = max(1, int(max_rows))
         self.kv_budget = kv_budget_bytes
         self.max_prompt_tokens_per_step = max(1, int(max_prompt_tokens_per_step))
@@ -99,8 +64,8 @@ class Scheduler:
         self.eos: set[int] | None = None  # on first use: engines without a tokenizer never generate
         self._eos_of = None
         self._cond = threading.Condition()
-        self._pending: deque[_Row] = deque()
-        self._running: list[_Row] = []
+        self._pending: deque[Row] = deque()
+        self._running: list[Row] = []
         self._thread: threading.Thread | None = None
         self._held = ExitStack()  # the model lock (shared, or exclusive with a merge) while busy
         self._holding: str | None = None  # None | "shared" | "merged"
@@ -130,7 +95,7 @@ class Scheduler:
         if self._eos_of is not self.tokenizer:
             self.eos, self._eos_of = stop_token_ids(self.tokenizer, self.model), self.tokenizer
         ticket = Ticket()
-        row = _Row(ticket, plan, prompt_ids, sampling, record_trace, cancel)
+        row = Row(ticket, plan, prompt_ids, sampling, record_trace, cancel)
         row.kv_bytes = RowCache.bytes_for(self.model.config, len(prompt_ids) + sampling.max_new_tokens + 1, self.dtype)
         with self._cond:
             self._pending.append(row)
@@ -252,12 +217,12 @@ class Scheduler:
         for row in left:
             if row.ticket.state != "done":
                 row.finish = "cancelled"
-                self._finish(row)
+                self._end(row)
         self._release_model()
 
-    def _admit(self) -> list[_Row]:
+    def _admit(self) -> list[Row]:
         """Rows that fit now, in arrival order; cancelled waiting rows leave at once. Under _cond."""
-        out: list[_Row] = []
+        out: list[Row] = []
         used = sum(r.kv_bytes for r in self._running)
         prompt_tokens = 0
         while self._pending and len(self._running) + len(out) < self.max_rows:
@@ -265,7 +230,7 @@ class Scheduler:
             if row.cancelled():
                 self._pending.popleft()
                 row.finish = "cancelled"
-                self._finish(row)
+                self._end(row)
                 continue
             busy = self._running or out
             if busy and self.kv_budget is not None and used + row.kv_bytes > self.kv_budget:
@@ -281,9 +246,13 @@ class Scheduler:
             row.ticket.position = place
         return out
 
-    def _step(self, admitted: list[_Row]) -> None:
+    def _step(self, admitted: list[Row]) -> None:
         """One forward: the running rows' next tokens and the admitted rows' whole prompts."""
         self._arrange_model(self._running + admitted)
+        if not self.batched:
+            with local_threads(self.decode_threads):
+                self._solo_turns(admitted)
+            return
         running = [r for r in self._running if not self._retire_if_cancelled(r)]
         for row in admitted:
             row.run = Run(self._compute_plan(row.plan), record=row.record)
@@ -297,7 +266,7 @@ class Scheduler:
         with local_threads(self.decode_threads):  # see `threads`
             self._forward(rows, len(running))
 
-    def _forward(self, rows: list[_Row], decoding: int) -> None:
+    def _forward(self, rows: list[Row], decoding: int) -> None:
         """rows[:decoding] feed their next token, the rest their prompt."""
         plans = [self._compute_plan(r.plan) for r in rows]
         self._layout = layout_for(self.model, self._layout, plans)
@@ -312,92 +281,53 @@ class Scheduler:
         still = []
         for i, row in enumerate(rows):
             if row.closing:
-                self._finish(row)
-            elif self._advance(row, logits[i], greedy[i]):
+                self._end(row)
+            elif row.advance(logits[i], greedy[i], self.tokenizer, self.eos):
+                still.append(row)
+            else:
+                self._end(row)
+        with self._cond:
+            self._running = still
+
+    def _solo_turns(self, admitted: list[Row]) -> None:
+        """On a model `decode_step` does not compute: every row, in turn, runs its own decode loop
+        until its next event (a new piece of text, or its end)."""
+        for row in admitted:
+            run = Run(row.plan, record=row.record)
+            row.solo = stream_tokens(
+                self.model, self.tokenizer, run, row.prompt_ids, row.sampling, row.solo_cancel, row.record
+            )
+        rows = self._running + admitted
+        with self._cond:
+            self._running = rows
+        still = []
+        for row in rows:
+            if row.cancelled():
+                row.solo_cancel.set()  # its loop stops at once and gives its last event
+            event = next(row.solo)
+            if event.done:
+                row.ticket.state = "done"
+            row.ticket.events.put(event)
+            if not event.done:
                 still.append(row)
         with self._cond:
             self._running = still
 
-    def _retire_if_cancelled(self, row: _Row) -> bool:
+    def _retire_if_cancelled(self, row: Row) -> bool:
         if row.closing or not row.cancelled():
             return False
         row.finish = "cancelled"
-        self._finish(row)
+        self._end(row)
         return True
 
-    def _advance(self, row: _Row, logits: torch.Tensor, greedy: int) -> bool:
-        """One new token from the row's logits (V,), as `generate.stream_tokens` does; False if done."""
-        if row.cancelled():
-            row.finish = "cancelled"
-            self._finish(row)
-            return False
-        s = row.sampling
-        token = greedy if s.temperature <= 0 else _sample(logits, s, row.generator)
-        if row.first_token_at is None:
-            row.first_token_at = time.perf_counter() - row.start
-        if token in self.eos:
-            row.finish = "eos"
-            self._finish(row)
-            return False
-        row.generated.append(token)
-        new_text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
-        stop_at = min((new_text.find(x) for x in s.stop if x and x in new_text), default=-1)
-        if stop_at >= 0:
-            new_text, row.finish = new_text[:stop_at], "stop"
-        if not new_text.endswith("\ufffd") or row.finish == "stop":  # hold back half a UTF-8 character
-            delta, row.text = new_text[len(row.text) :], new_text
-            if delta:
-                row.ticket.events.put(
-                    GenerationEvent(
-                        row.text,
-                        delta,
-                        token_ids=list(row.generated),
-                        prompt_tokens=len(row.prompt_ids),
-                        seconds_to_first_token=row.first_token_at,
-                    )
-                )
-        if row.finish == "stop" or len(row.generated) >= s.max_new_tokens:
-            if row.record and (row.run.steps or row.run.router_steps):
-                row.closing, row.next_token = True, row.generated[-1]  # its trace row needs one more feed
-                return True
-            self._finish(row)
-            return False
-        row.next_token = token
-        return True
-
-    def _finish(self, row: _Row) -> None:
-        elapsed = time.perf_counter() - row.start
-        decode_time = elapsed - (row.first_token_at or 0.0)
-        n = len(row.generated)
-        tps = (n - 1) / decode_time if n > 1 and decode_time > 0 else None
-        final = row.text if row.finish == "stop" else self.tokenizer.decode(row.generated, skip_special_tokens=True)
-        trace = None
-        if row.record and row.run is not None:
-            ids = row.prompt_ids + row.generated
-            trace = build_trace(
-                row.run, token_labels(self.tokenizer, ids), len(row.prompt_ids), self.model.config.num_hidden_layers
-            )
-        row.cache = None
-        row.ticket.state = "done"
-        row.ticket.events.put(
-            GenerationEvent(
-                final,
-                final[len(row.text) :],
-                done=True,
-                finish_reason=row.finish,
-                token_ids=row.generated,
-                prompt_tokens=len(row.prompt_ids),
-                seconds_to_first_token=row.first_token_at,
-                tokens_per_second=tps,
-                trace=trace,
-            )
-        )
+    def _end(self, row: Row) -> None:
+        row.end(self.tokenizer, self.model.config.num_hidden_layers)
 
     # ---- the model's weights -------------------------------------------------------------------------
     def _compute_plan(self, plan: FusionPlan) -> FusionPlan:
         return self._merged[1] if self._merged is not None and self._merged[0] is plan else plan
 
-    def _arrange_model(self, rows: list[_Row]) -> None:
+    def _arrange_model(self, rows: list[Row]) -> None:
         """Merge the batch's fusion into the weights when it is the only one and static;
         otherwise hold the model shared (unmerged)."""
         plans = {id(r.plan): r.plan for r in rows}

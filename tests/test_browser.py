@@ -105,9 +105,12 @@ def pick(page, dropdown: str, option: str) -> None:
 
 
 def set_number(page, slider: str, value: int) -> None:
+    """Type a slider's value and wait until the slider itself shows it (the value a click on Send
+    then reads), so that a slow page cannot send the previous value."""
     box = page.locator(f"{slider} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
+    sync_api.expect(page.locator(f"{slider} input[type=range]")).to_have_value(str(value), timeout=TIMEOUT_MS)
 
 
 def heatmap_rows(page, selector: str):
