@@ -148,7 +148,8 @@ def test_chat_with_lora_flow_streams_and_draws_the_gate_heatmap(page):
     info = page.inner_text("#trace-info")
     assert "per-token gates" in info and "lang-ru, task-code" in info
     assert page.locator("#token-highlight").inner_text().strip()
-    assert page.locator("#trace-json-btn").is_visible() and page.locator("#trace-csv-btn").is_visible()
+    for button in ("#trace-json-btn", "#trace-csv-btn"):  # shown by the same reply's last update
+        sync_api.expect(page.locator(button)).to_be_visible(timeout=10_000)
     shot(page, "chat-lora-flow.png")
     assert not page.page_errors
 
