@@ -105,12 +105,22 @@ def pick(page, dropdown: str, option: str) -> None:
 
 
 def set_number(page, slider: str, value: int) -> None:
-    """Type a slider's value and wait until the slider itself shows it (the value a click on Send
-    then reads), so that a slow page cannot send the previous value."""
+    """Type a slider's value until the slider itself shows it (the value a click on Send then
+    reads): on a slow page a value typed before the component settles can be dropped, so the
+    typing is repeated rather than trusted."""
     box = page.locator(f"{slider} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-    sync_api.expect(page.locator(f"{slider} input[type=range]")).to_have_value(str(value), timeout=TIMEOUT_MS)
+    shown = page.locator(f"{slider} input[type=range]")
+    for _ in range(10):
+        box.fill("")
+        box.fill(str(value))
+        box.press("Enter")
+        box.blur()
+        try:
+            sync_api.expect(shown).to_have_value(str(value), timeout=3_000)
+            return
+        except AssertionError:
+            continue
+    sync_api.expect(shown).to_have_value(str(value), timeout=1_000)
 
 
 def heatmap_rows(page, selector: str):
