@@ -244,9 +244,9 @@ def random_base_model(spec: str, dev: torch.device, torch_dtype: torch.dtype, pr
 def load_base_model(
     name: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | torch.dtype | None = "float32", progress=print
 ) -> BaseModel:
-    """Load a causal LM: "default", "gemma3-270m" (if its packages are installed), a local folder, a .gguf file (dequantized once into a cached
-    dense copy), a hub id, or "random:SHAPE" (random weights of a real model's shape, for
-    benchmarks: see `random_base_model`). Llama-family models decode in shared batches; others
+    """Load a causal LM: "default", "gemma3-270m" (if its packages are installed), a local
+    folder, a .gguf file (dequantized once into a cached dense copy), a hub id, or "random:SHAPE"
+    (random weights of a real model's shape, for benchmarks: see `random_base_model`). Llama-family models decode in shared batches; others
     (e.g. Gemma 3) through their own forward, one request at a time (`scheduler`).
 
     Remote code is never trusted. Offline, a hub id that is not in the local cache

@@ -134,15 +134,13 @@ def score_columns(
     jobs = [(c, p) for c, r in enumerate(requests) if not isinstance(r, Exception) for p in range(len(problems))]
     correct = [0] * len(requests)
     errors: list[str | None] = [error_line(r) if isinstance(r, Exception) else None for r in requests]
+
+    def answer(c: int, p: int):
+        return engine.generate(requests[c], problems[p].question, sampling, cancel=cancel, trace=False)
+
     if jobs:
         with ThreadPoolExecutor(max_workers=min(SCORE_PARALLEL, len(jobs)), thread_name_prefix="score") as pool:
-            futures = {
-                pool.submit(engine.generate, requests[c], problems[p].question, sampling, cancel=cancel, trace=False): (
-                    c,
-                    p,
-                )
-                for c, p in jobs
-            }
+            futures = {pool.submit(answer, c, p): (c, p) for c, p in jobs}
             for done, future in enumerate(as_completed(futures), 1):
                 c, p = futures[future]
                 try:
