@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .batch_layout import Layout
 from .methods.mixlora_ffn import expert_mixture
+from .packed import packed_weights
 
 BATCHED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -100,6 +101,7 @@ def decode_step(
     cos, sin = inner.rotary_emb(x.unsqueeze(1), positions)  # (M, 1, hd)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (M, 1, 1, hd)
     gate_log, sinks = [], [_RouterSink() for _ in layout.moe_groups]
+    linear = packed_weights(model).linear
     for index, layer in enumerate(inner.layers):
         tables = layout.tables[index]
         gates = None
@@ -108,10 +110,7 @@ def decode_step(
             gate_log.append(weights)
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        ys = {
-            name: F.linear(h, getattr(attn, name).weight, getattr(attn, name).bias)
-            for name in ("q_proj", "k_proj", "v_proj")
-        }
+        ys = {name: linear(h, getattr(attn, name)) for name in ("q_proj", "k_proj", "v_proj")}
         if tables[0] is not None:
             tables[0].apply(h, ys, gates)
         head_dim = attn.head_dim
@@ -121,15 +120,15 @@ def decode_step(
         v = ys["v_proj"].view(m, -1, head_dim)  # (M, kvh, hd)
         out = [_attend(attn, q, k, v, cache, index, start, end) for cache, (start, end) in zip(caches, spans)]
         o = torch.cat(out).reshape(m, -1)  # (M, H * hd)
-        ys = {"o_proj": F.linear(o, attn.o_proj.weight, attn.o_proj.bias)}
+        ys = {"o_proj": linear(o, attn.o_proj)}
         if tables[1] is not None:
             tables[1].apply(o, ys, gates)
         x = x + ys["o_proj"]
         h = layer.post_attention_layernorm(x)
-        x = x + _mlp(layer.mlp, index, h, tables, gates, layout, sinks)
+        x = x + _mlp(layer.mlp, index, h, tables, gates, layout, sinks, linear)
     if m != len(caches):
         x = x.index_select(0, torch.tensor([end - 1 for _, end in spans], device=x.device))
-    logits = model.lm_head(inner.norm(x))  # (N, V)
+    logits = linear(inner.norm(x), model.lm_head)  # (N, V)
     _record(layout, runs, gate_log, sinks, spans)
     for cache, count in zip(caches, counts):
         cache.length += count
@@ -164,10 +163,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _mlp(mlp, layer: int, h: torch.Tensor, tables, gates, layout: Layout, sinks) -> torch.Tensor:
+def _mlp(mlp, layer: int, h: torch.Tensor, tables, gates, layout: Layout, sinks, linear) -> torch.Tensor:
     """h (N, d) -> (N, d). W_gate h, W_up h and W_down m run once for all rows; plain rows add
     their deltas, MixLoRA rows replace their m by their experts' mixture (W_down is linear)."""
-    ys = {name: F.linear(h, getattr(mlp, name).weight, getattr(mlp, name).bias) for name in ("gate_proj", "up_proj")}
+    ys = {name: linear(h, getattr(mlp, name)) for name in ("gate_proj", "up_proj")}
     if tables[2] is not None:
         tables[2].apply(h, ys, gates)
     m = mlp.act_fn(ys["gate_proj"]) * ys["up_proj"]  # (N, f)
@@ -187,7 +186,7 @@ def _mlp(mlp, layer: int, h: torch.Tensor, tables, gates, layout: Layout, sinks)
         sink.on_router(layer, probs, chosen)
         if down is not None:
             extra.append((rows, down))
-    ys = {"down_proj": F.linear(m, mlp.down_proj.weight, mlp.down_proj.bias)}
+    ys = {"down_proj": linear(m, mlp.down_proj)}
     if tables[3] is not None:
         tables[3].apply(m, ys, gates)
     y = ys["down_proj"]

@@ -273,6 +273,9 @@ def linear_of(model: torch.nn.Module, layer: int, name: str) -> torch.nn.Linear:
     return getattr(block.self_attn if name in ATTENTION_MODULES else block.mlp, name)
 
 
+MERGED_WEIGHT = "_fusion_merged"  # attribute of a weight tensor that `merged_into` swapped in
+
+
 @contextmanager
 def merged_into(model: torch.nn.Module, plan: FusionPlan, reuse_buffers: bool | None = None):
     """Fast path for a static plan on a model the caller holds exclusively.
@@ -316,6 +319,7 @@ def merged_into(model: torch.nn.Module, plan: FusionPlan, reuse_buffers: bool | 
                 else:
                     merged = torch.addmm(weight, B, A)
                 linear.weight = torch.nn.Parameter(merged, requires_grad=False)
+                setattr(linear.weight, MERGED_WEIGHT, True)  # lives for this merge: `packed` skips it
         yield FusionPlan(
             method=plan.method,
             slot_names=plan.slot_names,
