@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .packed import PackedFactor
 from .runtime import SHARED_INPUTS, FusionPlan, GroupMember, delta_factors
 
 GROUPS = SHARED_INPUTS[:1] + (("o_proj",),) + SHARED_INPUTS[1:] + (("down_proj",),)
@@ -46,7 +47,7 @@ class Table:
     that uses none of them has coefficients 0: it adds exact zeros, which costs less than
     selecting the rows that use the table (the factors are read either way)."""
 
-    A: torch.Tensor  # (R, d_in): every entry's A, module after module
+    A: PackedFactor  # x @ A.T, A (R, d_in): every entry's A, module after module
     members: list  # (module, start, end, B transposed: (end - start, d_out), contiguous)
     coef: torch.Tensor  # (N, R) fixed coefficient of each rank for each row
     slots: torch.Tensor | None  # (N, R) column of the row's gate table scaling each rank (0: none)
@@ -62,7 +63,7 @@ class Table:
 
     def apply(self, x: torch.Tensor, ys: dict, gates: torch.Tensor | None) -> None:
         """x (N, d_in); ys: module -> (N, d_out), updated in place; gates (N, 1 + S)."""
-        h = F.linear(x, self.A).mul_(self.coef)  # (N, R)
+        h = self.A(x).mul_(self.coef)  # (N, R)
         if self.slots is not None and gates is not None:
             h.mul_(gates.gather(1, self.slots))
         for name, start, end, Bt in self.members:
@@ -100,7 +101,7 @@ def build_table(layer: int, names: tuple[str, ...], plans: list[FusionPlan], dev
         if s is not None:
             slots[row, start:end] = s + 1
     dynamic = bool((slots > 0).any())
-    return Table(torch.cat(As, 0), members, coef.to(device, dtype), slots.to(device) if dynamic else None)
+    return Table(PackedFactor(torch.cat(As, 0)), members, coef.to(device, dtype), slots.to(device) if dynamic else None)
 
 
 class Layout:
