@@ -124,6 +124,7 @@ def run_concurrency_bench(
     token_range: tuple[int, int] = (64, 128),
     rank: int = 8,
     log=print,
+    rounds: int = 1,
 ) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix="fusion-batch-bench-"))
     engine = Engine(
@@ -156,28 +157,28 @@ def run_concurrency_bench(
         for _ in engine.stream_ids(request, ids, Sampling(max_new_tokens=2), trace=False):
             pass
     base = FusionRequest()
+    paths = {
+        "thread_per_request": ("thread per request", lambda r, ids, s: thread_per_request(engine, r, ids, s)),
+        "scheduler": ("scheduler", lambda r, ids, s: engine.stream_ids(r, ids, s, trace=False)),
+        "scheduler_base_only": (
+            "scheduler, base model only",
+            lambda r, ids, s: engine.stream_ids(base, ids, s, trace=False),
+        ),
+    }
     rows = []
     for n in concurrency:
         chosen = [(r, ids, s) for _, r, ids, s in streams[:n]]
-        log(f"{n} stream(s): thread per request")
-        today = _run_streams(chosen, lambda r, ids, s: thread_per_request(engine, r, ids, s))
-        log(f"{n} stream(s): scheduler")
-        batched = _run_streams(chosen, lambda r, ids, s: engine.stream_ids(r, ids, s, trace=False))
-        log(f"{n} stream(s): scheduler, base model only")
-        plain = _run_streams(
-            [(base, ids, s) for _, ids, s in chosen], lambda r, ids, s: engine.stream_ids(r, ids, s, trace=False)
-        )
-        rows.append(
-            {
-                "streams": n,
-                "fusions": [label for label, *_ in streams[:n]],
-                "thread_per_request": today,
-                "scheduler": batched,
-                "scheduler_base_only": plain,
-                "speedup": round(batched["tokens_per_s"] / today["tokens_per_s"], 2),
-                "mixed_vs_base_batched": round(batched["tokens_per_s"] / plain["tokens_per_s"], 3),
-            }
-        )
+        measured = []  # per round: path -> result
+        for round_ in range(rounds):
+            # the two scheduler runs are adjacent in every round; odd rounds run in reverse order
+            order = list(paths) if round_ % 2 == 0 else list(reversed(paths))
+            one = {}
+            for key in order:
+                label, start = paths[key]
+                log(f"{n} stream(s): {label}" + (f" (round {round_ + 1}/{rounds})" if rounds > 1 else ""))
+                one[key] = _run_streams(chosen, start)
+            measured.append(one)
+        rows.append(_summary(n, [label for label, *_ in streams[:n]], measured))
     machine = {
         "device": str(engine.base.device),
         "dtype": str(engine.base.dtype),
@@ -190,6 +191,32 @@ def run_concurrency_bench(
     if engine.base.device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(engine.base.device)
     return {"machine": machine, "rows": rows}
+
+
+def _summary(n: int, fusions: list[str], measured: list[dict]) -> dict:
+    """One row of the table from its rounds: each path's median tokens/s and p50 gap, and the
+    two ratios as medians of the per-round ratios (each round's paths ran close together)."""
+
+    def median_of(path: str, key: str):
+        values = [m[path][key] for m in measured if m[path][key] is not None]
+        return round(statistics.median(values), 4) if values else None
+
+    speedups = [m["scheduler"]["tokens_per_s"] / m["thread_per_request"]["tokens_per_s"] for m in measured]
+    mixed = [m["scheduler"]["tokens_per_s"] / m["scheduler_base_only"]["tokens_per_s"] for m in measured]
+    row = {"streams": n, "fusions": fusions}
+    for path in ("thread_per_request", "scheduler", "scheduler_base_only"):
+        row[path] = {
+            "tokens": measured[0][path]["tokens"],
+            "tokens_per_s": round(statistics.median(m[path]["tokens_per_s"] for m in measured), 2),
+            "p50_inter_token_s": median_of(path, "p50_inter_token_s"),
+        }
+    row["speedup"] = round(statistics.median(speedups), 2)
+    row["mixed_vs_base_batched"] = round(statistics.median(mixed), 3)
+    if len(measured) > 1:
+        row["speedup_range"] = [round(min(speedups), 2), round(max(speedups), 2)]
+        row["mixed_vs_base_range"] = [round(min(mixed), 3), round(max(mixed), 3)]
+        row["rounds"] = measured
+    return row
 
 
 def format_table(result: dict) -> str:
@@ -208,6 +235,11 @@ def format_table(result: dict) -> str:
             f"{row['speedup']:>8.2f}x {b['tokens_per_s']:>19.2f} {row['mixed_vs_base_batched']:>11.3f} "
             f"{gap(t) + ' / ' + gap(s):>26}"
         )
+        if "rounds" in row:
+            (a, b_), (c, d) = row["speedup_range"], row["mixed_vs_base_range"]
+            lines.append(
+                f"{'':>7} rounds: {len(row['rounds'])}, speed-up {a:.2f}-{b_:.2f}x, mixed/base {c:.3f}-{d:.3f}"
+            )
     m = result["machine"]
     lines.append(
         f"[{m['model']} on {m['device']} {m['dtype']}, rank-{m['rank']} LoRAs, "
@@ -226,7 +258,14 @@ def main(args) -> int:
     concurrency = tuple(int(x) for x in str(args.concurrency).split(",") if x.strip())
     low, _, high = str(args.stream_tokens).partition(",")
     result = run_concurrency_bench(
-        args.model or "default", args.device, args.dtype, concurrency, (int(low), int(high or low)), args.rank, log
+        args.model or "default",
+        args.device,
+        args.dtype,
+        concurrency,
+        (int(low), int(high or low)),
+        args.rank,
+        log,
+        rounds=max(1, args.rounds),
     )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0

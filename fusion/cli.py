@@ -356,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stream-tokens", default="64,128", help="with --concurrency: new tokens per stream, min,max")
     p.add_argument("--rank", type=int, default=8, help="with --concurrency: rank of the random LoRAs")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --concurrency: rounds of the three paths; ratios are medians of per-round ratios",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
