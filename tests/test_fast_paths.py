@@ -202,23 +202,34 @@ def test_concurrent_unmerged_requests_do_not_wait(engine):
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
-def test_mixlora_one_token_path_equals_the_expert_loop():
-    from fusion.methods.mixlora_ffn import routed_ffn
+@pytest.mark.parametrize("modules", [("gate_proj", "up_proj", "down_proj"), ("up_proj",), ("down_proj",), ()])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_mixlora_few_token_path_equals_the_expert_loop(monkeypatch, modules, tokens):
+    """The dense path for a few tokens (all experts' factors side by side, the chosen ones kept
+    by a mask) against the per-expert loop that larger batches take, with any subset of the
+    three projections carrying expert LoRAs."""
+    from fusion.methods import mixlora_ffn
+    from fusion.methods.mixlora_ffn import LayerExperts, routed_ffn
 
     model = tiny_model(seed=9, layers=1)
     mlp = model.model.layers[0].mlp
     g = torch.Generator().manual_seed(1)
     E, r, d, f = 6, 3, 32, mlp.gate_proj.out_features
-    experts = {
-        "gate_proj": (torch.randn(E, r, d, generator=g), torch.randn(E, f, r, generator=g)),
-        "up_proj": (torch.randn(E, r, d, generator=g), torch.randn(E, f, r, generator=g)),
-        "down_proj": (torch.randn(E, r, f, generator=g), torch.randn(E, d, r, generator=g)),
-    }
+    shapes = {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+    experts = LayerExperts(
+        {
+            name: (torch.randn(E, r, shapes[name][0], generator=g), torch.randn(E, shapes[name][1], r, generator=g))
+            for name in modules
+        }
+    )
     router = torch.randn(E, d, generator=g)
-    x = torch.randn(1, 1, d, generator=g)
+    x = torch.randn(1, tokens, d, generator=g)
     fast, _, _, chosen = routed_ffn(x, mlp, router, experts, 2, mlp.act_fn)
-    # The same token inside a batch of three takes the general (per-expert loop) path.
-    batch = torch.cat([x, torch.randn(1, 2, d, generator=g)], dim=1)
-    loop, _, _, _ = routed_ffn(batch, mlp, router, experts, 2, mlp.act_fn)
-    torch.testing.assert_close(fast[0, 0], loop[0, 0], atol=1e-5, rtol=1e-5)
-    assert chosen.shape == (1, 2)
+    assert experts._stacked is not None or not modules  # the dense path ran
+    plain, _, _, _ = routed_ffn(x, mlp, router, dict(experts), 2, mlp.act_fn)  # stacked on the fly
+    monkeypatch.setattr(mixlora_ffn, "GATHER_LIMIT", 0)
+    loop, _, _, chosen_loop = routed_ffn(x, mlp, router, experts, 2, mlp.act_fn)
+    assert torch.equal(chosen, chosen_loop) and chosen.shape == (tokens, 2)
+    scale = loop.abs().max()
+    torch.testing.assert_close(fast / scale, loop / scale, atol=1e-6, rtol=0)
+    assert torch.equal(fast, plain)
