@@ -11,11 +11,12 @@ results agree with `F.linear` to float32 rounding (a different order of the sums
 1e-4 on outputs of magnitude ~25.
 
 The price is one packed copy of every projection the step reads (the model's linear weights
-again: ~540 MB for SmolLM2-135M in float32), made on first use (~0.5 s for that model).
+again: ~540 MB for SmolLM2-135M in float32), made on first use.
 Weights a merge swaps in (`runtime.merged_into` marks them) are not packed: they live for one
 merge, and packing them would add ~0.3 s to every switch; they run through `F.linear`, as
 does everything when packing is off: on other devices, without oneDNN, for weights that are
-not float32 or bfloat16, above `MAX_PACKED_BYTES`, or with LORA_STUDIO_PACKED_WEIGHTS=0.
+not float32 (other CPU dtypes are not measured), above `MAX_PACKED_BYTES`, or with
+LORA_STUDIO_PACKED_WEIGHTS=0.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .runtime import MERGED_WEIGHT
 
 MAX_PACKED_BYTES = 4 << 30  # one packed copy of the weights, at most
 MIN_ROWS = 2  # one token is a matrix-vector product: MKL's is as fast (see above)
+PACK_AFTER = 3  # forwards of two or more rows after which a table's factor is packed
 
 
 class PackedWeights:
@@ -59,19 +61,26 @@ class PackedWeights:
 
 class PackedFactor:
     """x @ A.T for a stacked factor A (R, d_in) of a batch layout's table, which lives as long
-    as the layout and is never modified: packed on its first use with two or more rows. In the
-    8-row mixed decode step of the embedded model (`batch_bench`'s first 8 fusions) the tables'
-    A products packed: 114.6 -> 108.9 ms a step (base rows only: 78.1)."""
+    as the layout and is never modified: packed once it has been used `PACK_AFTER` times with
+    two or more rows, so that a layout that only reads one prompt does not pay for packing its
+    ~120 tables inside that prompt's forward (LoRA-Flow's 128-token prefill was 37 % slower than
+    the base model's when every table was packed on first use). In the 8-row mixed decode step
+    of the embedded model (`batch_bench`'s first 8 fusions) the tables' A products packed:
+    114.6 -> 108.9 ms a step (base rows only: 78.1)."""
 
     def __init__(self, A: torch.Tensor):
         self.A = A
         self._packed: torch.Tensor | None = None
+        self._uses = 0
         self.enabled = _packing_on() and _packable(A)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or x.shape[0] < MIN_ROWS:
             return F.linear(x, self.A)
         if self._packed is None:
+            self._uses += 1
+            if self._uses < PACK_AFTER:
+                return F.linear(x, self.A)
             self._packed = _pack(self.A)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
 
@@ -98,7 +107,7 @@ def _packing_on() -> bool:
 
 
 def _packable(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and weight.dim() == 2
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
 
 
 def _can_pack(model) -> bool:

@@ -9,7 +9,7 @@ from helpers import tiny_model
 
 from fusion.batch_layout import Layout
 from fusion.batched import RowCache, decode_step
-from fusion.packed import PackedFactor, PackedWeights, packed_weights
+from fusion.packed import PACK_AFTER, PackedFactor, PackedWeights, packed_weights
 from fusion.runtime import FusionPlan, LowRankDelta, merged_into
 
 pytestmark = pytest.mark.skipif(not PackedWeights(tiny_model()).enabled, reason="no oneDNN weight packing here")
@@ -38,9 +38,12 @@ def test_packed_factor_of_a_table():
     factor = PackedFactor(A)
     x = torch.randn(1, 72)
     assert torch.equal(factor(x), F.linear(x, A)) and factor._packed is None
-    for rows in (2, 8, 33):
+    for use, rows in enumerate((2, 8, 33, 5, 2), 1):
         x = torch.randn(rows, 72)
-        torch.testing.assert_close(factor(x), F.linear(x, A), rtol=0, atol=1e-5)
+        got = factor(x)
+        if use < PACK_AFTER:  # not packed yet: the plain product
+            assert torch.equal(got, F.linear(x, A)) and factor._packed is None
+        torch.testing.assert_close(got, F.linear(x, A), rtol=0, atol=1e-5)
     assert factor._packed is not None
 
 
