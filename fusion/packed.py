@@ -21,6 +21,8 @@ LORA_STUDIO_PACKED_WEIGHTS=0.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -99,11 +101,22 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _packing_on() -> bool:
-    return (
-        int_env("LORA_STUDIO_PACKED_WEIGHTS", 1) != 0
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+    return int_env("LORA_STUDIO_PACKED_WEIGHTS", 1) != 0 and _packing_works()
+
+
+@functools.cache
+def _packing_works() -> bool:
+    """Whether this build and CPU pack and multiply correctly: a tiny product is tried once (the
+    ops exist in builds where they can still fail at run time, e.g. on other architectures)."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    try:
+        weight = torch.arange(12.0).reshape(3, 4) / 7
+        x = torch.linspace(-1.0, 1.0, 8).reshape(2, 4)
+        got = torch.ops.mkldnn._linear_pointwise(x, _pack(weight), None, "none", [], "")
+    except (RuntimeError, NotImplementedError):
+        return False
+    return bool(torch.allclose(got, F.linear(x, weight), rtol=0, atol=1e-5))
 
 
 def _packable(weight: torch.Tensor) -> bool:

@@ -99,3 +99,22 @@ def test_decode_step_with_and_without_packing(monkeypatch):
     for logits, step in results:
         torch.testing.assert_close(logits, torch.stack(reference), rtol=0, atol=1e-4)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-4)
+
+
+def test_a_build_that_cannot_pack_falls_back_to_linear(monkeypatch):
+    """Where the packing ops exist but fail (another architecture), nothing is packed."""
+    from fusion import packed
+
+    def broken(weight):
+        raise RuntimeError("no packed format on this CPU")
+
+    monkeypatch.setattr(packed, "_pack", broken)
+    packed._packing_works.cache_clear()
+    try:
+        model = tiny_model(seed=5)
+        store = PackedWeights(model)
+        assert not store.enabled and not PackedFactor(torch.randn(8, 32)).enabled
+        x = torch.randn(4, 32)
+        assert torch.equal(store.linear(x, model.lm_head), F.linear(x, model.lm_head.weight))
+    finally:
+        packed._packing_works.cache_clear()
