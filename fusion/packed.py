@@ -51,11 +51,11 @@ class PackedWeights:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
     def _packed(self, weight: torch.Tensor) -> torch.Tensor | None:
-        if getattr(weight, MERGED_WEIGHT, False) or not _packable(weight):
-            return None
         entry = self._entries.get(id(weight))
         if entry is not None and entry[0] is weight and entry[1] == weight._version:
             return entry[2]
+        if getattr(weight, MERGED_WEIGHT, False) or not _packable(weight):
+            return None
         packed = _pack(weight)
         self._entries[id(weight)] = (weight, weight._version, packed)
         return packed

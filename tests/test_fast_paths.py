@@ -227,7 +227,7 @@ def test_mixlora_few_token_path_equals_the_expert_loop(monkeypatch, modules, tok
     fast, _, _, chosen = routed_ffn(x, mlp, router, experts, 2, mlp.act_fn)
     assert experts._stacked is not None or not modules  # the dense path ran
     plain, _, _, _ = routed_ffn(x, mlp, router, dict(experts), 2, mlp.act_fn)  # stacked on the fly
-    monkeypatch.setattr(mixlora_ffn, "GATHER_LIMIT", 0)
+    monkeypatch.setattr(mixlora_ffn, "FEW_PAIRS", 0)
     loop, _, _, chosen_loop = routed_ffn(x, mlp, router, experts, 2, mlp.act_fn)
     assert torch.equal(chosen, chosen_loop) and chosen.shape == (tokens, 2)
     scale = loop.abs().max()

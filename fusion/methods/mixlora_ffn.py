@@ -71,8 +71,8 @@ def expert_mixture(
     probs = torch.softmax(logits, dim=-1)
     top_p, chosen = probs.topk(top_k, dim=-1)  # (N, k)
     top_p = (top_p / top_p.sum(dim=-1, keepdim=True)).to(flat.dtype)
-    if dropout == 0.0 and flat.shape[0] * top_k <= GATHER_LIMIT:
-        mixed, down = _gathered_mixture(flat, gate, up, experts, chosen, top_p, act)
+    if dropout == 0.0 and flat.shape[0] * top_k <= FEW_PAIRS:
+        mixed, down = _masked_mixture(flat, gate, up, experts, chosen, top_p, act)
         return mixed, down, logits, probs, chosen
     mixed = torch.zeros_like(gate)  # (N, f): sum_e p_hat_e m_e
     down_delta = None
@@ -97,12 +97,13 @@ def expert_mixture(
     return mixed, down_delta, logits, probs, chosen
 
 
-GATHER_LIMIT = 64  # token-expert pairs up to which the dense path below is taken
+FEW_PAIRS = 64  # token-expert pairs up to which the dense path below is taken
 
 
 class LayerExperts(dict):
     """module -> (A (E, r, d_in), B (E, d_out, r)) of one layer's experts, plus the stacked
-    forms `_gathered_mixture` reads, made on first use and kept (the factors never change)."""
+    forms `_masked_mixture` reads, made on first use and kept (a plan's factors do not change;
+    training builds a new plan for every step)."""
 
     _stacked: dict | None = None
 
@@ -126,7 +127,7 @@ def _stack(experts: dict) -> dict:
     return out
 
 
-def _gathered_mixture(flat, gate, up, experts, chosen, weights, act):
+def _masked_mixture(flat, gate, up, experts, chosen, weights, act):
     """Fast path for a few tokens (decoding, one token per row), with no per-expert Python loop
     and no token indexing. Every expert's A reads the token in one matmul; a mask keeps, for each
     (token, pick), the ranks of the chosen expert, and one matmul with all experts' B side by side
