@@ -23,54 +23,85 @@ GROUPS = SHARED_INPUTS[:1] + (("o_proj",),) + SHARED_INPUTS[1:] + (("down_proj",
 
 
 def _entries(delta, dynamic: bool):
-    """(key, A (r, d_in), B (d_out, r), coefficient, slot per rank (r,) or None) of one delta.
+    """(key, A (r, d_in), B (d_out, r), coefficient, slot per rank: a list of r, or None) of one
+    delta.
 
     Deltas built from adapters name their parts: those share the adapter's own factors (key:
     the factors object). Anything else is one entry of its own with coefficient 1."""
     if delta.parts:
         for factors, coef, slot in delta.parts:
-            slots = torch.full((factors.rank,), slot, dtype=torch.long) if dynamic else None
-            yield id(factors), factors.A, factors.B, float(coef), slots
+            yield id(factors), factors.A, factors.B, float(coef), [int(slot)] * factors.rank if dynamic else None
         return
     if isinstance(delta, GroupMember):
         A, B = delta_factors(delta)
         slots = delta.group.slot_of_rank
-        slots = None if slots is None else slots[delta.start : delta.end]
+        slots = None if slots is None else slots[delta.start : delta.end].tolist()
         yield (id(delta.group), delta.start), A, B, 1.0, slots
     else:  # a dynamic delta keeps its per-rank slots; its fixed factor, if any, goes into B
-        yield id(delta), delta.A, (delta.B if delta.coef is None else delta.B * delta.coef), 1.0, delta.slot_of_rank
+        slots = None if delta.slot_of_rank is None else delta.slot_of_rank.tolist()
+        yield id(delta), delta.A, (delta.B if delta.coef is None else delta.B * delta.coef), 1.0, slots
 
 
 @dataclass
 class Table:
-    """The deltas of the projections of one layer that read the same input, for all rows. A row
-    that uses none of them has coefficients 0: it adds exact zeros, which costs less than
-    selecting the rows that use the table (the factors are read either way)."""
+    """The deltas of the projections of one layer that read the same input, for all rows: the
+    stacked factors. Each row's coefficients over their ranks are kept per layer (`LayerTables`)."""
 
     A: PackedFactor  # x @ A.T, A (R, d_in): every entry's A, module after module
     members: list  # (module, start, end, B transposed: (end - start, d_out), contiguous)
-    coef: torch.Tensor  # (N, R) fixed coefficient of each rank for each row
-    slots: torch.Tensor | None  # (N, R) column of the row's gate table scaling each rank (0: none)
+    width: int  # R
 
-    def select(self, keep: torch.Tensor) -> Table | None:
-        """This table for the rows `keep` (old indices, in order) of its batch; None if none of
-        them uses it. The factors are not rebuilt: columns no kept row uses stay, with
-        coefficient 0, until the next rebuild."""
-        coef = self.coef.index_select(0, keep)
-        if not bool(coef.any()):
-            return None
-        return Table(self.A, self.members, coef, None if self.slots is None else self.slots.index_select(0, keep))
-
-    def apply(self, x: torch.Tensor, ys: dict, gates: torch.Tensor | None) -> None:
-        """x (N, d_in); ys: module -> (N, d_out), updated in place; gates (N, 1 + S)."""
-        h = self.A(x).mul_(self.coef)  # (N, R)
-        if self.slots is not None and gates is not None:
-            h.mul_(gates.gather(1, self.slots))
+    def apply(self, x: torch.Tensor, ys: dict, scale: torch.Tensor) -> None:
+        """x (N, d_in); ys: module -> (N, d_out), updated in place; scale (N, R) per rank."""
+        h = self.A(x).mul_(scale)  # (N, R)
         for name, start, end, Bt in self.members:
             ys[name].addmm_(h[:, start:end], Bt)  # ys holds each projection's own fresh output
 
 
-def build_table(layer: int, names: tuple[str, ...], plans: list[FusionPlan], device, dtype) -> Table | None:
+@dataclass
+class LayerTables:
+    """One layer's tables (q/k/v; o; gate/up; down; None where no row has deltas) and every
+    row's coefficients over all their ranks side by side, so that one gather and one multiply per
+    layer give the per-rank scales of every table. A row that uses a table's entries nowhere has
+    coefficients 0 there: it adds exact zeros, which costs less than selecting the rows that use
+    the table (the factors are read either way)."""
+
+    tables: list  # Table | None per group of GROUPS
+    offsets: list[int]  # each table's first column in coef and slots
+    coef: torch.Tensor  # (N, W) fixed coefficient of each rank for each row
+    slots: torch.Tensor | None  # (N, W) column of the row's gate table scaling each rank (0: none)
+
+    def __getitem__(self, group: int) -> Table | None:
+        return self.tables[group]
+
+    def scales(self, gates: torch.Tensor | None) -> torch.Tensor:
+        """(N, W): coefficient times, for LoRA-Flow rows, the gate weight of the rank's slot."""
+        if self.slots is None or gates is None:
+            return self.coef
+        return gates.gather(1, self.slots).mul_(self.coef)
+
+    def apply(self, group: int, x: torch.Tensor, ys: dict, scales: torch.Tensor) -> None:
+        table = self.tables[group]
+        if table is not None:
+            start = self.offsets[group]
+            table.apply(x, ys, scales[:, start : start + table.width])
+
+    def select(self, keep: torch.Tensor) -> LayerTables | None:
+        """These tables for the rows `keep` (old indices, in order) of their batch; None if none
+        of them uses any. The factors are not rebuilt: columns no kept row uses stay, with
+        coefficient 0, until the next rebuild; a table no kept row uses is dropped."""
+        coef = self.coef.index_select(0, keep)
+        tables = [
+            None if t is None or not bool(coef[:, o : o + t.width].any()) else t
+            for t, o in zip(self.tables, self.offsets)
+        ]
+        if all(t is None for t in tables):
+            return None
+        return LayerTables(tables, self.offsets, coef, None if self.slots is None else self.slots.index_select(0, keep))
+
+
+def _build_table(layer: int, names: tuple[str, ...], plans: list[FusionPlan], device, dtype):
+    """(Table, coef (N, R), slots (N, R)) for one group of modules, or None."""
     n = len(plans)
     columns: dict = {}  # (module, key) -> (start, end)
     As, members, assigned = [], [], []  # assigned: (row, start, end, coef, slots)
@@ -91,17 +122,37 @@ def build_table(layer: int, names: tuple[str, ...], plans: list[FusionPlan], dev
                     Bs.append(B.to(device, dtype))
                 assigned.append((row, *span, coef, slots))
         if Bs:
-            members.append((name, start_of_module, width, torch.cat(Bs, 1).t().contiguous()))
+            members.append((name, start_of_module, width, torch.cat([B.t() for B in Bs])))
     if not As:
         return None
-    coef = torch.zeros(n, width)
-    slots = torch.zeros((n, width), dtype=torch.long)  # 0: the constant-1 column
+    coef = [[0.0] * width for _ in range(n)]  # built as lists: indexing tensors here cost ~1 ms a layer
+    slots = [[0] * width for _ in range(n)]  # 0: the constant-1 column
     for row, start, end, c, s in assigned:
-        coef[row, start:end] = c
+        coef[row][start:end] = [c] * (end - start)
         if s is not None:
-            slots[row, start:end] = s + 1
+            slots[row][start:end] = [x + 1 for x in s]
+    coef, slots = torch.tensor(coef), torch.tensor(slots, dtype=torch.long)
+    return Table(PackedFactor(torch.cat(As, 0)), members, width), coef, slots
+
+
+def build_tables(layer: int, plans: list[FusionPlan], device, dtype) -> LayerTables | None:
+    """The tables of one layer for rows computing with `plans`, or None if no row has deltas."""
+    built = [_build_table(layer, names, plans, device, dtype) for names in GROUPS]
+    if all(b is None for b in built):
+        return None
+    offsets, width = [], 0
+    for b in built:
+        offsets.append(width)
+        width += 0 if b is None else b[0].width
+    coef = torch.cat([b[1] for b in built if b is not None], 1)
+    slots = torch.cat([b[2] for b in built if b is not None], 1)
     dynamic = bool((slots > 0).any())
-    return Table(PackedFactor(torch.cat(As, 0)), members, coef.to(device, dtype), slots.to(device) if dynamic else None)
+    return LayerTables(
+        [None if b is None else b[0] for b in built],
+        offsets,
+        coef.to(device, dtype),
+        slots.to(device) if dynamic else None,
+    )
 
 
 class Layout:
@@ -116,14 +167,14 @@ class Layout:
         layers = model.config.num_hidden_layers
         self.n = self.built_rows = len(plans)
         moe = [i for i, p in enumerate(plans) if p.mlp_override is not None]
-        self.moe_groups: list[tuple[FusionPlan, torch.Tensor, list[int]]] = []
+        self.moe_groups: list[tuple[FusionPlan, torch.Tensor | slice, list[int]]] = []
         for plan in {id(plans[i]): plans[i] for i in moe}.values():
             if plan.experts is None:
                 raise ValueError(f"method {plan.method!r} replaces the FFN but has no expert tensors to batch")
             members = [i for i in moe if plans[i] is plan]
-            self.moe_groups.append((plan, torch.tensor(members, dtype=torch.long, device=device), members))
+            self.moe_groups.append((plan, _rows(members, device), members))
         # MixLoRA plans carry no FFN deltas, so their rows are in no FFN table.
-        self.tables = [[build_table(layer, names, plans, device, dtype) for names in GROUPS] for layer in range(layers)]
+        self.tables = [build_tables(layer, plans, device, dtype) for layer in range(layers)]
         self.flow = [i for i, p in enumerate(plans) if p.layer_gate is not None]
         self.flow_token_rows = None  # in a layout of tokens: each LoRA-Flow token's row in the gate stacks
         if self.flow:
@@ -142,9 +193,9 @@ class Layout:
             chosen = set(members)
             kept = [new for new, old in enumerate(keep) if old in chosen]
             if kept:
-                out.moe_groups.append((plan, torch.tensor(kept, dtype=torch.long, device=self.device), kept))
+                out.moe_groups.append((plan, _rows(kept, self.device), kept))
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        out.tables = [[None if t is None else t.select(index) for t in layer] for layer in self.tables]
+        out.tables = [None if t is None else t.select(index) for t in self.tables]
         if self.flow_token_rows is not None:
             raise ValueError("a layout of tokens cannot be narrowed again")
         flow_at = {old: j for j, old in enumerate(self.flow)}
@@ -214,6 +265,13 @@ class Layout:
         table = x.new_ones(self.n, self.gate_width + 1)
         table.index_copy_(0, self.flow_rows, F.pad(weights, (1, 0), value=1.0))
         return weights, table
+
+
+def _rows(members: list[int], device) -> torch.Tensor | slice:
+    """A group's rows: a slice where they are consecutive (views instead of copies), else an index."""
+    if members == list(range(members[0], members[0] + len(members))):
+        return slice(members[0], members[0] + len(members))
+    return torch.tensor(members, dtype=torch.long, device=device)
 
 
 def layout_for(model, current: tuple[tuple, Layout] | None, plans: list[FusionPlan]) -> tuple[tuple, Layout]:

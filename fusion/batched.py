@@ -104,15 +104,17 @@ def decode_step(
     linear = packed_weights(model).linear
     for index, layer in enumerate(inner.layers):
         tables = layout.tables[index]
-        gates = None
+        gates = scales = None
         if layout.flow:
             weights, gates = layout.gate(index, x)
             gate_log.append(weights)
+        if tables is not None:
+            scales = tables.scales(gates)
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         ys = {name: linear(h, getattr(attn, name)) for name in ("q_proj", "k_proj", "v_proj")}
-        if tables[0] is not None:
-            tables[0].apply(h, ys, gates)
+        if tables is not None:
+            tables.apply(0, h, ys, scales)
         head_dim = attn.head_dim
         q = ys["q_proj"].view(m, -1, 1, head_dim)  # (M, H, 1, hd)
         k = ys["k_proj"].view(m, -1, 1, head_dim)  # (M, kvh, 1, hd)
@@ -121,11 +123,11 @@ def decode_step(
         out = [_attend(attn, q, k, v, cache, index, start, end) for cache, (start, end) in zip(caches, spans)]
         o = torch.cat(out).reshape(m, -1)  # (M, H * hd)
         ys = {"o_proj": linear(o, attn.o_proj)}
-        if tables[1] is not None:
-            tables[1].apply(o, ys, gates)
+        if tables is not None:
+            tables.apply(1, o, ys, scales)
         x = x + ys["o_proj"]
         h = layer.post_attention_layernorm(x)
-        x = x + _mlp(layer.mlp, index, h, tables, gates, layout, sinks, linear)
+        x = x + _mlp(layer.mlp, index, h, tables, scales, layout, sinks, linear)
     if m != len(caches):
         x = x.index_select(0, torch.tensor([end - 1 for _, end in spans], device=x.device))
     logits = linear(inner.norm(x), model.lm_head)  # (N, V)
@@ -163,36 +165,46 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _mlp(mlp, layer: int, h: torch.Tensor, tables, gates, layout: Layout, sinks, linear) -> torch.Tensor:
+def _mlp(mlp, layer: int, h: torch.Tensor, tables, scales, layout: Layout, sinks, linear) -> torch.Tensor:
     """h (N, d) -> (N, d). W_gate h, W_up h and W_down m run once for all rows; plain rows add
     their deltas, MixLoRA rows replace their m by their experts' mixture (W_down is linear)."""
     ys = {name: linear(h, getattr(mlp, name)) for name in ("gate_proj", "up_proj")}
-    if tables[2] is not None:
-        tables[2].apply(h, ys, gates)
+    if tables is not None:
+        tables.apply(2, h, ys, scales)
     m = mlp.act_fn(ys["gate_proj"]) * ys["up_proj"]  # (N, f)
     extra = []
     for (plan, rows, _), sink in zip(layout.moe_groups, sinks):
         routers, experts, top_k, act = plan.experts
         mixed, down, _, probs, chosen = expert_mixture(
-            h.index_select(0, rows),
-            ys["gate_proj"].index_select(0, rows),
-            ys["up_proj"].index_select(0, rows),
+            _take(h, rows),
+            _take(ys["gate_proj"], rows),
+            _take(ys["up_proj"], rows),
             routers[layer],
             experts.get(layer, {}),
             top_k,
             act or mlp.act_fn,
         )
-        m.index_copy_(0, rows, mixed)
+        if isinstance(rows, slice):
+            m[rows] = mixed
+        else:
+            m.index_copy_(0, rows, mixed)
         sink.on_router(layer, probs, chosen)
         if down is not None:
             extra.append((rows, down))
     ys = {"down_proj": linear(m, mlp.down_proj)}
-    if tables[3] is not None:
-        tables[3].apply(m, ys, gates)
+    if tables is not None:
+        tables.apply(3, m, ys, scales)
     y = ys["down_proj"]
     for rows, down in extra:
-        y.index_add_(0, rows, down)
+        if isinstance(rows, slice):
+            y[rows] += down
+        else:
+            y.index_add_(0, rows, down)
     return y
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
 
 
 def _record(layout: Layout, runs: list, gate_log: list, sinks: list, spans: list) -> None:

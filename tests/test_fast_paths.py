@@ -204,10 +204,12 @@ def test_concurrent_unmerged_requests_do_not_wait(engine):
 
 @pytest.mark.parametrize("modules", [("gate_proj", "up_proj", "down_proj"), ("up_proj",), ("down_proj",), ()])
 @pytest.mark.parametrize("tokens", [1, 5])
-def test_mixlora_few_token_path_equals_the_expert_loop(monkeypatch, modules, tokens):
-    """The dense path for a few tokens (all experts' factors side by side, the chosen ones kept
-    by a mask) against the per-expert loop that larger batches take, with any subset of the
-    three projections carrying expert LoRAs."""
+@pytest.mark.parametrize("path", ["picked", "masked"])
+def test_mixlora_few_token_paths_equal_the_expert_loop(monkeypatch, modules, tokens, path):
+    """The two paths for a few tokens against the per-expert loop that larger batches take, with
+    any subset of the three projections carrying expert LoRAs: each pick reading its own
+    expert's factors (`picked`), and all experts' factors side by side, the chosen ones kept by
+    a mask (`masked`)."""
     from fusion.methods import mixlora_ffn
     from fusion.methods.mixlora_ffn import LayerExperts, routed_ffn
 
@@ -224,12 +226,28 @@ def test_mixlora_few_token_path_equals_the_expert_loop(monkeypatch, modules, tok
     )
     router = torch.randn(E, d, generator=g)
     x = torch.randn(1, tokens, d, generator=g)
+    taken = []
+    for name in ("_picked_mixture", "_masked_mixture"):
+        monkeypatch.setattr(mixlora_ffn, name, _recording(getattr(mixlora_ffn, name), name, taken))
+    monkeypatch.setattr(mixlora_ffn, "PICKED_SHARE", 100.0 if path == "picked" else 0.0)
     fast, _, _, chosen = routed_ffn(x, mlp, router, experts, 2, mlp.act_fn)
-    assert experts._stacked is not None or not modules  # the dense path ran
+    assert taken == [f"_{path}_mixture"]
+    assert experts._stacked is not None or not modules  # the stacked forms were made and kept
     plain, _, _, _ = routed_ffn(x, mlp, router, dict(experts), 2, mlp.act_fn)  # stacked on the fly
     monkeypatch.setattr(mixlora_ffn, "FEW_PAIRS", 0)
+    monkeypatch.setattr(mixlora_ffn, "PICKED_SHARE", 0.0)
     loop, _, _, chosen_loop = routed_ffn(x, mlp, router, experts, 2, mlp.act_fn)
+    assert len(taken) == 2  # the loop took neither path
     assert torch.equal(chosen, chosen_loop) and chosen.shape == (tokens, 2)
     scale = loop.abs().max()
     torch.testing.assert_close(fast / scale, loop / scale, atol=1e-6, rtol=0)
     assert torch.equal(fast, plain)
+
+
+def _recording(fn, name, taken):
+    def wrapper(*args):
+        taken.append(name)
+        return fn(*args)
+
+    return wrapper
+

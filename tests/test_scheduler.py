@@ -204,15 +204,20 @@ def test_an_adapter_shared_by_fusions_is_one_table_entry(studio, requests):
     engine = studio.engine
     plans = [engine.plan(requests[n]) for n in ("single", "linear", "flow2", "ties", "base")]
     layout = Layout(engine.model, plans)
-    qkv = layout.tables[0][0]
+    tables = layout.tables[0]
+    qkv = tables[0]
     rank = 4  # lang-a and task-b are rank 4; TIES keeps the common rank
     # per module: lang-a, task-b, TIES -> 3 entries of rank 4, for q, k and v
-    assert qkv.A.A.shape[0] == 3 * 3 * rank
-    assert qkv.coef.shape == (5, 3 * 3 * rank)
-    assert not qkv.coef[4].any()  # the base row adds exact zeros
-    assert qkv.coef[:4].any(dim=1).all()
+    assert qkv.A.A.shape[0] == qkv.width == 3 * 3 * rank
+    assert tables.offsets[0] == 0
+    coef = tables.coef[:, : qkv.width]
+    assert coef.shape == (5, 3 * 3 * rank)
+    assert not coef[4].any()  # the base row adds exact zeros
+    assert coef[:4].any(dim=1).all()
+    # o, gate/up and down follow, each with the same three entries per module
+    assert tables.offsets == [0, 9 * rank, 12 * rank, 18 * rank] and tables.coef.shape == (5, 21 * rank)
     only_base = Layout(engine.model, [engine.plan(FusionRequest())] * 3)
-    assert all(t is None for layer in only_base.tables for t in layer)
+    assert all(t is None for t in only_base.tables)
 
 
 def collect(stream):
