@@ -250,4 +250,3 @@ def _recording(fn, name, taken):
         return fn(*args)
 
     return wrapper
-
