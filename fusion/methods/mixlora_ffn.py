@@ -121,12 +121,23 @@ class LayerExperts(dict):
 def _stack(experts: dict) -> dict:
     """Per module B as (E, r, d_out) (row j of expert e: column j of its B), and A of gate and
     up as one (E, P r, d_in) block per expert (P: how many of the two carry experts), so that
-    one matmul reads both, for all experts or for one; down's A stays (E, r, f)."""
+    one matmul reads both, for all experts or for one; down's A stays (E, r, f). "experts" holds
+    the views `_picked_mixture` reads of each expert (views: no copies, and indexing a list
+    costs no tensor operation)."""
     out = {name: B.transpose(1, 2).contiguous() for name, (_, B) in experts.items()}
     inputs = [name for name in ("gate_proj", "up_proj") if name in experts]
     if inputs:
         out["A_in"] = torch.cat([experts[name][0] for name in inputs], 1) if len(inputs) > 1 else experts[inputs[0]][0]
         out["inputs"] = inputs
+    num_experts = next(iter(experts.values()))[0].shape[0]
+    out["experts"] = [
+        {
+            "A_in": out["A_in"][e].t() if inputs else None,  # (d, P r)
+            **{name: out[name][e] for name in inputs},  # (r, f)
+            "down": (experts["down_proj"][0][e].t(), out["down_proj"][e]) if "down_proj" in experts else None,
+        }
+        for e in range(num_experts)
+    ]
     return out
 
 
@@ -183,27 +194,30 @@ def _picked_mixture(flat, gate, up, experts, chosen, weights, act):
         return (act(gate) * up) * weights.sum(1, keepdim=True), None
     st = _stacked(experts)
     rank = next(iter(experts.values()))[0].shape[1]
-    picks = chosen.tolist()
-    g, u = gate.repeat_interleave(k, 0), up.repeat_interleave(k, 0)  # (n k, f), row i k + p
+    per, picks = st["experts"], chosen.tolist()
+    f = gate.shape[-1]
+    g = gate.unsqueeze(1).expand(n, k, f).contiguous().view(n * k, f)  # (n k, f), row i k + p: copies
+    u = up.unsqueeze(1).expand(n, k, f).contiguous().view(n * k, f)
     if "inputs" in st:
+        outs = {"gate_proj": g, "up_proj": u}
         for i in range(n):
             for p, e in enumerate(picks[i]):
                 j = i * k + p
-                t = F.linear(flat[i : i + 1], st["A_in"][e])  # (1, P r)
+                t = torch.mm(flat[i : i + 1], per[e]["A_in"])  # (1, P r)
                 for q, name in enumerate(st["inputs"]):
-                    out = g if name == "gate_proj" else u
-                    out[j : j + 1].addmm_(t[:, q * rank : (q + 1) * rank], st[name][e])
+                    outs[name][j : j + 1].addmm_(t[:, q * rank : (q + 1) * rank], per[e][name])
     m = act(g) * u  # (n k, f)
     w = weights.reshape(n, k, 1)
     mixed = (m.view(n, k, -1) * w).sum(1)  # (n, f)
     down = None
     if "down_proj" in st:
-        A, B = experts["down_proj"][0], st["down_proj"]
-        t = torch.cat([F.linear(m[j : j + 1], A[e]) for j, e in enumerate(sum(picks, []))])  # (n k, r)
-        t = t.view(n, k, rank).mul_(w).view(n * k, rank)
-        down = flat.new_zeros(n, B.shape[-1])
-        for j, e in enumerate(sum(picks, [])):
-            down[j // k : j // k + 1].addmm_(t[j : j + 1], B[e])
+        down = flat.new_zeros(n, st["down_proj"].shape[-1])  # (n, d)
+        ws = weights.tolist()
+        for i in range(n):
+            for p, e in enumerate(picks[i]):
+                A_t, B = per[e]["down"]
+                j = i * k + p
+                down[i : i + 1].addmm_(torch.mm(m[j : j + 1], A_t), B, alpha=ws[i][p])
     return mixed, down
 
 
