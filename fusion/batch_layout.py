@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .packed import PackedFactor
 from .runtime import SHARED_INPUTS, FusionPlan, GroupMember, delta_factors
 
 GROUPS = SHARED_INPUTS[:1] + (("o_proj",),) + SHARED_INPUTS[1:] + (("down_proj",),)
@@ -47,13 +46,16 @@ class Table:
     """The deltas of the projections of one layer that read the same input, for all rows: the
     stacked factors. Each row's coefficients over their ranks are kept per layer (`LayerTables`)."""
 
-    A: PackedFactor  # x @ A.T, A (R, d_in): every entry's A, module after module
+    A: torch.Tensor  # (R, d_in): every entry's A, module after module
     members: list  # (module, start, end, B transposed: (end - start, d_out), contiguous)
     width: int  # R
 
     def apply(self, x: torch.Tensor, ys: dict, scale: torch.Tensor) -> None:
-        """x (N, d_in); ys: module -> (N, d_out), updated in place; scale (N, R) per rank."""
-        h = self.A(x).mul_(scale)  # (N, R)
+        """x (N, d_in); ys: module -> (N, d_out), updated in place; scale (N, R) per rank. A is
+        read unpacked: an 8-row step with A packed for oneDNN (`packed`) was slower, 0.709
+        against 0.731 of the base step's speed (4 interleaved pairs on the 2-core AMD EPYC host;
+        oneDNN pays ~20 us a call, more than a (144 x 576) product saves)."""
+        h = F.linear(x, self.A).mul_(scale)  # (N, R)
         for name, start, end, Bt in self.members:
             ys[name].addmm_(h[:, start:end], Bt)  # ys holds each projection's own fresh output
 
@@ -132,7 +134,7 @@ def _build_table(layer: int, names: tuple[str, ...], plans: list[FusionPlan], de
         if s is not None:
             slots[row][start:end] = [x + 1 for x in s]
     coef, slots = torch.tensor(coef), torch.tensor(slots, dtype=torch.long)
-    return Table(PackedFactor(torch.cat(As, 0)), members, width), coef, slots
+    return Table(torch.cat(As, 0), members, width), coef, slots
 
 
 def build_tables(layer: int, plans: list[FusionPlan], device, dtype) -> LayerTables | None:

@@ -31,7 +31,6 @@ from .runtime import MERGED_WEIGHT
 
 MAX_PACKED_BYTES = 4 << 30  # one packed copy of the weights, at most
 MIN_ROWS = 2  # one token is a matrix-vector product: MKL's is as fast (see above)
-PACK_AFTER = 3  # forwards of two or more rows after which a table's factor is packed
 
 
 class PackedWeights:
@@ -59,32 +58,6 @@ class PackedWeights:
         packed = _pack(weight)
         self._entries[id(weight)] = (weight, weight._version, packed)
         return packed
-
-
-class PackedFactor:
-    """x @ A.T for a stacked factor A (R, d_in) of a batch layout's table, which lives as long
-    as the layout and is never modified: packed once it has been used `PACK_AFTER` times with
-    two or more rows, so that a layout that only reads one prompt does not pay for packing its
-    ~120 tables inside that prompt's forward (LoRA-Flow's 128-token prefill was 37 % slower than
-    the base model's when every table was packed on first use). In the 8-row mixed decode step
-    of the embedded model (`batch_bench`'s first 8 fusions) the tables' A products packed:
-    114.6 -> 108.9 ms a step (base rows only: 78.1)."""
-
-    def __init__(self, A: torch.Tensor):
-        self.A = A
-        self._packed: torch.Tensor | None = None
-        self._uses = 0
-        self.enabled = _packing_on() and _packable(A)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled or x.shape[0] < MIN_ROWS:
-            return F.linear(x, self.A)
-        if self._packed is None:
-            self._uses += 1
-            if self._uses < PACK_AFTER:
-                return F.linear(x, self.A)
-            self._packed = _pack(self.A)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
 
 
 def packed_weights(model) -> PackedWeights:

@@ -9,7 +9,7 @@ from helpers import tiny_model
 
 from fusion.batch_layout import Layout
 from fusion.batched import RowCache, decode_step
-from fusion.packed import PACK_AFTER, PackedFactor, PackedWeights, packed_weights
+from fusion.packed import PackedWeights, packed_weights
 from fusion.runtime import FusionPlan, LowRankDelta, merged_into
 
 pytestmark = pytest.mark.skipif(not PackedWeights(tiny_model()).enabled, reason="no oneDNN weight packing here")
@@ -30,21 +30,6 @@ def test_packed_projection_equals_linear_for_any_number_of_rows():
         # float32 rounding of a different summation order; outputs are of magnitude ~1
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert len(store._entries) == 1  # packed once, reused for every row count
-
-
-def test_packed_factor_of_a_table():
-    torch.manual_seed(4)
-    A = torch.randn(40, 72)
-    factor = PackedFactor(A)
-    x = torch.randn(1, 72)
-    assert torch.equal(factor(x), F.linear(x, A)) and factor._packed is None
-    for use, rows in enumerate((2, 8, 33, 5, 2), 1):
-        x = torch.randn(rows, 72)
-        got = factor(x)
-        if use < PACK_AFTER:  # not packed yet: the plain product
-            assert torch.equal(got, F.linear(x, A)) and factor._packed is None
-        torch.testing.assert_close(got, F.linear(x, A), rtol=0, atol=1e-5)
-    assert factor._packed is not None
 
 
 def test_a_weight_changed_in_place_is_packed_again():
@@ -113,7 +98,7 @@ def test_a_build_that_cannot_pack_falls_back_to_linear(monkeypatch):
     try:
         model = tiny_model(seed=5)
         store = PackedWeights(model)
-        assert not store.enabled and not PackedFactor(torch.randn(8, 32)).enabled
+        assert not store.enabled
         x = torch.randn(4, 32)
         assert torch.equal(store.linear(x, model.lm_head), F.linear(x, model.lm_head.weight))
     finally:

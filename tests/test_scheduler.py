@@ -208,7 +208,7 @@ def test_an_adapter_shared_by_fusions_is_one_table_entry(studio, requests):
     qkv = tables[0]
     rank = 4  # lang-a and task-b are rank 4; TIES keeps the common rank
     # per module: lang-a, task-b, TIES -> 3 entries of rank 4, for q, k and v
-    assert qkv.A.A.shape[0] == qkv.width == 3 * 3 * rank
+    assert qkv.A.shape[0] == qkv.width == 3 * 3 * rank
     assert tables.offsets[0] == 0
     coef = tables.coef[:, : qkv.width]
     assert coef.shape == (5, 3 * 3 * rank)
