@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from .bench import NoStopTokenizer, write_random_lora, write_random_mixlora
+from .bench import NoStopTokenizer
 from .engine import Engine, FusionRequest
 from .generate import Sampling, stream_tokens
+from .random_adapters import write_random_lora, write_random_mixlora
 from .runtime import Run, merged_into
 
 TOPICS = [
