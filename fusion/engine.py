@@ -26,6 +26,8 @@ from .safe_io import atomic_folder
 from .scheduler import Scheduler
 from .training import TrainConfig, encode_chat, parse_records, tokenize_records
 
+MERGE_WAIT_S = 2.0  # how long a merge waits for the model (the scheduler lets go of it between replies)
+
 
 def clean_text(text: str, what: str = "message") -> str:
     """Drop control characters (keeping newlines and tabs); refuse empty or oversized text."""
@@ -182,7 +184,8 @@ class Engine(Backend):
         elif merge:
             if not plan.is_static:
                 raise FusionError(f"method {plan.method!r} fuses per token; it cannot be merged into the weights")
-            if not self._model_lock.try_exclusive():
+            # a reply that has just ended gives the model back a moment after its last event
+            if not self._model_lock.try_exclusive(timeout=MERGE_WAIT_S):
                 raise FusionError("the model is busy with other requests; try again when it is idle")
         if merge:
             try:

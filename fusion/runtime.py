@@ -386,9 +386,10 @@ class ModelLock:
             self._readers -= 1
             self._cond.notify_all()
 
-    def try_exclusive(self) -> bool:
+    def try_exclusive(self, timeout: float = 0.0) -> bool:
+        """Hold the model alone if it is free, or becomes free within `timeout` seconds."""
         with self._cond:
-            if self._writer or self._readers:
+            if not self._cond.wait_for(lambda: not (self._writer or self._readers), timeout):
                 return False
             self._writer = True
             return True

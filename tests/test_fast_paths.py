@@ -75,7 +75,10 @@ def test_merged_equals_unmerged_and_restore_is_bit_exact(engine, method, adapter
         assert torch.equal(p, before[name]), name
 
 
-def test_using_merges_a_static_plan_only_into_an_idle_model(engine):
+def test_using_merges_a_static_plan_only_into_an_idle_model(engine, monkeypatch):
+    from fusion import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MERGE_WAIT_S", 0.05)  # the lock is held by this very thread
     static = engine.plan(FusionRequest(["lang-a", "task-b"], "linear"))
     dynamic = engine.plan(FusionRequest(["lang-a", "task-b"], "lora_flow"))
     before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
@@ -106,6 +109,23 @@ def test_using_merges_a_static_plan_only_into_an_idle_model(engine):
         assert running is static
     with engine.using(static, merge=True) as running:  # asked for explicitly (export, benchmarks)
         assert not running.deltas
+
+
+def test_a_merge_waits_for_a_request_that_is_letting_go_of_the_model():
+    """The scheduler gives the model back a moment after a reply's last event: a merge asked for
+    right then (an export, a benchmark's switch) waits for it instead of failing as busy."""
+    import threading
+
+    from fusion.runtime import ModelLock
+
+    lock = ModelLock()
+    lock.acquire_shared()
+    assert not lock.try_exclusive()  # no wait by default
+    threading.Timer(0.05, lock.release_shared).start()
+    assert lock.try_exclusive(timeout=10.0)
+    assert not lock.try_exclusive(timeout=0.05)  # a writer holds it now
+    lock.release_exclusive()
+    assert lock.try_exclusive()
 
 
 @pytest.mark.parametrize("reuse", [True, False])
