@@ -160,9 +160,9 @@ def build_chat_tab(studio: Studio) -> dict:
                     clear = gr.Button("Clear", scale=1, min_width=80, elem_id="clear-btn")
                 examples = chat_examples(engine)
                 example_buttons = []
-                if examples:
+                if examples:  # the note above the row: inside it, it was squeezed into a column of its own
+                    gr.Markdown("Try (each picks the fusion that answers it):", elem_classes=["param-note"])
                     with gr.Row(elem_id="chat-examples"):
-                        gr.Markdown("Try (each picks the fusion that answers it):", elem_classes=["param-note"])
                         for i, example in enumerate(examples):
                             example_buttons.append(
                                 gr.Button(example_label(example), size="sm", elem_id=f"chat-example-{i}")
