@@ -211,13 +211,12 @@ def _picked_mixture(flat, gate, up, experts, chosen, weights, act):
     mixed = (m.view(n, k, -1) * w).sum(1)  # (n, f)
     down = None
     if "down_proj" in st:
+        order = [e for row in picks for e in row]  # pick j = i k + p
+        t = torch.cat([torch.mm(m[j : j + 1], per[e]["down"][0]) for j, e in enumerate(order)])  # (n k, r)
+        t = t * weights.reshape(-1, 1)  # a tensor, not a number: the weights' gradient flows in training
         down = flat.new_zeros(n, st["down_proj"].shape[-1])  # (n, d)
-        ws = weights.tolist()
-        for i in range(n):
-            for p, e in enumerate(picks[i]):
-                A_t, B = per[e]["down"]
-                j = i * k + p
-                down[i : i + 1].addmm_(torch.mm(m[j : j + 1], A_t), B, alpha=ws[i][p])
+        for j, e in enumerate(order):
+            down[j // k : j // k + 1].addmm_(t[j : j + 1], per[e]["down"][1])
     return mixed, down
 
 
