@@ -264,8 +264,9 @@ def test_mixlora_few_token_paths_equal_the_expert_loop(monkeypatch, modules, tok
     assert torch.equal(fast, plain)
 
 
-def test_mixlora_picked_path_gradients_equal_the_expert_loop(monkeypatch):
-    """Training can take the picked path too (a batch of one token): the gradients of the input
+@pytest.mark.parametrize("path", ["picked", "masked"])
+def test_mixlora_few_token_path_gradients_equal_the_expert_loop(monkeypatch, path):
+    """Training can take these paths too (a batch of a few tokens): the gradients of the input
     (through the routing weights as well) and of every expert factor equal the loop's."""
     from fusion.methods import mixlora_ffn
     from fusion.methods.mixlora_ffn import expert_mixture
@@ -285,12 +286,12 @@ def test_mixlora_picked_path_gradients_equal_the_expert_loop(monkeypatch):
     gate, up = torch.randn(2, f, generator=g), torch.randn(2, f, generator=g)
     leaves = [x] + [t for pair in experts.values() for t in pair]
     grads = {}
-    for path, share, few in (("picked", 100.0, 64), ("loop", 0.0, 0)):
+    for name, share, few in ((path, 100.0 if path == "picked" else 0.0, 64), ("loop", 0.0, 0)):
         monkeypatch.setattr(mixlora_ffn, "PICKED_SHARE", share)
         monkeypatch.setattr(mixlora_ffn, "FEW_PAIRS", few)
         mixed, down, *_ = expert_mixture(x, gate, up, router, dict(experts), 2, torch.nn.functional.silu)
-        grads[path] = torch.autograd.grad((mixed * mixed).sum() + down.sum(), leaves)
-    for got, want in zip(grads["picked"], grads["loop"]):
+        grads[name] = torch.autograd.grad((mixed * mixed).sum() + down.sum(), leaves)
+    for got, want in zip(grads[path], grads["loop"]):
         scale = want.abs().max()
         assert scale > 0
         torch.testing.assert_close(got / scale, want / scale, atol=1e-5, rtol=0)
