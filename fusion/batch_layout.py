@@ -73,9 +73,6 @@ class LayerTables:
     coef: torch.Tensor  # (N, W) fixed coefficient of each rank for each row
     slots: torch.Tensor | None  # (N, W) column of the row's gate table scaling each rank (0: none)
 
-    def __getitem__(self, group: int) -> Table | None:
-        return self.tables[group]
-
     def scales(self, gates: torch.Tensor | None) -> torch.Tensor:
         """(N, W): coefficient times, for LoRA-Flow rows, the gate weight of the rank's slot."""
         if self.slots is None or gates is None:

@@ -205,7 +205,7 @@ def test_an_adapter_shared_by_fusions_is_one_table_entry(studio, requests):
     plans = [engine.plan(requests[n]) for n in ("single", "linear", "flow2", "ties", "base")]
     layout = Layout(engine.model, plans)
     tables = layout.tables[0]
-    qkv = tables[0]
+    qkv = tables.tables[0]
     rank = 4  # lang-a and task-b are rank 4; TIES keeps the common rank
     # per module: lang-a, task-b, TIES -> 3 entries of rank 4, for q, k and v
     assert qkv.A.shape[0] == qkv.width == 3 * 3 * rank
