@@ -11,6 +11,7 @@ rows join and narrowed by indexing when rows only leave (`layout_for`).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from .runtime import SHARED_INPUTS, FusionPlan, GroupMember, delta_factors
 
+SOLO_LAYOUTS_KEPT = 4  # one-row layouts kept for reuse (`Layouts`)
 GROUPS = SHARED_INPUTS[:1] + (("o_proj",),) + SHARED_INPUTS[1:] + (("down_proj",),)
 
 
@@ -97,6 +99,14 @@ class LayerTables:
         if all(t is None for t in tables):
             return None
         return LayerTables(tables, self.offsets, coef, None if self.slots is None else self.slots.index_select(0, keep))
+
+    def repeat(self, count: int) -> LayerTables:
+        """These tables of one row for `count` tokens of that row: its coefficients and slots
+        broadcast (views, no copies)."""
+        coef = self.coef.expand(count, -1)
+        return LayerTables(
+            self.tables, self.offsets, coef, None if self.slots is None else self.slots.expand(count, -1)
+        )
 
 
 def _build_table(layer: int, names: tuple[str, ...], plans: list[FusionPlan], device, dtype):
@@ -193,8 +203,13 @@ class Layout:
             kept = [new for new, old in enumerate(keep) if old in chosen]
             if kept:
                 out.moe_groups.append((plan, _rows(kept, self.device), kept))
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        out.tables = [None if t is None else t.select(index) for t in self.tables]
+        if len(set(keep)) == 1 and len(keep) > 1:  # one row's prompt: its coefficients broadcast
+            index = torch.tensor(keep[:1], dtype=torch.long, device=self.device)
+            out.tables = [None if t is None else t.select(index) for t in self.tables]
+            out.tables = [None if t is None else t.repeat(len(keep)) for t in out.tables]
+        else:
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            out.tables = [None if t is None else t.select(index) for t in self.tables]
         if self.flow_token_rows is not None:
             raise ValueError("a layout of tokens cannot be narrowed again")
         flow_at = {old: j for j, old in enumerate(self.flow)}
@@ -294,3 +309,34 @@ def layout_for(model, current: tuple[tuple, Layout] | None, plans: list[FusionPl
         if len(keep) == len(key) and 2 * len(keep) >= old.built_rows:
             return key, old.select(keep)
     return key, Layout(model, plans)
+
+
+class Layouts:
+    """The layout of the running batch, and the last few one-row layouts: a fusion used alone
+    again (a user's next message, or users taking turns) reuses its tables instead of rebuilding
+    them (~17 ms for a LoRA-Flow k=2 row on the embedded model, 4 % of a 128-token prefill). A
+    kept layout holds its plans, so the plan ids in its key cannot be reused by other plans."""
+
+    def __init__(self, keep: int = SOLO_LAYOUTS_KEPT):
+        self.keep = keep
+        self.current: tuple[tuple, Layout] | None = None
+        self.solo: OrderedDict[tuple, Layout] = OrderedDict()
+
+    def get(self, model, plans: list[FusionPlan]) -> Layout:
+        key = tuple(id(p) for p in plans)
+        kept = self.solo.get(key)
+        if kept is not None:
+            self.solo.move_to_end(key)
+            self.current = key, kept
+            return kept
+        self.current = layout_for(model, self.current, plans)
+        layout = self.current[1]
+        if layout.built_rows == 1 and self.keep:
+            self.solo[key] = layout
+            while len(self.solo) > self.keep:
+                self.solo.popitem(last=False)
+        return layout
+
+    def release(self) -> None:
+        """The batch is empty: its layout goes; the one-row layouts stay."""
+        self.current = None

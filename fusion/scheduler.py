@@ -30,7 +30,7 @@ from contextlib import ExitStack
 
 import torch
 
-from .batch_layout import Layout, layout_for
+from .batch_layout import Layouts
 from .batched import RowCache, decode_step, supports
 from .generate import GenerationEvent, Sampling, stop_token_ids, stream_tokens
 from .runtime import FusionPlan, ModelLock, Run, merged_into
@@ -70,7 +70,7 @@ class Scheduler:
         self._held = ExitStack()  # the model lock (shared, or exclusive with a merge) while busy
         self._holding: str | None = None  # None | "shared" | "merged"
         self._merged: tuple[FusionPlan, FusionPlan] | None = None  # (plan, its merged stand-in)
-        self._layout: tuple[tuple, Layout] | None = None
+        self._layouts = Layouts()
         self._closed = False
         _open_schedulers.add(self)
         self.steps = 0  # decode forwards so far (each serves every running row)
@@ -269,12 +269,12 @@ class Scheduler:
     def _forward(self, rows: list[Row], decoding: int) -> None:
         """rows[:decoding] feed their next token, the rest their prompt."""
         plans = [self._compute_plan(r.plan) for r in rows]
-        self._layout = layout_for(self.model, self._layout, plans)
+        layout = self._layouts.get(self.model, plans)
         feeds = [[r.next_token] for r in rows[:decoding]] + [r.prompt_ids for r in rows[decoding:]]
         tokens = torch.tensor([t for feed in feeds for t in feed], dtype=torch.long, device=self.device)
         runs = [r.run if r.record else None for r in rows]
         caches = [r.cache for r in rows]
-        logits = decode_step(self.model, self._layout[1], tokens, caches, runs, [len(f) for f in feeds])  # (N, V)
+        logits = decode_step(self.model, layout, tokens, caches, runs, [len(f) for f in feeds])  # (N, V)
         self.steps += 1
         self.rows_per_step[len(rows)] += 1
         greedy = logits.argmax(-1).tolist()
@@ -353,7 +353,8 @@ class Scheduler:
         if self._holding is not None:
             self._held.close()
             self._held = ExitStack()
-        self._holding, self._merged, self._layout = None, None, None
+        self._holding, self._merged = None, None
+        self._layouts.release()
 
 
 _open_schedulers: weakref.WeakSet[Scheduler] = weakref.WeakSet()

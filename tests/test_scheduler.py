@@ -13,7 +13,7 @@ from app_fixtures import app_engine  # noqa: F401  (fixture)
 from conftest import HIDDEN, LAYERS
 from mixlora_helpers import mixlora_config, mixlora_state, write_mixlora
 
-from fusion.batch_layout import Layout
+from fusion.batch_layout import Layout, Layouts
 from fusion.batched import RowCache, decode_step
 from fusion.engine import FusionRequest
 from fusion.generate import Sampling, stream_tokens
@@ -144,7 +144,10 @@ def assert_batched_equals_solo(
             for layer in theirs:
                 torch.testing.assert_close(mine[layer][0], theirs[layer][0], atol=1e-5, rtol=0)
                 assert torch.equal(mine[layer][1], theirs[layer][1])
-    assert any(rows[n][2].steps for n in names) and any(rows[n][2].router_steps for n in names)
+    if any(p.layer_gate is not None for p in plans.values()):  # the gate weights were compared
+        assert any(rows[n][2].steps for n in names)
+    if any(p.mlp_override is not None for p in plans.values()):  # and the routing
+        assert any(rows[n][2].router_steps for n in names)
     if len(set(budget.values())) > 1:
         assert narrowed > 0
 
@@ -176,6 +179,39 @@ def test_prompts_in_the_batch_forward_equal_solo_prefills(studio, requests):
     budget = {n: 3 + i % 4 for i, n in enumerate(plans)}
     late = {"flow3", "cat", "mixlora (b)", "flow2 (b)"}
     assert_batched_equals_solo(engine.model, plans, prompts, budget, late, LAYERS, prompts_in_batch=True)
+
+
+def test_one_rows_prompt_alone_equals_its_solo_prefill(studio, requests):
+    """A prompt alone in its forward (a lone user's message): its tokens share the row's
+    coefficients as broadcast views, not copies, and the logits and gate weights equal the solo
+    run, for a LoRA-Flow row (gate temperature 1.1), a static one, TIES and MixLoRA."""
+    engine = studio.engine
+    for i, name in enumerate(("flow3", "linear", "ties", "mixlora")):
+        plan = engine.plan(requests[name])
+        tokens = Layout(engine.model, [plan]).select([0] * 9)
+        assert all(t.coef.shape[0] == 9 and t.coef.stride(0) == 0 for t in tokens.tables if t is not None)
+        prompts = {name: prompt(studio, 9 + i, seed=30 + i)}
+        assert_batched_equals_solo(engine.model, {name: plan}, prompts, 3, set(), LAYERS, prompts_in_batch=True)
+
+
+def test_one_row_layouts_are_kept_for_reuse(studio, requests):
+    """The scheduler's layouts: a one-row layout is built once and found again after the batch
+    empties, the least recently used goes beyond `keep`, layouts of several rows are not kept."""
+    engine = studio.engine
+    flow, linear, ties = (engine.plan(requests[n]) for n in ("flow2", "linear", "ties"))
+    layouts = Layouts(keep=2)
+    first = layouts.get(engine.model, [flow])
+    assert layouts.get(engine.model, [flow]) is first
+    layouts.release()
+    assert layouts.get(engine.model, [flow]) is first
+    layouts.get(engine.model, [linear])
+    layouts.get(engine.model, [ties])  # flow was used before linear: it goes
+    assert list(layouts.solo) == [(id(linear),), (id(ties),)]
+    assert layouts.get(engine.model, [flow]) is not first
+    pair = layouts.get(engine.model, [flow, linear])
+    layouts.release()
+    assert layouts.get(engine.model, [flow, linear]) is not pair
+    assert (id(flow), id(linear)) not in layouts.solo
 
 
 def test_mixed_batch_on_the_embedded_model(app_engine):
