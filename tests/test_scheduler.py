@@ -385,8 +385,9 @@ def test_kv_budget_queues_rows_that_do_not_fit(studio, requests):
 
 
 def test_merge_only_while_one_static_fusion_is_alone(studio, requests, monkeypatch):
-    """A lone static fusion runs merged; while another fusion decodes beside it, both run
-    unmerged; at the end the weights are the originals bit for bit."""
+    """A lone static fusion decodes merged (its prompt is read unmerged, through the packed
+    weights); while another fusion decodes beside it, both run unmerged; at the end the weights
+    are the originals bit for bit."""
     engine = studio.engine
     model = engine.model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -405,12 +406,13 @@ def test_merge_only_while_one_static_fusion_is_alone(studio, requests, monkeypat
     hold = threading.Event()
     never_ending(scheduler)
     lone = scheduler.stream(engine.plan(requests["linear"]), ids, Sampling(max_new_tokens=1000), hold)
-    next(lone)
+    next(lone)  # the prompt's step
+    next(lone)  # a decoding step
     assert scheduler.status()["merged"] == "linear"
     other = scheduler.stream(engine.plan(requests["flow2"]), ids, Sampling(max_new_tokens=3))
     assert list(other)[-1].finish_reason == "length"
     assert {merged for rows, merged in seen if rows == 2} == {None}
-    assert seen[0] == (1, "linear")
+    assert seen[:2] == [(1, None), (1, "linear")]
     hold.set()
     list(lone)
     deadline = time.time() + 10  # the loop restores the weights once it finds itself idle
@@ -520,7 +522,8 @@ def test_close_cancels_rows_and_stops_the_loop(studio, requests):
     before = {k: v.clone() for k, v in engine.model.state_dict().items()}
     ids = prompt(studio, 5, seed=4)
     running = scheduler.stream(engine.plan(requests["single"]), ids, Sampling(max_new_tokens=1000))
-    next(running)
+    next(running)  # the prompt (read unmerged)
+    next(running)  # a decoding step, merged
     assert scheduler.status()["merged"] == "single"
     waiting = scheduler.stream(engine.plan(requests["flow2"]), ids, Sampling(max_new_tokens=5))
     assert next(waiting).queued == 1
