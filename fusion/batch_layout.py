@@ -186,8 +186,11 @@ class Layout:
         self.tables = [build_tables(layer, plans, device, dtype) for layer in range(layers)]
         self.flow = [i for i, p in enumerate(plans) if p.layer_gate is not None]
         self.flow_token_rows = None  # in a layout of tokens: each LoRA-Flow token's row in the gate stacks
+        self.folded = None  # one LoRA-Flow row alone: per layer, its scales as one addmm (`_fold_gate`)
         if self.flow:
             self._stack_gates(device, dtype)
+            if self.n == 1:
+                self.folded = self._fold_gate()
 
     def select(self, keep: list[int]) -> Layout:
         """The layout of rows `keep` (indices into this one's rows, in order; an index may repeat,
@@ -216,6 +219,7 @@ class Layout:
         kept_flow = [flow_at[old] for old in keep if old in flow_at]  # per kept flow row or token
         out.flow = [new for new, old in enumerate(keep) if old in flow_at]
         out.flow_token_rows = None
+        out.folded = self.folded if set(keep) == {0} else None
         if out.flow:
             unique = list(dict.fromkeys(kept_flow))  # the gate stacks stay one per row
             index = torch.tensor(unique, dtype=torch.long, device=self.device)
@@ -253,6 +257,44 @@ class Layout:
         self.gate_temps = (
             torch.tensor(temps, device=device, dtype=dtype).unsqueeze(-1) if any(t != 1.0 for t in temps) else None
         )  # (n_flow, 1)
+
+    def _fold_gate(self) -> list:
+        """For a layout of one LoRA-Flow row, per layer (E (S, W), offset (1, W)) or None, such
+        that its per-rank scales are `offset + softmax(logits) @ E`: E[s, w] is the fixed
+        coefficient of rank w if the gate's slot s scales it, offset holds the coefficients of
+        ranks no slot scales plus `b @ E`. One addmm in place of adding b, padding, gathering
+        and multiplying: 3 fewer small kernels a layer for a lone LoRA-Flow row. Equal to
+        `LayerTables.scales` up to rounding: (p + b) c there, p c + b c here."""
+        out = []
+        for layer, tables in enumerate(self.tables):
+            if tables is None or tables.slots is None:
+                out.append(None)
+                continue
+            slots, coef = tables.slots[0], tables.coef[0]  # (W,)
+            E = torch.stack([torch.where(slots == s + 1, coef, 0.0) for s in range(self.gate_width)])  # (S, W)
+            offset = torch.where(slots == 0, coef, 0.0) + self.gate_b[layer][0] @ E  # (W,)
+            out.append((E, offset.unsqueeze(0)))
+        return out
+
+    def scales(self, layer: int, x: torch.Tensor, record: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """x (N, d) the residual stream entering the layer -> (the LoRA-Flow rows' gate weights
+        (n_flow, S), or None when there are none or, for a lone LoRA-Flow row, when no row
+        records them; every row's per-rank scales (N, W), or None when the layer has no table)."""
+        tables = self.tables[layer]
+        if not self.flow:
+            return None, None if tables is None else tables.coef
+        if self.folded is None:
+            weights, gates = self.gate(layer, x)
+            return weights, None if tables is None else tables.scales(gates)
+        logits = F.linear(x, self.gate_W[layer][0])  # (N, S): every row or token is the LoRA-Flow row's
+        if self.gate_temps is not None:
+            logits = logits / self.gate_temps
+        probs = torch.softmax(logits, dim=-1)
+        weights = probs + self.gate_b[layer] if record else None
+        fold = self.folded[layer]
+        if tables is None or fold is None:
+            return weights, None if tables is None else tables.coef
+        return weights, torch.addmm(fold[1], probs, fold[0])
 
     def gate(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, d) the residual stream entering the layer -> (gate weights of the LoRA-Flow rows

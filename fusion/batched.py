@@ -102,14 +102,12 @@ def decode_step(
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (M, 1, 1, hd)
     gate_log, sinks = [], [_RouterSink() for _ in layout.moe_groups]
     linear = packed_weights(model).linear
+    record = any(run is not None and run.record for run in runs)
     for index, layer in enumerate(inner.layers):
         tables = layout.tables[index]
-        gates = scales = None
-        if layout.flow:
-            weights, gates = layout.gate(index, x)
+        weights, scales = layout.scales(index, x, record)
+        if weights is not None:
             gate_log.append(weights)
-        if tables is not None:
-            scales = tables.scales(gates)
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         ys = {name: linear(h, getattr(attn, name)) for name in ("q_proj", "k_proj", "v_proj")}
