@@ -12,6 +12,8 @@ term by term.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -79,12 +81,20 @@ class _RouterSink:
 
 @torch.inference_mode()
 def decode_step(
-    model, layout: Layout, tokens: torch.Tensor, caches: list[RowCache], runs: list, counts: list[int] | None = None
+    model,
+    layout: Layout,
+    tokens: torch.Tensor,
+    caches: list[RowCache],
+    runs: list,
+    counts: list[int] | None = None,
+    original_weights: bool = False,
 ) -> torch.Tensor:
     """One forward for all rows. tokens: one per row (N,), or with `counts` each row's tokens one
     after another (sum(counts),): a new row's whole prompt (its cache empty) next to the running
     rows' next tokens. Returns each row's logits at its last token (N, V); caches grow by what
-    their rows fed. `runs[i]` records row i's gate weights or routing (a `Run`, or None)."""
+    their rows fed. `runs[i]` records row i's gate weights or routing (a `Run`, or None).
+    original_weights: the projections read the weights a merge replaced (the layout's plans then
+    carry the merged fusion's deltas), see `packed`."""
     inner = model.model
     counts = counts or [1] * len(caches)
     m = tokens.shape[0]
@@ -102,6 +112,8 @@ def decode_step(
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (M, 1, 1, hd)
     gate_log, sinks = [], [_RouterSink() for _ in layout.moe_groups]
     linear = packed_weights(model).linear
+    if original_weights:
+        linear = functools.partial(linear, original=True)
     record = any(run is not None and run.record for run in runs)
     for index, layer in enumerate(inner.layers):
         tables = layout.tables[index]

@@ -12,8 +12,11 @@ results agree with `F.linear` to float32 rounding (a different order of the sums
 
 The price is one packed copy of every projection the step reads (the model's linear weights
 again: ~540 MB for SmolLM2-135M in float32), made on first use.
-Weights a merge swaps in (`runtime.merged_into` marks them) are not packed: they live for one
-merge, and packing them would add ~0.3 s to every switch; they run through `F.linear`, as
+Weights a merge swaps in (`runtime.merged_into` marks them with the weight they replace) are
+not packed: they live for one merge, and packing them would add ~0.3 s to every switch. A
+prompt read under a merge goes through the original weights' packed copies instead, the
+fusion's deltas beside them (`linear(..., original=True)`); decoding a merged fusion reads
+its merged weights through `F.linear` (a single token gains nothing from packing), as
 does everything when packing is off: on other devices, without oneDNN, for weights that are
 not float32 (other CPU dtypes are not measured), above `MAX_PACKED_BYTES`, or with
 LORA_STUDIO_PACKED_WEIGHTS=0.
@@ -41,9 +44,12 @@ class PackedWeights:
         self.enabled = _can_pack(model)
         self._entries: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
 
-    def linear(self, x: torch.Tensor, module) -> torch.Tensor:
-        """module(x) for an nn.Linear-like module with `weight` and `bias`, x (N, in)."""
+    def linear(self, x: torch.Tensor, module, original: bool = False) -> torch.Tensor:
+        """module(x) for an nn.Linear-like module with `weight` and `bias`, x (N, in); with
+        `original`, through the weight a merge replaced, if any (`runtime.merged_into`)."""
         weight, bias = module.weight, module.bias
+        if original:
+            weight = getattr(weight, MERGED_WEIGHT, weight)
         packed = self._packed(weight) if self.enabled and x.shape[0] >= MIN_ROWS else None
         if packed is None:
             return F.linear(x, weight, bias)
@@ -53,7 +59,7 @@ class PackedWeights:
         entry = self._entries.get(id(weight))
         if entry is not None and entry[0] is weight and entry[1] == weight._version:
             return entry[2]
-        if getattr(weight, MERGED_WEIGHT, False) or not _packable(weight):
+        if hasattr(weight, MERGED_WEIGHT) or not _packable(weight):
             return None
         packed = _pack(weight)
         self._entries[id(weight)] = (weight, weight._version, packed)

@@ -273,7 +273,7 @@ def linear_of(model: torch.nn.Module, layer: int, name: str) -> torch.nn.Linear:
     return getattr(block.self_attn if name in ATTENTION_MODULES else block.mlp, name)
 
 
-MERGED_WEIGHT = "_fusion_merged"  # attribute of a weight tensor that `merged_into` swapped in
+MERGED_WEIGHT = "_fusion_merged"  # attribute of a weight `merged_into` swapped in: the original weight
 
 
 @contextmanager
@@ -319,7 +319,7 @@ def merged_into(model: torch.nn.Module, plan: FusionPlan, reuse_buffers: bool | 
                 else:
                     merged = torch.addmm(weight, B, A)
                 linear.weight = torch.nn.Parameter(merged, requires_grad=False)
-                setattr(linear.weight, MERGED_WEIGHT, True)  # lives for this merge: `packed` skips it
+                setattr(linear.weight, MERGED_WEIGHT, weight)  # lives for this merge: `packed` skips it
         yield FusionPlan(
             method=plan.method,
             slot_names=plan.slot_names,

@@ -249,8 +249,7 @@ class Scheduler:
 
     def _step(self, admitted: list[Row]) -> None:
         """One forward: the running rows' next tokens and the admitted rows' whole prompts."""
-        prompts = self.batched and any(len(r.prompt_ids) >= MIN_ROWS for r in admitted)
-        self._arrange_model(self._running + admitted, prompts)
+        self._arrange_model(self._running + admitted)
         if not self.batched:
             with local_threads(self.decode_threads):
                 self._solo_turns(admitted)
@@ -270,13 +269,24 @@ class Scheduler:
 
     def _forward(self, rows: list[Row], decoding: int) -> None:
         """rows[:decoding] feed their next token, the rest their prompt."""
-        plans = [self._compute_plan(r.plan) for r in rows]
+        # A prompt under a merge reads the original weights, packed, plus the fusion's tables:
+        # merged weights are not packed (`packed`), and a 128-token prompt through them took
+        # 36-59 % longer than the base model's, against 7-13 % this way (interleaved runs,
+        # embedded model, 2-core host). Decoding (a row at a time) reads the merged weights.
+        original = (
+            self._merged is not None
+            and any(len(r.prompt_ids) >= MIN_ROWS for r in rows[decoding:])
+            and packed_weights(self.model).enabled
+        )
+        plans = [r.plan if original else self._compute_plan(r.plan) for r in rows]
         layout = self._layouts.get(self.model, plans)
         feeds = [[r.next_token] for r in rows[:decoding]] + [r.prompt_ids for r in rows[decoding:]]
         tokens = torch.tensor([t for feed in feeds for t in feed], dtype=torch.long, device=self.device)
         runs = [r.run if r.record else None for r in rows]
         caches = [r.cache for r in rows]
-        logits = decode_step(self.model, layout, tokens, caches, runs, [len(f) for f in feeds])  # (N, V)
+        logits = decode_step(
+            self.model, layout, tokens, caches, runs, [len(f) for f in feeds], original_weights=original
+        )  # (N, V)
         self.steps += 1
         self.rows_per_step[len(rows)] += 1
         greedy = logits.argmax(-1).tolist()
@@ -329,13 +339,9 @@ class Scheduler:
     def _compute_plan(self, plan: FusionPlan) -> FusionPlan:
         return self._merged[1] if self._merged is not None and self._merged[0] is plan else plan
 
-    def _arrange_model(self, rows: list[Row], prompts: bool = False) -> None:
+    def _arrange_model(self, rows: list[Row]) -> None:
         """Merge the batch's fusion into the weights when it is the only one and static;
-        otherwise hold the model shared (unmerged). A step that reads a prompt, with the weights
-        packed (`packed`) and not merged yet, runs unmerged and the merge waits for the next
-        step: merged weights are not packed, and a 128-token prompt through them took 36-59 %
-        longer than through the packed weights, against 7-13 % for the packed weights plus the
-        fusion's tables (interleaved, embedded model, 2-core host)."""
+        otherwise hold the model shared (unmerged)."""
         plans = {id(r.plan): r.plan for r in rows}
         target = None
         if self.merge_static and len(plans) == 1:
@@ -343,8 +349,6 @@ class Scheduler:
             target = plan if plan.is_static and plan.deltas else None
         if self._holding == "merged" and self._merged[0] is target:
             return
-        if prompts and packed_weights(self.model).enabled:
-            target = None
         if self._holding == "shared" and target is None:
             return
         self._release_model()

@@ -184,10 +184,10 @@ def test_requests_wait_while_another_request_holds_merged_weights(engine, monkey
     paused, go_on = threading.Event(), threading.Event()
     step = fusion.scheduler.decode_step
 
-    def held_step(*args):  # keeps the merged request mid-generation until the test lets go
+    def held_step(*args, **kwargs):  # keeps the merged request mid-generation until the test lets go
         paused.set()
         go_on.wait(10)
-        return step(*args)
+        return step(*args, **kwargs)
 
     monkeypatch.setattr(fusion.scheduler, "decode_step", held_step)
     stream = engine.stream_ids(request, [5, 6, 7], Sampling(max_new_tokens=4), trace=False)

@@ -52,7 +52,7 @@ def test_merged_weights_run_unpacked_and_the_originals_stay_packed():
     layer = model.model.layers[0]
     original = layer.mlp.up_proj.weight
     x = torch.randn(5, original.shape[1])
-    store.linear(x, layer.mlp.up_proj)
+    packed_original = store.linear(x, layer.mlp.up_proj)
     d_in, d_out = original.shape[1], original.shape[0]
     delta = LowRankDelta(A=torch.randn(2, d_in), B=torch.randn(d_out, 2))
     plan = FusionPlan(method="linear", slot_names=["a"], deltas={(0, "up_proj"): delta})
@@ -62,6 +62,8 @@ def test_merged_weights_run_unpacked_and_the_originals_stay_packed():
         got = store.linear(x, layer.mlp.up_proj)
         assert torch.equal(got, F.linear(x, merged))  # the plain path, bit for bit
         assert id(merged) not in store._entries
+        # a prompt under the merge reads the replaced weight's packed copy
+        assert torch.equal(store.linear(x, layer.mlp.up_proj, original=True), packed_original)
     assert layer.mlp.up_proj.weight is original
     assert store._entries[id(original)][0] is original
 

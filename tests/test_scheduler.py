@@ -18,7 +18,7 @@ from fusion.batched import RowCache, decode_step
 from fusion.engine import FusionRequest
 from fusion.generate import Sampling, stream_tokens
 from fusion.methods.lora_flow import save_released_gates
-from fusion.runtime import Run, activate
+from fusion.runtime import Run, activate, merged_into
 from fusion.scheduler import Scheduler
 
 
@@ -385,34 +385,34 @@ def test_kv_budget_queues_rows_that_do_not_fit(studio, requests):
 
 
 def test_merge_only_while_one_static_fusion_is_alone(studio, requests, monkeypatch):
-    """A lone static fusion decodes merged (its prompt is read unmerged, through the packed
-    weights); while another fusion decodes beside it, both run unmerged; at the end the weights
-    are the originals bit for bit."""
+    """A lone static fusion runs merged (its prompt read through the original weights, its
+    deltas beside them); while another fusion decodes beside it, both run unmerged; at the end
+    the weights are the originals bit for bit."""
     engine = studio.engine
     model = engine.model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     scheduler = Scheduler(engine.model, engine.tokenizer, lock=engine._model_lock, merge_static=True)
     import fusion.scheduler as module
 
-    seen = []  # (rows in the step, merged fusion)
+    seen = []  # (rows in the step, merged fusion, original weights read)
     original = module.decode_step
 
-    def step(model, layout, tokens, caches, *args):
-        seen.append((len(caches), scheduler.status()["merged"]))
-        return original(model, layout, tokens, caches, *args)
+    def step(model, layout, tokens, caches, *args, original_weights=False):
+        seen.append((len(caches), scheduler.status()["merged"], original_weights))
+        return original(model, layout, tokens, caches, *args, original_weights=original_weights)
 
     monkeypatch.setattr(module, "decode_step", step)
     ids = prompt(studio, 6, seed=5)
     hold = threading.Event()
     never_ending(scheduler)
     lone = scheduler.stream(engine.plan(requests["linear"]), ids, Sampling(max_new_tokens=1000), hold)
-    next(lone)  # the prompt's step
-    next(lone)  # a decoding step
+    next(lone)
     assert scheduler.status()["merged"] == "linear"
     other = scheduler.stream(engine.plan(requests["flow2"]), ids, Sampling(max_new_tokens=3))
     assert list(other)[-1].finish_reason == "length"
-    assert {merged for rows, merged in seen if rows == 2} == {None}
-    assert seen[:2] == [(1, None), (1, "linear")]
+    assert {(merged, read) for rows, merged, read in seen if rows == 2} == {(None, False)}
+    assert seen[0] == (1, "linear", True)  # the prompt
+    assert all(merged == "linear" and not read for rows, merged, read in seen[1:] if rows == 1)
     hold.set()
     list(lone)
     deadline = time.time() + 10  # the loop restores the weights once it finds itself idle
@@ -420,6 +420,26 @@ def test_merge_only_while_one_static_fusion_is_alone(studio, requests, monkeypat
         time.sleep(0.01)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+def test_a_prompt_under_a_merge_reads_the_original_weights(studio, requests):
+    """Under a merge, `original_weights` reads the weights the merge replaced, and the layout's
+    deltas give the fusion: the prompt's logits equal the solo run's; reading the merged
+    weights with the same deltas adds them twice."""
+    engine, model = studio.engine, studio.engine.model
+    plan = engine.plan(requests["linear"])
+    ids = prompt(studio, 9, seed=7)
+    solo, _ = solo_logits(model, plan, ids, [])
+    layout = Layout(model, [plan])
+    got = {}
+    with merged_into(model, plan):
+        for flag in (True, False):
+            cache = RowCache.empty(model.config, len(ids), "cpu", torch.float32)
+            got[flag] = decode_step(
+                model, layout, torch.tensor(ids), [cache], [None], [len(ids)], original_weights=flag
+            )
+    torch.testing.assert_close(got[True][0], solo[0], atol=1e-4, rtol=0)
+    assert (got[False][0] - solo[0]).abs().max() > 1e-2
 
 
 def test_many_prompts_at_once_come_back_in_order(studio, requests):
@@ -496,12 +516,12 @@ def test_prompt_tokens_per_forward_are_capped(studio, requests, monkeypatch):
     fed = []  # prompt tokens in each forward
     original = module.decode_step
 
-    def step(model, layout, tokens, caches, runs, counts=None):
+    def step(model, layout, tokens, caches, runs, counts=None, **kwargs):
         # only this scheduler's forwards: the shared engine's own loop may still be finishing
         # an earlier test's request through the same (patched) function
         if threading.current_thread() is scheduler._thread:
             fed.append(sum(c for c in (counts or []) if c > 1))
-        return original(model, layout, tokens, caches, runs, counts)
+        return original(model, layout, tokens, caches, runs, counts, **kwargs)
 
     monkeypatch.setattr(module, "decode_step", step)
     plan = engine.plan(requests["flow2"])
@@ -522,8 +542,7 @@ def test_close_cancels_rows_and_stops_the_loop(studio, requests):
     before = {k: v.clone() for k, v in engine.model.state_dict().items()}
     ids = prompt(studio, 5, seed=4)
     running = scheduler.stream(engine.plan(requests["single"]), ids, Sampling(max_new_tokens=1000))
-    next(running)  # the prompt (read unmerged)
-    next(running)  # a decoding step, merged
+    next(running)
     assert scheduler.status()["merged"] == "single"
     waiting = scheduler.stream(engine.plan(requests["flow2"]), ids, Sampling(max_new_tokens=5))
     assert next(waiting).queued == 1
