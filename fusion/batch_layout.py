@@ -75,9 +75,9 @@ class LayerTables:
     coef: torch.Tensor  # (N, W) fixed coefficient of each rank for each row
     slots: torch.Tensor | None  # (N, W) column of the row's gate table scaling each rank (0: none)
 
-    def scales(self, gates: torch.Tensor | None) -> torch.Tensor:
+    def scales(self, gates: torch.Tensor) -> torch.Tensor:
         """(N, W): coefficient times, for LoRA-Flow rows, the gate weight of the rank's slot."""
-        if self.slots is None or gates is None:
+        if self.slots is None:
             return self.coef
         return gates.gather(1, self.slots).mul_(self.coef)
 
@@ -206,20 +206,19 @@ class Layout:
             kept = [new for new, old in enumerate(keep) if old in chosen]
             if kept:
                 out.moe_groups.append((plan, _rows(kept, self.device), kept))
-        if len(set(keep)) == 1 and len(keep) > 1:  # one row's prompt: its coefficients broadcast
-            index = torch.tensor(keep[:1], dtype=torch.long, device=self.device)
-            out.tables = [None if t is None else t.select(index) for t in self.tables]
+        rows = set(keep)
+        one_row = len(rows) == 1 and len(keep) > 1  # one row's prompt: its coefficients broadcast
+        index = torch.tensor(keep[:1] if one_row else keep, dtype=torch.long, device=self.device)
+        out.tables = [None if t is None else t.select(index) for t in self.tables]
+        if one_row:
             out.tables = [None if t is None else t.repeat(len(keep)) for t in out.tables]
-        else:
-            index = torch.tensor(keep, dtype=torch.long, device=self.device)
-            out.tables = [None if t is None else t.select(index) for t in self.tables]
         if self.flow_token_rows is not None:
             raise ValueError("a layout of tokens cannot be narrowed again")
         flow_at = {old: j for j, old in enumerate(self.flow)}
         kept_flow = [flow_at[old] for old in keep if old in flow_at]  # per kept flow row or token
         out.flow = [new for new, old in enumerate(keep) if old in flow_at]
         out.flow_token_rows = None
-        out.folded = self.folded if set(keep) == {0} else None
+        out.folded = self.folded if rows == {0} else None
         if out.flow:
             unique = list(dict.fromkeys(kept_flow))  # the gate stacks stay one per row
             index = torch.tensor(unique, dtype=torch.long, device=self.device)
