@@ -12,11 +12,12 @@ rows join and narrowed by indexing when rows only leave (`layout_for`).
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .runtime import SHARED_INPUTS, FusionPlan, GroupMember, delta_factors
 
 SOLO_LAYOUTS_KEPT = 4  # one-row layouts kept for reuse (`Layouts`)
@@ -51,12 +52,20 @@ class Table:
     A: torch.Tensor  # (R, d_in): every entry's A, module after module
     members: list  # (module, start, end, B transposed: (end - start, d_out), contiguous)
     width: int  # R
+    kernel: object = field(default=False, repr=False)  # the C kernel's view (`native`): False until first use
 
     def apply(self, x: torch.Tensor, ys: dict, scale: torch.Tensor) -> None:
-        """x (N, d_in); ys: module -> (N, d_out), updated in place; scale (N, R) per rank. A is
-        read unpacked: an 8-row step with A packed for oneDNN (`packed`) was slower, 0.709
-        against 0.731 of the base step's speed (4 interleaved pairs on the 2-core AMD EPYC host;
-        oneDNN pays ~20 us a call, more than a (144 x 576) product saves)."""
+        """x (N, d_in); ys: module -> (N, d_out), updated in place; scale (N, R) per rank.
+        A decoding step's few rows go through the C kernel where it is available (`native`:
+        each row multiplies only the ranks it uses). Otherwise A is read unpacked: an 8-row step
+        with A packed for oneDNN (`packed`) was slower, 0.709 against 0.731 of the base step's
+        speed (4 interleaved pairs on the 2-core AMD EPYC host; oneDNN pays ~20 us a call, more
+        than a (144 x 576) product saves)."""
+        if x.shape[0] <= native.MAX_ROWS:
+            if self.kernel is False:
+                self.kernel = native.table_kernel(self.A, self.members)
+            if self.kernel is not None and self.kernel.apply(x, ys, scale):
+                return
         h = F.linear(x, self.A).mul_(scale)  # (N, R)
         for name, start, end, Bt in self.members:
             ys[name].addmm_(h[:, start:end], Bt)  # ys holds each projection's own fresh output

@@ -1,7 +1,9 @@
-"""Input limits in one place; each can be overridden by an environment variable."""
+"""Input limits and the cache folder in one place; each can be overridden by an environment
+variable."""
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def int_env(name: str, default: int) -> int:
@@ -9,6 +11,14 @@ def int_env(name: str, default: int) -> int:
         return int(os.environ.get(name, default))
     except ValueError:
         return default
+
+
+def cache_dir() -> Path:
+    """Folder for derived files (the dense copy of the default model, the built C kernel)."""
+    root = os.environ.get("LORA_STUDIO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lora-studio"
+    )
+    return Path(root)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from .batched import supports
 from .errors import FusionError
+from .limits import cache_dir
 from .safe_io import atomic_folder, first_line, read_json
 
 DEFAULT_MODEL = "default"
@@ -50,14 +51,6 @@ GEMMA_TURNS = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
-
-
-def cache_dir() -> Path:
-    """Folder for derived files (the dense copy of the default model)."""
-    root = os.environ.get("LORA_STUDIO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lora-studio"
-    )
-    return Path(root)
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:

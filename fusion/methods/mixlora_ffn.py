@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import native
 from ..runtime import FusionPlan, LowRankDelta, Run
 from .base import BuildContext
 from .mixlora_checkpoint import MixLoraAdapter, activation
@@ -67,12 +68,18 @@ def expert_mixture(
     given (batched decoding computes those for many rows at once). Returns the mixture
     sum_e p_hat_e m_e (N, f) that W_down turns into the output, the experts' down deltas
     sum_e p_hat_e ddown_e(m_e) (N, d) or None, router logits, probabilities and chosen ids."""
+    pairs = flat.shape[0] * top_k
+    picked = dropout == 0.0 and flat.device.type == "cpu" and pairs <= PICKED_SHARE * router.shape[0]
+    if picked and experts:  # routing and mixture in one call of the C kernel, where it serves
+        kernel = _native(_stacked(experts), experts, act)
+        done = None if kernel is None else kernel.routed(flat, gate, up, router, top_k)
+        if done is not None:
+            return done
     logits = F.linear(flat.float(), router.float())  # (N, E)
     probs = torch.softmax(logits, dim=-1)
     top_p, chosen = probs.topk(top_k, dim=-1)  # (N, k)
     top_p = (top_p / top_p.sum(dim=-1, keepdim=True)).to(flat.dtype)
-    pairs = flat.shape[0] * top_k
-    if dropout == 0.0 and flat.device.type == "cpu" and pairs <= PICKED_SHARE * router.shape[0]:
+    if picked:
         mixed, down = _picked_mixture(flat, gate, up, experts, chosen, top_p, act)
         return mixed, down, logits, probs, chosen
     if dropout == 0.0 and pairs <= FEW_PAIRS:
@@ -145,6 +152,14 @@ def _stacked(experts: dict) -> dict:
     return experts.stacked() if isinstance(experts, LayerExperts) else _stack(experts)
 
 
+def _native(stacked: dict, experts: dict, act):
+    """The C kernel's view of these experts (`native.NativeExperts`), made once and kept with
+    their stacked forms, or None where it cannot serve them."""
+    if "native" not in stacked:
+        stacked["native"] = native.experts_kernel(stacked, experts, act)
+    return stacked["native"]
+
+
 def _masked_mixture(flat, gate, up, experts, chosen, weights, act):
     """Fast path for a few tokens, with no per-expert Python loop and no token indexing. Every
     expert's A reads the token in one matmul; a mask keeps, for each (token, pick), the ranks of
@@ -186,13 +201,18 @@ def _masked_mixture(flat, gate, up, experts, chosen, weights, act):
 def _picked_mixture(flat, gate, up, experts, chosen, weights, act):
     """Fast path for fewer (token, pick) pairs than half the experts, on CPU (one decoding row):
     each pick reads its own expert's factors only, through views (no copies), a few small
-    matmuls per pick. Reading all experts (`_masked_mixture`) reads E/k times the bytes: for
+    matmuls per pick, or all of it in one call of the C kernel where it serves (`native`). Reading all experts (`_masked_mixture`) reads E/k times the bytes: for
     8 experts, top-2, rank 8 on the embedded model 1.6 MB per layer against 0.4 MB, and a
     decoding step reads them from memory, not from cache. Same value as the loop."""
     n, k = chosen.shape
     if not experts:
         return (act(gate) * up) * weights.sum(1, keepdim=True), None
     st = _stacked(experts)
+    kernel = _native(st, experts, act)
+    if kernel is not None:
+        done = kernel.picked(flat, gate, up, chosen, weights)
+        if done is not None:
+            return done
     rank = next(iter(experts.values()))[0].shape[1]
     per, picks = st["experts"], chosen.tolist()
     f = gate.shape[-1]

@@ -1,0 +1,207 @@
+"""The C kernels (`fusion.native`) against plain float64 computations and the torch paths they
+replace, their limits, and their build."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusion import native
+from fusion.batch_layout import Table
+from fusion.methods import mixlora_ffn
+from fusion.methods.mixlora_ffn import LayerExperts, expert_mixture
+
+needs_kernels = pytest.mark.skipif(not native.available(), reason="no C compiler here: the torch paths serve")
+
+
+def random_table(g, din: int, outs: dict[str, tuple[int, int]]):
+    """A Table whose members have (ranks, d_out) each, factors of magnitude ~1."""
+    width = sum(r for r, _ in outs.values())
+    A = torch.randn(width, din, generator=g) / din**0.5
+    members, start = [], 0
+    for name, (ranks, dout) in outs.items():
+        members.append((name, start, start + ranks, torch.randn(ranks, dout, generator=g) / ranks**0.5))
+        start += ranks
+    return Table(A, members, width)
+
+
+def plain(table: Table, x, ys: dict, scale) -> dict:
+    """Table.apply in float64, written out."""
+    h = (x.double() @ table.A.double().t()) * scale.double()
+    return {name: ys[name].double() + h[:, s:e] @ Bt.double() for name, s, e, Bt in table.members}
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_table_kernel_equals_the_plain_products(rows, density):
+    g = torch.Generator().manual_seed(rows * 10 + int(density * 10))
+    table = random_table(g, 37, {"q_proj": (12, 40), "k_proj": (12, 9), "v_proj": (5, 9)})
+    x = torch.randn(rows, 50, generator=g)[:, 3:40]  # a strided view: rows 50 apart
+    scale = torch.randn(rows, 40, generator=g)[:, 2:31]  # a column slice of wider scales
+    scale = scale * (torch.rand(rows, 29, generator=g) < density)
+    ys = {name: torch.randn(rows, Bt.shape[1], generator=g) for name, _, _, Bt in table.members}
+    want = plain(table, x, ys, scale)
+    table.apply(x, ys, scale)
+    assert isinstance(table.kernel, native.NativeTable)  # it served: rows <= MAX_ROWS, float32
+    for name in ys:
+        assert ys[name].shape == want[name].shape
+        torch.testing.assert_close(ys[name].double(), want[name], rtol=0, atol=2e-5)
+
+
+@needs_kernels
+def test_unused_ranks_add_exactly_nothing():
+    g = torch.Generator().manual_seed(3)
+    table = random_table(g, 64, {"gate_proj": (8, 96), "up_proj": (8, 96)})
+    x = torch.randn(6, 64, generator=g)
+    scale = torch.randn(6, 16, generator=g)
+    scale[2] = 0.0  # a row that uses none of this table's ranks
+    scale[4, 8:] = 0.0  # a row that uses only gate_proj's
+    ys = {name: torch.randn(6, 96, generator=g) for name in ("gate_proj", "up_proj")}
+    before = {name: y.clone() for name, y in ys.items()}
+    table.apply(x, ys, scale)
+    assert torch.equal(ys["gate_proj"][2], before["gate_proj"][2])
+    assert torch.equal(ys["up_proj"][2], before["up_proj"][2])
+    assert torch.equal(ys["up_proj"][4], before["up_proj"][4])
+    assert not torch.equal(ys["gate_proj"][4], before["gate_proj"][4])
+
+
+@needs_kernels
+def test_table_kernel_refuses_tensors_of_other_shapes():
+    g = torch.Generator().manual_seed(8)
+    table = random_table(g, 16, {"q_proj": (4, 16), "k_proj": (4, 8)})
+    kernel = native.table_kernel(table.A, table.members)
+    x, scale = torch.randn(3, 16, generator=g), torch.randn(3, 8, generator=g)
+    ys = {"q_proj": torch.zeros(3, 16), "k_proj": torch.zeros(3, 8)}
+    assert not kernel.apply(x[:, :12], ys, scale)  # x narrower than A
+    assert not kernel.apply(x, ys, scale[:, :6])  # fewer scales than ranks
+    assert not kernel.apply(x, {"q_proj": ys["q_proj"], "k_proj": torch.zeros(2, 8)}, scale)  # an output short of rows
+    assert not kernel.apply(x.double(), ys, scale.double())
+    assert not ys["q_proj"].any() and not ys["k_proj"].any()  # nothing written
+    assert kernel.apply(x, ys, scale)
+
+
+def test_many_rows_take_the_torch_path():
+    g = torch.Generator().manual_seed(4)
+    table = random_table(g, 32, {"o_proj": (8, 32)})
+    rows = native.MAX_ROWS + 1  # a prompt
+    x, scale = torch.randn(rows, 32, generator=g), torch.randn(rows, 8, generator=g)
+    ys = {"o_proj": torch.randn(rows, 32, generator=g)}
+    want = ys["o_proj"].clone().addmm_(F.linear(x, table.A).mul_(scale), table.members[0][3])
+    table.apply(x, ys, scale)
+    assert torch.equal(ys["o_proj"], want)  # bit for bit: the same torch operations
+
+
+def random_experts(g, E=8, r=4, d=48, f=80, modules=("gate_proj", "up_proj", "down_proj")) -> LayerExperts:
+    experts = LayerExperts()
+    for name in modules:
+        d_in, d_out = (f, d) if name == "down_proj" else (d, f)
+        experts[name] = (torch.randn(E, r, d_in, generator=g) / d_in**0.5, torch.randn(E, d_out, r, generator=g) / r)
+    return experts
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "modules", [("gate_proj", "up_proj", "down_proj"), ("up_proj", "down_proj"), ("gate_proj", "up_proj")]
+)
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_experts_kernel_routes_and_mixes_like_the_torch_path(modules, tokens):
+    g = torch.Generator().manual_seed(tokens)
+    experts = random_experts(g, modules=modules)
+    router = torch.randn(8, 48, generator=g)
+    x, gate, up = (torch.randn(tokens, n, generator=g) for n in (48, 80, 80))
+    act = torch.nn.SiLU()
+    got = expert_mixture(x, gate, up, router, experts, 2, act)
+    kernel = experts.stacked()["native"]
+    assert isinstance(kernel, native.NativeExperts)
+    experts.stacked()["native"] = None  # the torch path, for the same experts
+    want = expert_mixture(x, gate, up, router, experts, 2, act)
+    mixed, down, logits, probs, chosen = got
+    assert torch.equal(chosen, want[4])
+    torch.testing.assert_close(logits, want[2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(probs, want[3], rtol=0, atol=1e-6)
+    torch.testing.assert_close(mixed, want[0], rtol=0, atol=1e-5)
+    if "down_proj" in modules:
+        torch.testing.assert_close(down, want[1], rtol=0, atol=1e-5)
+    else:
+        assert down is None and want[1] is None
+    # the picks given (the path autograd-free callers of `_picked_mixture` take), against the loop
+    weights = torch.rand(tokens, 2, generator=g)
+    picks = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(tokens)])
+    given = kernel.picked(x, gate, up, picks, weights)
+    loop = torch.zeros(tokens, 80), torch.zeros(tokens, 48)
+    for n in range(tokens):
+        for p in range(2):
+            e, w = int(picks[n, p]), weights[n, p]
+            lora = {name: B[e] @ (A[e] @ v) for name, (A, B) in experts.items() for v in [x[n]] if name != "down_proj"}
+            m = F.silu(gate[n] + lora.get("gate_proj", 0)) * (up[n] + lora.get("up_proj", 0))
+            loop[0][n] += w * m
+            if "down_proj" in experts:
+                A, B = experts["down_proj"]
+                loop[1][n] += w * (B[e] @ (A[e] @ m))
+    torch.testing.assert_close(given[0], loop[0], rtol=0, atol=1e-5)
+    if "down_proj" in modules:
+        torch.testing.assert_close(given[1], loop[1], rtol=0, atol=1e-5)
+
+
+def test_experts_kernel_serves_only_silu_and_inference():
+    g = torch.Generator().manual_seed(5)
+    experts = random_experts(g)
+    assert native.experts_kernel(experts.stacked(), experts, torch.nn.GELU()) is None
+    if not native.available():
+        return
+    kernel = native.experts_kernel(experts.stacked(), experts, F.silu)
+    x = torch.randn(1, 48, requires_grad=True)
+    gate, up = torch.randn(1, 80), torch.randn(1, 80)
+    assert kernel.routed(x, gate, up, torch.randn(8, 48), 2) is None  # autograd: the torch path
+    assert kernel.routed(x.detach()[:, :40], gate, up, torch.randn(8, 40), 2) is None  # wrong width
+    many = torch.randn(native.MAX_TOKENS + 1, 48)
+    assert kernel.routed(many, torch.randn(len(many), 80), torch.randn(len(many), 80), torch.randn(8, 48), 2) is None
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """The kernels loaded anew, with their build in an empty cache folder; the cached library
+    of this process comes back afterwards."""
+    monkeypatch.setenv("LORA_STUDIO_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    yield tmp_path / "native"
+    native._library.cache_clear()
+
+
+def test_the_library_is_built_once_into_the_cache(fresh_build):
+    if native._compiler_or_none() is None:
+        pytest.skip("no C compiler here")
+    assert native.available()
+    built = list(fresh_build.iterdir())
+    assert len(built) == 1 and built[0].name.startswith("kernels-") and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    assert native._build() == built[0]  # found, not compiled again
+    assert built[0].stat().st_mtime_ns == stamp
+    assert list(fresh_build.iterdir()) == built  # no temporary file left
+
+
+def test_a_failing_compiler_leaves_the_torch_path_and_nothing_behind(fresh_build, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "false")  # a compiler that fails every build
+    with caplog.at_level(logging.WARNING, logger="fusion.native"):
+        assert not native.available()
+    assert "C kernels unavailable" in caplog.text
+    assert not fresh_build.exists() or not list(fresh_build.iterdir())
+    g = torch.Generator().manual_seed(6)
+    table = random_table(g, 16, {"o_proj": (4, 16)})
+    x, scale, ys = torch.randn(2, 16, generator=g), torch.randn(2, 4, generator=g), {"o_proj": torch.zeros(2, 16)}
+    want = plain(table, x, ys, scale)
+    table.apply(x, ys, scale)
+    assert table.kernel is None
+    torch.testing.assert_close(ys["o_proj"].double(), want["o_proj"], rtol=0, atol=1e-5)
+
+
+def test_the_kernels_can_be_switched_off(fresh_build, monkeypatch):
+    monkeypatch.setenv("LORA_STUDIO_NATIVE", "0")
+    assert not native.available()
+    assert not fresh_build.exists()  # nothing was built
+    experts = random_experts(torch.Generator().manual_seed(7))
+    assert mixlora_ffn._native(experts.stacked(), experts, F.silu) is None
