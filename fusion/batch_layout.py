@@ -6,12 +6,11 @@ fusion as a row of coefficients over it: fixed for static methods, times the row
 gate weight for LoRA-Flow. Fused factors that belong to no adapter (TIES, DARE, LoraHub,
 MixLoRA's attention LoRAs) are entries of their own. LoRA-Flow gates of all rows are stacked
 for one batched matmul per layer; MixLoRA rows are grouped by plan. A layout is built when
-rows join and narrowed by indexing when rows only leave (`layout_for`).
+rows join and narrowed by indexing when rows only leave (`layouts.layout_for`).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +19,6 @@ import torch.nn.functional as F
 from . import native
 from .runtime import SHARED_INPUTS, FusionPlan, GroupMember, delta_factors
 
-SOLO_LAYOUTS_KEPT = 4  # one-row layouts kept for reuse (`Layouts`)
 GROUPS = SHARED_INPUTS[:1] + (("o_proj",),) + SHARED_INPUTS[1:] + (("down_proj",),)
 
 
@@ -292,6 +290,19 @@ class Layout:
         if not self.flow:
             return None, None if tables is None else tables.coef
         if self.folded is None:
+            if self.flow_token_rows is None:  # one token per row: the C kernel, where it serves
+                done = native.flow_scales(
+                    x,
+                    self.flow_rows,
+                    self.gate_W[layer],
+                    self.gate_b[layer],
+                    self.gate_mask,
+                    self.gate_temps,
+                    None if tables is None else tables.coef,
+                    None if tables is None else tables.slots,
+                )
+                if done is not None:
+                    return done
             weights, gates = self.gate(layer, x)
             return weights, None if tables is None else tables.scales(gates)
         logits = F.linear(x, self.gate_W[layer][0])  # (N, S): every row or token is the LoRA-Flow row's
@@ -336,57 +347,3 @@ def _rows(members: list[int], device) -> torch.Tensor | slice:
     if members == list(range(members[0], members[0] + len(members))):
         return slice(members[0], members[0] + len(members))
     return torch.tensor(members, dtype=torch.long, device=device)
-
-
-def layout_for(model, current: tuple[tuple, Layout] | None, plans: list[FusionPlan]) -> tuple[tuple, Layout]:
-    """(key, layout) for a batch whose rows compute with `plans`, given the current one: the
-    current layout, or when rows have only left it, the current one narrowed to the remaining
-    rows (cheap), or a new one when rows joined or the batch has shrunk below half the rows its
-    tables were built for."""
-    key = tuple(id(p) for p in plans)
-    if current is not None:
-        old_key, old = current
-        if old_key == key:
-            return current
-        keep, j = [], 0
-        for k in key:
-            while j < len(old_key) and old_key[j] != k:
-                j += 1
-            if j == len(old_key):
-                break
-            keep.append(j)
-            j += 1
-        if len(keep) == len(key) and 2 * len(keep) >= old.built_rows:
-            return key, old.select(keep)
-    return key, Layout(model, plans)
-
-
-class Layouts:
-    """The layout of the running batch, and the last few one-row layouts: a fusion used alone
-    again (a user's next message, or users taking turns) reuses its tables instead of rebuilding
-    them (~17 ms for a LoRA-Flow k=2 row on the embedded model, 4 % of a 128-token prefill). A
-    kept layout holds its plans, so the plan ids in its key cannot be reused by other plans."""
-
-    def __init__(self, keep: int = SOLO_LAYOUTS_KEPT):
-        self.keep = keep
-        self.current: tuple[tuple, Layout] | None = None
-        self.solo: OrderedDict[tuple, Layout] = OrderedDict()
-
-    def get(self, model, plans: list[FusionPlan]) -> Layout:
-        key = tuple(id(p) for p in plans)
-        kept = self.solo.get(key)
-        if kept is not None:
-            self.solo.move_to_end(key)
-            self.current = key, kept
-            return kept
-        self.current = layout_for(model, self.current, plans)
-        layout = self.current[1]
-        if layout.built_rows == 1 and self.keep:
-            self.solo[key] = layout
-            while len(self.solo) > self.keep:
-                self.solo.popitem(last=False)
-        return layout
-
-    def release(self) -> None:
-        """The batch is empty: its layout goes; the one-row layouts stay."""
-        self.current = None

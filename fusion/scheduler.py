@@ -30,9 +30,9 @@ from contextlib import ExitStack
 
 import torch
 
-from .batch_layout import Layouts
 from .batched import RowCache, decode_step, supports
 from .generate import GenerationEvent, Sampling, stop_token_ids, stream_tokens
+from .layouts import Layouts
 from .packed import MIN_ROWS, packed_weights
 from .runtime import FusionPlan, ModelLock, Run, merged_into
 from .scheduler_rows import Row, Ticket

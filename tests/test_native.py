@@ -167,19 +167,19 @@ def fresh_build(tmp_path, monkeypatch):
     """The kernels loaded anew, with their build in an empty cache folder; the cached library
     of this process comes back afterwards."""
     monkeypatch.setenv("LORA_STUDIO_CACHE", str(tmp_path))
-    native._library.cache_clear()
+    native.forget_loaded()
     yield tmp_path / "native"
-    native._library.cache_clear()
+    native.forget_loaded()
 
 
 def test_the_library_is_built_once_into_the_cache(fresh_build):
-    if native._compiler_or_none() is None:
+    if native.build.compiler_or_none() is None:
         pytest.skip("no C compiler here")
     assert native.available()
     built = list(fresh_build.iterdir())
     assert len(built) == 1 and built[0].name.startswith("kernels-") and built[0].suffix == ".so"
     stamp = built[0].stat().st_mtime_ns
-    assert native._build() == built[0]  # found, not compiled again
+    assert native.build.build() == built[0]  # found, not compiled again
     assert built[0].stat().st_mtime_ns == stamp
     assert list(fresh_build.iterdir()) == built  # no temporary file left
 
@@ -205,3 +205,36 @@ def test_the_kernels_can_be_switched_off(fresh_build, monkeypatch):
     assert not fresh_build.exists()  # nothing was built
     experts = random_experts(torch.Generator().manual_seed(7))
     assert mixlora_ffn._native(experts.stacked(), experts, F.silu) is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("with_table", [True, False])
+def test_flow_kernel_gives_the_gates_and_scales_of_the_torch_path(with_table):
+    """Five rows, three of them LoRA-Flow ones with k = 3, 2 (padding slot masked) and 3 gate
+    slots, one at temperature 0.7, against the gates and scales computed in float64."""
+    from fusion.native import flow_scales
+
+    g = torch.Generator().manual_seed(9)
+    rows, S, d, width = 5, 3, 24, 11
+    x = torch.randn(rows, 40, generator=g)[:, :d]  # a strided view
+    flow_rows = torch.tensor([0, 3, 4])
+    W, b = torch.randn(3, S, d, generator=g), torch.randn(3, S, generator=g) * 0.1
+    mask = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, float("-inf")], [0.0, 0.0, 0.0]])
+    temps = torch.tensor([[1.0], [1.0], [0.7]])
+    coef = torch.randn(rows, width, generator=g) if with_table else None
+    slots = torch.randint(0, S + 1, (rows, width), generator=g) if with_table else None
+    if with_table:
+        slots[[1, 2]] = 0  # static rows scale by their coefficients only
+        slots[3][slots[3] == 3] = 1  # the k=2 row uses its two slots
+    weights, scales = flow_scales(x, flow_rows, W, b, mask, temps, coef, slots)
+    logits = torch.einsum("jsd,jd->js", W.double(), x[flow_rows].double()) / temps.double() + mask.double()
+    want = torch.softmax(logits, -1) + b.double()
+    torch.testing.assert_close(weights.double(), want, rtol=0, atol=1e-6)
+    assert weights[1, 2] == b[1, 2]  # the masked slot's probability is exactly 0
+    if not with_table:
+        assert scales is None
+        return
+    table = torch.ones(rows, S + 1, dtype=torch.float64)
+    table[flow_rows, 1:] = want
+    torch.testing.assert_close(scales.double(), table.gather(1, slots) * coef.double(), rtol=0, atol=1e-6)
+    assert torch.equal(scales[1], coef[1]) and torch.equal(scales[2], coef[2])

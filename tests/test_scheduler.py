@@ -13,10 +13,11 @@ from app_fixtures import app_engine  # noqa: F401  (fixture)
 from conftest import HIDDEN, LAYERS
 from mixlora_helpers import mixlora_config, mixlora_state, write_mixlora
 
-from fusion.batch_layout import Layout, Layouts
+from fusion.batch_layout import Layout
 from fusion.batched import RowCache, decode_step
 from fusion.engine import FusionRequest
 from fusion.generate import Sampling, stream_tokens
+from fusion.layouts import Layouts
 from fusion.methods.lora_flow import save_released_gates
 from fusion.runtime import Run, activate, merged_into
 from fusion.scheduler import Scheduler

@@ -219,3 +219,53 @@ CLONES void picked_mixture(const struct picked_call *c) {
         }
     }
 }
+
+struct flow_call {
+    int rows, flow, slots, din, width; /* N rows, of which `flow` LoRA-Flow ones; S gate slots */
+    const float *x; /* (rows, din), row stride x_stride: the residual stream entering the layer */
+    long x_stride;
+    const int64_t *flow_rows; /* (flow,): each LoRA-Flow row's index among the rows */
+    const float *W, *b; /* (flow, S, din), (flow, S): each LoRA-Flow row's gate at this layer */
+    const float *mask; /* (flow, S): -inf on a row's padding slots, else 0; or NULL */
+    const float *temps; /* (flow,): softmax temperatures, or NULL (all 1) */
+    const float *coef; /* (rows, width), row stride coef_stride: each rank's fixed coefficient */
+    long coef_stride;
+    const int64_t *slot; /* (rows, width), row stride slot_stride: 0, or 1 + the gate slot scaling the
+                            rank; NULL when the layer has no table */
+    long slot_stride;
+    float *weights; /* (flow, S), written: softmax(W x / t + mask) + b */
+    float *scales; /* (rows, width) contiguous, written: coef times the weight of the rank's slot */
+};
+
+/* LoRA-Flow's gates of one decoding step's layer and every row's per-rank scales
+ * (`batch_layout.Layout.gate` and `LayerTables.scales`, one token per row). */
+CLONES void flow_scales(const struct flow_call *c) {
+    const int S = c->slots, W = c->width;
+    for (int j = 0; j < c->flow; j++) {
+        const float *x = c->x + c->flow_rows[j] * c->x_stride;
+        float *w = c->weights + (size_t)j * S, top = -3.4e38f, total = 0.0f;
+        for (int s = 0; s < S; s++) {
+            float logit = dot1(c->W + ((size_t)j * S + s) * c->din, x, c->din);
+            if (c->temps) logit /= c->temps[j];
+            if (c->mask) logit += c->mask[(size_t)j * S + s];
+            w[s] = logit;
+            top = logit > top ? logit : top;
+        }
+        for (int s = 0; s < S; s++) total += w[s] = w[s] < -3.4e38f ? 0.0f : exp_approx(w[s] - top);
+        for (int s = 0; s < S; s++) w[s] = w[s] / total + c->b[(size_t)j * S + s];
+    }
+    if (!c->slot) return;
+    for (int n = 0; n < c->rows; n++) {
+        const float *coef = c->coef + n * c->coef_stride;
+        float *out = c->scales + (size_t)n * W;
+        const float *w = NULL;
+        for (int j = 0; j < c->flow; j++)
+            if (c->flow_rows[j] == n) w = c->weights + (size_t)j * S;
+        if (!w) {
+            memcpy(out, coef, W * sizeof(float));
+            continue;
+        }
+        const int64_t *slot = c->slot + n * c->slot_stride;
+        for (int i = 0; i < W; i++) out[i] = slot[i] ? coef[i] * w[slot[i] - 1] : coef[i];
+    }
+}

@@ -1,0 +1,57 @@
+"""C kernels for the batched decoding step on CPU (`kernels.c`), compiled on first use with the
+system's C compiler and loaded with ctypes.
+
+Why: a decoding step of a batch where every row is a different fusion spends its extra time in
+hundreds of small torch kernels, each paying its dispatch:
+- the batch tables' low-rank products (`batch_layout.Table.apply`): in the benchmark's 8-row
+  batch each row uses about a quarter of its tables' ranks (its own adapters; the others'
+  coefficients are 0), and the torch path multiplies every rank for every row and then scales
+  the unused ones by 0, in about 15 kernels a layer. `table_apply` does one table in one call
+  and multiplies, for each row, only the ranks it uses. One q/k/v table of that batch (144
+  ranks, 30 % of them used per row, one thread, warm caches): 70 us through torch, 21 us here.
+- a MixLoRA row's routed FFN for one token (`mixlora_ffn._picked_mixture`): about 24 kernels a
+  layer through torch; `picked_mixture` does them in one call, SiLU included.
+Measured figures for whole steps are in docs/perf.md ("C kernels").
+
+They run for float32 tensors on CPU, outside autograd: tables for up to `MAX_ROWS` rows,
+MixLoRA for up to `MAX_TOKENS` tokens with a SiLU activation. Everything else takes the torch
+path: prompts (many tokens: there the products are large enough for MKL), other dtypes and
+devices, training, no C compiler, a build or self-check that fails, or LORA_STUDIO_NATIVE=0.
+The results agree with the torch path to float32 rounding (the sums run in another order, and
+SiLU's exponential is a polynomial within 2 ulp). On x86-64 Linux one build carries AVX-512,
+AVX2 and baseline versions of each kernel, and the loader picks the one this CPU runs.
+
+The library is built once per source, flags and compiler into the cache folder
+(`limits.cache_dir()` / native), written under a temporary name and renamed, so a process
+never loads a half-written file.
+"""
+
+from __future__ import annotations
+
+from . import build, experts, gates, tables
+from .experts import MAX_TOKENS, NativeExperts, experts_kernel
+from .gates import flow_scales
+from .tables import MAX_ROWS, NativeTable, table_kernel
+
+__all__ = [
+    "MAX_ROWS",
+    "MAX_TOKENS",
+    "NativeExperts",
+    "NativeTable",
+    "available",
+    "experts_kernel",
+    "flow_scales",
+    "forget_loaded",
+    "table_kernel",
+]
+
+
+def available() -> bool:
+    """Whether the library is built and loaded (each kernel also passes its own check)."""
+    return build.library() is not None
+
+
+def forget_loaded() -> None:
+    """Load the library and check the kernels again on next use (after the environment changed)."""
+    for cached in (build.library, tables._kernel, experts._kernel, gates._kernel):
+        cached.cache_clear()
