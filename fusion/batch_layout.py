@@ -50,7 +50,9 @@ class Table:
     A: torch.Tensor  # (R, d_in): every entry's A, module after module
     members: list  # (module, start, end, B transposed: (end - start, d_out), contiguous)
     width: int  # R
-    kernel: object = field(default=False, repr=False)  # the C kernel's view (`native`): False until first use
+    # the C kernel's view of this table (`native.NativeTable`), None where it cannot serve, or
+    # False before the first decoding step asks for it
+    kernel: object = field(default=False, repr=False, compare=False)
 
     def apply(self, x: torch.Tensor, ys: dict, scale: torch.Tensor) -> None:
         """x (N, d_in); ys: module -> (N, d_out), updated in place; scale (N, R) per rank.

@@ -89,6 +89,7 @@ def test_many_rows_take_the_torch_path():
     table = random_table(g, 32, {"o_proj": (8, 32)})
     rows = native.MAX_ROWS + 1  # a prompt
     x, scale = torch.randn(rows, 32, generator=g), torch.randn(rows, 8, generator=g)
+    scale[:, :6] = 0.0  # even using few of the ranks
     ys = {"o_proj": torch.randn(rows, 32, generator=g)}
     want = ys["o_proj"].clone().addmm_(F.linear(x, table.A).mul_(scale), table.members[0][3])
     table.apply(x, ys, scale)
@@ -107,7 +108,7 @@ def random_experts(g, E=8, r=4, d=48, f=80, modules=("gate_proj", "up_proj", "do
 @pytest.mark.parametrize(
     "modules", [("gate_proj", "up_proj", "down_proj"), ("up_proj", "down_proj"), ("gate_proj", "up_proj")]
 )
-@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("tokens", [1, 2, 40])
 def test_experts_kernel_routes_and_mixes_like_the_torch_path(modules, tokens):
     g = torch.Generator().manual_seed(tokens)
     experts = random_experts(g, modules=modules)
@@ -158,8 +159,7 @@ def test_experts_kernel_serves_only_silu_and_inference():
     gate, up = torch.randn(1, 80), torch.randn(1, 80)
     assert kernel.routed(x, gate, up, torch.randn(8, 48), 2) is None  # autograd: the torch path
     assert kernel.routed(x.detach()[:, :40], gate, up, torch.randn(8, 40), 2) is None  # wrong width
-    many = torch.randn(native.MAX_TOKENS + 1, 48)
-    assert kernel.routed(many, torch.randn(len(many), 80), torch.randn(len(many), 80), torch.randn(8, 48), 2) is None
+    assert kernel.routed(x.detach(), gate[:, :70], up[:, :70], torch.randn(8, 48), 2) is None  # other f
 
 
 @pytest.fixture

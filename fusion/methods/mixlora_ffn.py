@@ -69,8 +69,7 @@ def expert_mixture(
     sum_e p_hat_e m_e (N, f) that W_down turns into the output, the experts' down deltas
     sum_e p_hat_e ddown_e(m_e) (N, d) or None, router logits, probabilities and chosen ids."""
     pairs = flat.shape[0] * top_k
-    picked = dropout == 0.0 and flat.device.type == "cpu" and pairs <= PICKED_SHARE * router.shape[0]
-    if picked and experts:  # routing and mixture in one call of the C kernel, where it serves
+    if dropout == 0.0 and flat.device.type == "cpu" and experts:  # all in one call of the C kernel, where it serves
         kernel = _native(_stacked(experts), experts, act)
         done = None if kernel is None else kernel.routed(flat, gate, up, router, top_k)
         if done is not None:
@@ -79,7 +78,7 @@ def expert_mixture(
     probs = torch.softmax(logits, dim=-1)
     top_p, chosen = probs.topk(top_k, dim=-1)  # (N, k)
     top_p = (top_p / top_p.sum(dim=-1, keepdim=True)).to(flat.dtype)
-    if picked:
+    if dropout == 0.0 and flat.device.type == "cpu" and pairs <= PICKED_SHARE * router.shape[0]:
         mixed, down = _picked_mixture(flat, gate, up, experts, chosen, top_p, act)
         return mixed, down, logits, probs, chosen
     if dropout == 0.0 and pairs <= FEW_PAIRS:

@@ -9,14 +9,21 @@ hundreds of small torch kernels, each paying its dispatch:
   the unused ones by 0, in about 15 kernels a layer. `table_apply` does one table in one call
   and multiplies, for each row, only the ranks it uses. One q/k/v table of that batch (144
   ranks, 30 % of them used per row, one thread, warm caches): 70 us through torch, 21 us here.
-- a MixLoRA row's routed FFN for one token (`mixlora_ffn._picked_mixture`): about 24 kernels a
-  layer through torch; `picked_mixture` does them in one call, SiLU included.
-Measured figures for whole steps are in docs/perf.md ("C kernels").
+- a MixLoRA row's routing and routed FFN for one token (`mixlora_ffn.expert_mixture`): about
+  30 kernels a layer through torch; `picked_mixture` does them in one call, SiLU included.
+- the LoRA-Flow rows' gates and every row's per-rank scales (`batch_layout.Layout.gate`,
+  `LayerTables.scales`): about 10 kernels a layer; `flow_scales` does them in one call.
+Whole steps, measured: docs/perf.md ("C kernels for decoding steps").
 
-They run for float32 tensors on CPU, outside autograd: tables for up to `MAX_ROWS` rows,
-MixLoRA for up to `MAX_TOKENS` tokens with a SiLU activation. Everything else takes the torch
-path: prompts (many tokens: there the products are large enough for MKL), other dtypes and
-devices, training, no C compiler, a build or self-check that fails, or LORA_STUDIO_NATIVE=0.
+They run for float32 tensors on CPU, outside autograd: the tables and gates of decoding steps
+(up to `MAX_ROWS` rows, one token each), MixLoRA's routed FFN for any number of tokens with a
+SiLU activation. Everything else takes the torch path: prompts' tables and gates, other dtypes
+and devices, training, no C compiler, a build or self-check that fails, or
+LORA_STUDIO_NATIVE=0. A prompt's tables stay with MKL although the kernel is faster when the
+prompt uses few of a table's ranks (a prompt joining other fusions' rows): MKL computes a
+prompt's low-rank products exactly as the solo run does, and the kernel's different rounding
+grew, over 30 layers, into router probabilities 2e-5 away from the solo run's, beyond the
+1e-5 the traces are held to.
 The results agree with the torch path to float32 rounding (the sums run in another order, and
 SiLU's exponential is a polynomial within 2 ulp). On x86-64 Linux one build carries AVX-512,
 AVX2 and baseline versions of each kernel, and the loader picks the one this CPU runs.
@@ -29,13 +36,12 @@ never loads a half-written file.
 from __future__ import annotations
 
 from . import build, experts, gates, tables
-from .experts import MAX_TOKENS, NativeExperts, experts_kernel
+from .experts import NativeExperts, experts_kernel
 from .gates import flow_scales
 from .tables import MAX_ROWS, NativeTable, table_kernel
 
 __all__ = [
     "MAX_ROWS",
-    "MAX_TOKENS",
     "NativeExperts",
     "NativeTable",
     "available",

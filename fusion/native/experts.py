@@ -1,5 +1,8 @@
-"""MixLoRA's routing and routed FFN for a few tokens (`mixlora_ffn.expert_mixture`'s picked
-path): `picked_mixture` of kernels.c, each pick reading only its own expert, SiLU included."""
+"""MixLoRA's routing and routed FFN (`mixlora_ffn.expert_mixture` at inference on CPU):
+`picked_mixture` of kernels.c, each pick reading only its own expert, SiLU included. Faster
+than every torch path at every token count measured (8 experts, top-2, rank 8, one thread:
+1 token 0.07 against 0.29 ms a layer, 64 tokens 1.0 against 2.7 ms, 256 tokens 4.2 against
+9.6 ms)."""
 
 from __future__ import annotations
 
@@ -10,8 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from .build import checked
-
-MAX_TOKENS = 4  # MixLoRA tokens of one plan in a step (decoding rows), above which torch's path serves
 
 _P = ctypes.c_void_p
 
@@ -91,8 +92,7 @@ class NativeExperts:
 
     def _suits(self, x, gate, up, *others) -> bool:
         return (
-            x.shape[0] <= MAX_TOKENS
-            and x.dtype == gate.dtype == up.dtype == torch.float32
+            x.dtype == gate.dtype == up.dtype == torch.float32
             and x.device.type == "cpu"
             and all(t.stride(1) == 1 for t in (x, gate, up))
             and x.shape[1] == self.din
