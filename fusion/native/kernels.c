@@ -1,10 +1,12 @@
-/* Two kernels of the batched decoding step on CPU, each one call where the torch path takes
- * many small kernels. Loaded by `fusion/native.py`, which also says why and what they save.
+/* Three kernels of the batched decoding step on CPU, each one call where the torch path takes
+ * many small kernels; built and loaded by `fusion/native/build.py`, and `fusion/native/`
+ * says why and what they save.
  * - table_apply: the low-rank products of one batch table (`batch_layout.Table`) for a step's
  *   few rows; each row multiplies only the ranks it uses (its coefficient is not 0), where the
  *   torch path computes every rank for every row and multiplies the unused ones by 0.
- * - picked_mixture: MixLoRA's routed FFN for a few tokens, each pick reading only its own
- *   expert (`mixlora_ffn._picked_mixture`), with SiLU as the activation. */
+ * - picked_mixture: MixLoRA's routing and routed FFN (`mixlora_ffn.expert_mixture`), each pick
+ *   reading only its own expert, with SiLU as the activation.
+ * - flow_scales: LoRA-Flow's gates of one layer and every row's per-rank scales. */
 #include <stdint.h>
 #include <string.h>
 #include <stddef.h>
