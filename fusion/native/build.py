@@ -65,7 +65,8 @@ def _compiler() -> str:
 
 
 def build() -> Path:
-    """The library's path, compiled first unless this source, flags and compiler already were."""
+    """The library's path, compiled first unless this source, flags and compiler already were;
+    a new build replaces the earlier ones in the folder."""
     compiler = _compiler()
     source = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
@@ -85,6 +86,9 @@ def build() -> Path:
             last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
             raise RuntimeError(f"{Path(compiler).name} failed: {last}")
         os.replace(tmp, path)
+        for stale in folder.glob("kernels-*.so"):  # builds of earlier sources or compilers
+            if stale != path:
+                stale.unlink(missing_ok=True)  # a process that loaded one keeps its mapping
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
