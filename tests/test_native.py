@@ -154,6 +154,10 @@ def test_experts_kernel_serves_only_silu_and_inference():
     assert native.experts_kernel(experts.stacked(), experts, torch.nn.GELU()) is None
     if not native.available():
         return
+    trained = {name: (A.clone().requires_grad_(), B) for name, (A, B) in experts.items()}
+    stacked = {name: B.transpose(1, 2).contiguous() for name, (_, B) in trained.items()}
+    stacked["A_in"] = torch.cat([trained["gate_proj"][0], trained["up_proj"][0]], 1)
+    assert native.experts_kernel(stacked, trained, F.silu) is None  # experts being trained
     kernel = native.experts_kernel(experts.stacked(), experts, F.silu)
     x = torch.randn(1, 48, requires_grad=True)
     gate, up = torch.randn(1, 80), torch.randn(1, 80)

@@ -139,6 +139,8 @@ def experts_kernel(stacked: dict, experts: dict, act) -> NativeExperts | None:
         tensors.append(stacked["A_in"])
     if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
         return None
+    if any(t.requires_grad for t in tensors):  # trained experts: their gradients need autograd's path
+        return None
     kernel = _kernel()
     return None if kernel is None else NativeExperts(kernel, stacked, experts)
 

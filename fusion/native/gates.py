@@ -48,7 +48,7 @@ def flow_scales(x, flow_rows, W, b, mask, temps, coef, slots):
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.stride(1) == 1
-        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *gate)))
         and all(t.dtype == torch.float32 and t.is_contiguous() for t in gate)
         and W.shape == (flow, S, din)
         and flow_rows.shape == (flow,)

@@ -99,6 +99,8 @@ def table_kernel(A: torch.Tensor, members: list) -> NativeTable | None:
         return None
     if any(Bt.dtype != torch.float32 or not Bt.is_contiguous() for *_, Bt in members):
         return None
+    if A.requires_grad or any(Bt.requires_grad for *_, Bt in members):
+        return None
     kernel = _kernel()
     return None if kernel is None else NativeTable(kernel, A, members)
 
