@@ -56,19 +56,38 @@ class Table:
 
     def apply(self, x: torch.Tensor, ys: dict, scale: torch.Tensor) -> None:
         """x (N, d_in); ys: module -> (N, d_out), updated in place; scale (N, R) per rank.
-        A decoding step's few rows go through the C kernel where it is available (`native`:
-        each row multiplies only the ranks it uses). Otherwise A is read unpacked: an 8-row step
+        A prompt's rows (or any the C kernel does not serve) read A unpacked: an 8-row step
         with A packed for oneDNN (`packed`) was slower, 0.709 against 0.731 of the base step's
         speed (4 interleaved pairs on the 2-core AMD EPYC host; oneDNN pays ~20 us a call, more
         than a (144 x 576) product saves)."""
-        if x.shape[0] <= native.MAX_ROWS:
-            if self.kernel is False:
-                self.kernel = native.table_kernel(self.A, self.members)
-            if self.kernel is not None and self.kernel.apply(x, ys, scale):
-                return
+        if self.start(x, scale, 0, beside=False):
+            self.kernel.finish(ys)
+            return
         h = F.linear(x, self.A).mul_(scale)  # (N, R)
         for name, start, end, Bt in self.members:
             ys[name].addmm_(h[:, start:end], Bt)  # ys holds each projection's own fresh output
+
+    def start(self, x: torch.Tensor, scales: torch.Tensor, column: int, beside: bool = True) -> bool:
+        """Begin the products of a decoding step's few rows in the C kernel (each row multiplies
+        only the ranks it uses), on the helper thread where there is one (`native.helper`), so
+        that they run while the caller computes the base projections of x; the per-rank scales
+        are columns column.. of scales. True if begun: then `finish` must follow, in the same
+        thread; False where the torch path serves. beside=False: on the calling thread (the same
+        result, bit for bit)."""
+        if x.shape[0] > native.MAX_ROWS:
+            return False
+        kernel = self.kernel
+        if kernel is False:
+            kernel = self.kernel = native.table_kernel(self.A, self.members)
+        return kernel is not None and kernel.start(x, scales, column, native.helper.current() if beside else None)
+
+    def finish(self, started: bool, x: torch.Tensor, ys: dict | None, scales: torch.Tensor, column: int) -> None:
+        """Add the products to ys (module -> (N, d_out), the base projections): those `start`
+        began, or else computed now. ys None: the base projections failed; drop what began."""
+        if started:
+            self.kernel.finish(ys)
+        elif ys is not None:
+            self.apply(x, ys, scales[:, column : column + self.width])
 
 
 @dataclass
@@ -90,11 +109,16 @@ class LayerTables:
             return self.coef
         return gates.gather(1, self.slots).mul_(self.coef)
 
-    def apply(self, group: int, x: torch.Tensor, ys: dict, scales: torch.Tensor) -> None:
+    def start(self, group: int, x: torch.Tensor, scales: torch.Tensor) -> bool:
+        """`Table.start` of the group's table (False if it has none)."""
+        table = self.tables[group]
+        return table is not None and table.start(x, scales, self.offsets[group])
+
+    def finish(self, group: int, started: bool, x: torch.Tensor, ys: dict | None, scales: torch.Tensor) -> None:
+        """`Table.finish` of the group's table (nothing if it has none)."""
         table = self.tables[group]
         if table is not None:
-            start = self.offsets[group]
-            table.apply(x, ys, scales[:, start : start + table.width])
+            table.finish(started, x, ys, scales, self.offsets[group])
 
     def select(self, keep: torch.Tensor) -> LayerTables | None:
         """These tables for the rows `keep` (old indices, in order) of their batch; None if none

@@ -122,9 +122,7 @@ def decode_step(
             gate_log.append(weights)
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        ys = {name: linear(h, getattr(attn, name)) for name in ("q_proj", "k_proj", "v_proj")}
-        if tables is not None:
-            tables.apply(0, h, ys, scales)
+        ys = _projections(linear, attn, ("q_proj", "k_proj", "v_proj"), h, tables, 0, scales)
         head_dim = attn.head_dim
         q = ys["q_proj"].view(m, -1, 1, head_dim)  # (M, H, 1, hd)
         k = ys["k_proj"].view(m, -1, 1, head_dim)  # (M, kvh, 1, hd)
@@ -132,9 +130,7 @@ def decode_step(
         v = ys["v_proj"].view(m, -1, head_dim)  # (M, kvh, hd)
         out = [_attend(attn, q, k, v, cache, index, start, end) for cache, (start, end) in zip(caches, spans)]
         o = torch.cat(out).reshape(m, -1)  # (M, H * hd)
-        ys = {"o_proj": linear(o, attn.o_proj)}
-        if tables is not None:
-            tables.apply(1, o, ys, scales)
+        ys = _projections(linear, attn, ("o_proj",), o, tables, 1, scales)
         x = x + ys["o_proj"]
         h = layer.post_attention_layernorm(x)
         x = x + _mlp(layer.mlp, index, h, tables, scales, layout, sinks, linear)
@@ -145,6 +141,19 @@ def decode_step(
     for cache, count in zip(caches, counts):
         cache.length += count
     return logits
+
+
+def _projections(linear, module, names: tuple, x: torch.Tensor, tables, group: int, scales) -> dict:
+    """module's projections `names` of x, each plus its deltas from the layer's table `group`.
+    In a decoding step the deltas are computed beside the base projections (`Table.start`)."""
+    started = tables is not None and tables.start(group, x, scales)
+    ys = None
+    try:
+        ys = {name: linear(x, getattr(module, name)) for name in names}
+    finally:
+        if tables is not None:
+            tables.finish(group, started, x, ys, scales)
+    return ys
 
 
 def _attend(attn, q, k, v, cache: RowCache, layer: int, start: int, end: int) -> torch.Tensor:
@@ -178,9 +187,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def _mlp(mlp, layer: int, h: torch.Tensor, tables, scales, layout: Layout, sinks, linear) -> torch.Tensor:
     """h (N, d) -> (N, d). W_gate h, W_up h and W_down m run once for all rows; plain rows add
     their deltas, MixLoRA rows replace their m by their experts' mixture (W_down is linear)."""
-    ys = {name: linear(h, getattr(mlp, name)) for name in ("gate_proj", "up_proj")}
-    if tables is not None:
-        tables.apply(2, h, ys, scales)
+    ys = _projections(linear, mlp, ("gate_proj", "up_proj"), h, tables, 2, scales)
     m = mlp.act_fn(ys["gate_proj"]) * ys["up_proj"]  # (N, f)
     extra = []
     for (plan, rows, _), sink in zip(layout.moe_groups, sinks):
@@ -201,9 +208,7 @@ def _mlp(mlp, layer: int, h: torch.Tensor, tables, scales, layout: Layout, sinks
         sink.on_router(layer, probs, chosen)
         if down is not None:
             extra.append((rows, down))
-    ys = {"down_proj": linear(m, mlp.down_proj)}
-    if tables is not None:
-        tables.apply(3, m, ys, scales)
+    ys = _projections(linear, mlp, ("down_proj",), m, tables, 3, scales)
     y = ys["down_proj"]
     for rows, down in extra:
         if isinstance(rows, slice):

@@ -37,19 +37,70 @@ def plain(table: Table, x, ys: dict, scale) -> dict:
 @needs_kernels
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 16])
 @pytest.mark.parametrize("density", [0.3, 1.0])
-def test_table_kernel_equals_the_plain_products(rows, density):
+@pytest.mark.parametrize("beside", [True, False])
+def test_table_kernel_equals_the_plain_products(rows, density, beside):
     g = torch.Generator().manual_seed(rows * 10 + int(density * 10))
     table = random_table(g, 37, {"q_proj": (12, 40), "k_proj": (12, 9), "v_proj": (5, 9)})
-    x = torch.randn(rows, 50, generator=g)[:, 3:40]  # a strided view: rows 50 apart
-    scale = torch.randn(rows, 40, generator=g)[:, 2:31]  # a column slice of wider scales
-    scale = scale * (torch.rand(rows, 29, generator=g) < density)
+    x = torch.randn(rows, 37, generator=g)
+    scales = torch.randn(rows, 40, generator=g)  # the table's per-rank scales are columns 2..31
+    scales[:, 2:31] *= torch.rand(rows, 29, generator=g) < density
     ys = {name: torch.randn(rows, Bt.shape[1], generator=g) for name, _, _, Bt in table.members}
-    want = plain(table, x, ys, scale)
-    table.apply(x, ys, scale)
-    assert isinstance(table.kernel, native.NativeTable)  # it served: rows <= MAX_ROWS, float32
+    want = plain(table, x, ys, scales[:, 2:31])
+    assert table.start(x, scales, 2, beside)  # the kernel serves: rows <= MAX_ROWS, float32
+    assert isinstance(table.kernel, native.NativeTable)
+    table.finish(True, x, ys, scales, 2)
     for name in ys:
         assert ys[name].shape == want[name].shape
         torch.testing.assert_close(ys[name].double(), want[name], rtol=0, atol=2e-5)
+
+
+@needs_kernels
+def test_the_helper_thread_gives_the_calling_threads_result_bit_for_bit():
+    """Products computed beside the caller (`native.helper`) equal those computed by the caller,
+    bit for bit, and a call whose base projections failed leaves the table usable."""
+    g = torch.Generator().manual_seed(5)
+    table = random_table(g, 64, {"gate_proj": (16, 96), "up_proj": (16, 96)})
+    x, scales = torch.randn(8, 64, generator=g), torch.randn(8, 32, generator=g)
+    base = {name: torch.randn(8, 96, generator=g) for name in ("gate_proj", "up_proj")}
+    assert native.helper.current() is not None  # this host has 2 cores or more
+    got = {}
+    for beside in (True, False, True):
+        ys = {name: y.clone() for name, y in base.items()}
+        assert table.start(x, scales, 0, beside)
+        table.finish(True, x, ys, scales, 0)
+        got.setdefault(beside, ys)
+        assert all(torch.equal(ys[name], got[beside][name]) for name in ys)
+    assert all(torch.equal(got[True][name], got[False][name]) for name in base)
+    assert table.start(x, scales, 0, True)
+    table.finish(True, x, None, scales, 0)  # the base projections raised: the products are dropped
+    ys = {name: y.clone() for name, y in base.items()}
+    assert table.start(x, scales, 0, True)  # and the table serves the next call
+    table.finish(True, x, ys, scales, 0)
+    assert all(torch.equal(ys[name], got[True][name]) for name in ys)
+
+
+def test_the_helper_thread_can_be_switched_off(monkeypatch):
+    """LORA_STUDIO_DELTA_THREAD=0: no helper (deltas are computed on the calling thread); a
+    thread's helper is made once, on its first use."""
+    import threading
+
+    seen = {}
+
+    def probe(key):
+        seen[key] = (native.helper.current(), native.helper.current())
+
+    monkeypatch.setenv("LORA_STUDIO_DELTA_THREAD", "0")
+    thread = threading.Thread(target=probe, args=("off",))
+    thread.start()
+    thread.join()
+    assert seen["off"] == (None, None)
+    monkeypatch.setenv("LORA_STUDIO_DELTA_THREAD", "1")
+    thread = threading.Thread(target=probe, args=("on",))
+    thread.start()
+    thread.join()
+    first, again = seen["on"]
+    assert again is first
+    assert (first is not None) == (native.available() and native.helper.enabled())
 
 
 @needs_kernels
@@ -63,6 +114,7 @@ def test_unused_ranks_add_exactly_nothing():
     ys = {name: torch.randn(6, 96, generator=g) for name in ("gate_proj", "up_proj")}
     before = {name: y.clone() for name, y in ys.items()}
     table.apply(x, ys, scale)
+    assert isinstance(table.kernel, native.NativeTable)
     assert torch.equal(ys["gate_proj"][2], before["gate_proj"][2])
     assert torch.equal(ys["up_proj"][2], before["up_proj"][2])
     assert torch.equal(ys["up_proj"][4], before["up_proj"][4])
@@ -74,14 +126,26 @@ def test_table_kernel_refuses_tensors_of_other_shapes():
     g = torch.Generator().manual_seed(8)
     table = random_table(g, 16, {"q_proj": (4, 16), "k_proj": (4, 8)})
     kernel = native.table_kernel(table.A, table.members)
-    x, scale = torch.randn(3, 16, generator=g), torch.randn(3, 8, generator=g)
+    x, scales = torch.randn(3, 16, generator=g), torch.randn(3, 10, generator=g)
+    assert not kernel.start(x[:, :12].contiguous(), scales, 0, None)  # x narrower than A
+    assert not kernel.start(x, scales, 3, None)  # fewer scale columns than ranks from column 3
+    assert not kernel.start(x, scales[:, :6].contiguous(), 0, None)
+    assert not kernel.start(torch.randn(3, 32, generator=g)[:, :16], scales, 0, None)  # rows apart
+    assert not kernel.start(x.double(), scales.double(), 0, None)
+    assert not kernel.start(x.requires_grad_(), scales, 0, None)  # autograd keeps the torch path
+    x = x.detach()
+    big = torch.randn(native.MAX_ROWS + 1, 16, generator=g)
+    assert not kernel.start(big, torch.randn(native.MAX_ROWS + 1, 8, generator=g), 0, None)
+    assert kernel.start(x, scales, 2, None)
+    short = {"q_proj": torch.zeros(3, 16), "k_proj": torch.zeros(2, 8)}
+    with pytest.raises(ValueError, match=r"k_proj: the table's products are \(3, 8\), its output is \(2, 8\)"):
+        kernel.finish(short)  # an output short of rows: a clear error, nothing written
+    assert not short["q_proj"].any()
     ys = {"q_proj": torch.zeros(3, 16), "k_proj": torch.zeros(3, 8)}
-    assert not kernel.apply(x[:, :12], ys, scale)  # x narrower than A
-    assert not kernel.apply(x, ys, scale[:, :6])  # fewer scales than ranks
-    assert not kernel.apply(x, {"q_proj": ys["q_proj"], "k_proj": torch.zeros(2, 8)}, scale)  # an output short of rows
-    assert not kernel.apply(x.double(), ys, scale.double())
-    assert not ys["q_proj"].any() and not ys["k_proj"].any()  # nothing written
-    assert kernel.apply(x, ys, scale)
+    assert kernel.start(x, scales, 2, None)  # the failed call left the table usable
+    kernel.finish(ys)
+    want = plain(table, x, {"q_proj": torch.zeros(3, 16), "k_proj": torch.zeros(3, 8)}, scales[:, 2:10])
+    assert all(torch.allclose(ys[k].double(), want[k], atol=1e-5) for k in ys)
 
 
 def test_many_rows_take_the_torch_path():

@@ -35,7 +35,7 @@ never loads a half-written file.
 
 from __future__ import annotations
 
-from . import build, experts, gates, tables
+from . import build, experts, gates, helper, tables
 from .experts import NativeExperts, experts_kernel
 from .gates import flow_scales
 from .tables import MAX_ROWS, NativeTable, table_kernel
@@ -59,5 +59,5 @@ def available() -> bool:
 
 def forget_loaded() -> None:
     """Load the library and check the kernels again on next use (after the environment changed)."""
-    for cached in (build.library, tables._kernel, experts._kernel, gates._kernel):
+    for cached in (build.library, tables._kernels, experts._kernel, gates._kernel, helper._lib):
         cached.cache_clear()

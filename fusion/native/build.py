@@ -19,8 +19,8 @@ from pathlib import Path
 
 from ..limits import cache_dir, int_env
 
-SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-std=c11", "-fopenmp-simd", "-fno-trapping-math", "-fPIC", "-shared"]
+SOURCES = [Path(__file__).with_name(name) for name in ("kernels.c", "helper.c")]
+FLAGS = ["-O3", "-std=c11", "-fopenmp-simd", "-fno-trapping-math", "-fPIC", "-shared", "-pthread"]
 BUILD_TIMEOUT_S = 120
 
 log = logging.getLogger("fusion.native")
@@ -68,9 +68,9 @@ def build() -> Path:
     """The library's path, compiled first unless this source, flags and compiler already were;
     a new build replaces the earlier ones in the folder."""
     compiler = _compiler()
-    source = SOURCE.read_bytes()
+    sources = [path.read_bytes() for path in SOURCES]
     version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version, platform.machine().encode()]))
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), version, platform.machine().encode()]))
     folder = cache_dir() / "native"
     path = folder / f"kernels-{key.hexdigest()[:16]}.so"
     if path.exists():
@@ -80,7 +80,7 @@ def build() -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
         )
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]

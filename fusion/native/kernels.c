@@ -97,6 +97,7 @@ CLONES int table_apply(const struct table_call *c) {
     }
     for (int m = 0; m < c->members; m++) {
         const int d = c->dout[m];
+        for (int n = 0; n < N; n++) memset(c->y[m] + n * c->y_stride[m], 0, d * sizeof(float));
         for (int r = c->start[m]; r < c->end[m]; r++) {
             const float *b = c->Bt[m] + (size_t)(r - c->start[m]) * d;
             for (int n = 0; n < N; n++) {
@@ -106,6 +107,19 @@ CLONES int table_apply(const struct table_call *c) {
         }
     }
     return 0;
+}
+
+/* out_m[n] += y_m[n] for every member m and row n, out_m (rows, dout_m) contiguous: a table's
+ * products, computed apart (beside the base projections, `helper.c`), added to the
+ * projections' outputs once those exist. */
+CLONES void table_add(const struct table_call *c, float *const *out) {
+    for (int m = 0; m < c->members; m++)
+        for (int n = 0; n < c->rows; n++) {
+            float *restrict o = out[m] + (size_t)n * c->dout[m];
+            const float *restrict y = c->y[m] + n * c->y_stride[m];
+#pragma omp simd
+            for (int i = 0; i < c->dout[m]; i++) o[i] += y[i];
+        }
 }
 
 /* exp(x) for float, vectorizable (no libm call, no branch): Cephes' expf polynomial after

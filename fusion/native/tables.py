@@ -9,11 +9,13 @@ import threading
 
 import torch
 
-from .build import checked
+from . import helper
+from .build import checked, library
 
 MAX_ROWS = 16  # above this many rows (a prompt), MKL's products are faster
 
 _P = ctypes.c_void_p
+_F32 = torch.float32
 
 
 class _Call(ctypes.Structure):
@@ -40,57 +42,99 @@ class _Call(ctypes.Structure):
 
 
 class NativeTable:
-    """The kernel's view of one table: the addresses of its factors, fixed when it is made (it
-    holds the tensors, so they stay alive). One call at a time (a lock guards the call record
-    and the scratch it reuses)."""
+    """The kernel's view of one table: the addresses of its factors and of its own output
+    buffers, fixed when it is made (it holds the tensors, so they stay alive). One call at a
+    time: `start` takes a lock that `finish` releases. The checks of each call are few and
+    cheap: a decoding step makes 4 calls a layer."""
 
-    def __init__(self, kernel, A: torch.Tensor, members: list):
-        self.kernel = kernel
+    def __init__(self, kernel, add, A: torch.Tensor, members: list):
+        self.kernel, self.add = kernel, add
+        self.function = ctypes.cast(kernel, _P)
         self.names = [name for name, *_ in members]
+        self.douts = [Bt.shape[1] for *_, Bt in members]
+        self.din, self.width = A.shape[1], A.shape[0]
+        self.out = [torch.empty(MAX_ROWS, d, dtype=torch.float32) for d in self.douts]  # the products
         self.tensors = [A] + [Bt for *_, Bt in members]
         count = len(members)
-        self.start = (ctypes.c_int * count)(*[start for _, start, _, _ in members])
-        self.end = (ctypes.c_int * count)(*[end for _, _, end, _ in members])
-        self.dout = (ctypes.c_int * count)(*[Bt.shape[1] for *_, Bt in members])
+        self.starts = (ctypes.c_int * count)(*[start for _, start, _, _ in members])
+        self.ends = (ctypes.c_int * count)(*[end for _, _, end, _ in members])
+        self.dout = (ctypes.c_int * count)(*self.douts)
         self.Bt = (_P * count)(*[Bt.data_ptr() for *_, Bt in members])
-        self.y = (_P * count)()
-        self.y_stride = (ctypes.c_long * count)()
+        self.y = (_P * count)(*[out.data_ptr() for out in self.out])
+        self.y_stride = (ctypes.c_long * count)(*self.douts)
         self.h = torch.empty(MAX_ROWS, A.shape[0], dtype=torch.float32)
         call = self.call = _Call()
-        call.din, call.width, call.members, call.A = A.shape[1], A.shape[0], count, A.data_ptr()
+        call.din, call.width, call.members, call.A = self.din, self.width, count, A.data_ptr()
         call.start, call.end, call.dout, call.Bt = (
-            ctypes.cast(a, _P) for a in (self.start, self.end, self.dout, self.Bt)
+            ctypes.cast(a, _P) for a in (self.starts, self.ends, self.dout, self.Bt)
         )
         call.y, call.y_stride = ctypes.cast(self.y, _P), ctypes.cast(self.y_stride, _P)
         call.h = self.h.data_ptr()
         self.ref = ctypes.byref(call)
+        self.dst = (_P * count)()  # finish: the projections' outputs
         self.lock = threading.Lock()
+        self.helper, self.result = None, None
 
-    def apply(self, x: torch.Tensor, ys: dict, scale: torch.Tensor) -> bool:
-        """What `Table.apply` does, if these tensors suit the kernel; False (nothing done) if not."""
-        outs = [ys[name] for name in self.names]
+    def start(self, x: torch.Tensor, scales: torch.Tensor, column: int, helper) -> bool:
+        """Begin this table's products for x (rows, d_in) with the per-rank scales in columns
+        column.. of scales (rows, W), into the table's own buffers: on `helper` (a
+        `helper.Helper`) if given, else here and now. True if begun; then `finish` must follow,
+        in the same thread. False (nothing begun) if these tensors do not suit the kernel:
+        float32 on CPU, contiguous, outside autograd, at most MAX_ROWS rows."""
         rows = x.shape[0]
         if not (
-            rows <= MAX_ROWS
-            and x.shape[1] == self.call.din
-            and scale.shape == (rows, self.call.width)
-            and all(y.shape == (rows, d) for y, d in zip(outs, self.dout))
-            and x.dtype == scale.dtype == torch.float32
-            and x.device.type == "cpu"
-            and x.stride(1) == 1
-            and scale.stride(1) == 1
-            and not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad))
-            and all(y.dtype == torch.float32 and y.stride(1) == 1 and not y.requires_grad for y in outs)
+            x.dtype is _F32
+            and scales.dtype is _F32
+            and x.is_cpu
+            and scales.is_cpu
+            and x.dim() == scales.dim() == 2
+            and rows <= MAX_ROWS
+            and x.shape[1] == self.din
+            and scales.shape[0] == rows
+            and 0 <= column <= scales.shape[1] - self.width
+            and x.is_contiguous()
+            and scales.is_contiguous()
+            and not (x.requires_grad or scales.requires_grad)
         ):
             return False
-        with self.lock:
-            for i, y in enumerate(outs):
-                self.y[i] = y.data_ptr()
-                self.y_stride[i] = y.stride(0)
+        self.lock.acquire()
+        try:
             call = self.call
-            call.rows, call.x, call.x_stride = rows, x.data_ptr(), x.stride(0)
-            call.scale, call.scale_stride = scale.data_ptr(), scale.stride(0)
-            return self.kernel(self.ref) == 0
+            call.rows, call.x, call.x_stride = rows, x.data_ptr(), self.din
+            call.scale, call.scale_stride = scales.data_ptr() + 4 * column, scales.shape[1]
+            self.helper = helper if helper is not None and helper.post(self.function, self.ref) else None
+            if self.helper is None:
+                self.result = self.kernel(self.ref)
+        except BaseException:
+            self.helper = None
+            self.lock.release()
+            raise
+        return True
+
+    def finish(self, ys: dict | None) -> None:
+        """Wait for the products `start` began and add them to ys (module -> (rows, d_out));
+        ys None: drop them (the base projections failed)."""
+        try:
+            result = self.helper.wait() if self.helper is not None else self.result
+            if ys is None:
+                return
+            if result != 0:
+                raise RuntimeError("table_apply refused a call it was checked for")
+            rows, dst = self.call.rows, self.dst
+            outs = [ys[name] for name in self.names]
+            for name, y, d in zip(self.names, outs, self.douts):
+                if y.shape != (rows, d):
+                    raise ValueError(f"{name}: the table's products are ({rows}, {d}), its output is {tuple(y.shape)}")
+            if not all(y.dtype is _F32 and y.is_contiguous() and not y.requires_grad for y in outs):
+                for y, out in zip(outs, self.out):  # another dtype or layout: torch adds
+                    y.add_(out[:rows].to(y.dtype))
+                return
+            for i, y in enumerate(outs):
+                dst[i] = y.data_ptr()
+            self.add(self.ref, dst)
+        finally:
+            self.helper = None
+            self.lock.release()
 
 
 def table_kernel(A: torch.Tensor, members: list) -> NativeTable | None:
@@ -101,26 +145,35 @@ def table_kernel(A: torch.Tensor, members: list) -> NativeTable | None:
         return None
     if A.requires_grad or any(Bt.requires_grad for *_, Bt in members):
         return None
-    kernel = _kernel()
-    return None if kernel is None else NativeTable(kernel, A, members)
+    kernels = _kernels()
+    return None if kernels is None else NativeTable(*kernels, A, members)
 
 
 @functools.cache
-def _kernel():
-    return checked("table_apply", _check)
+def _kernels():
+    """(table_apply, table_add), or None if the library is missing or fails the check."""
+    kernel = checked("table_apply", _check)
+    return None if kernel is None else (kernel, library().table_add)
 
 
 def _check(kernel) -> bool:
     """One small table through the kernel against the plain products, every branch of it (rows
-    in fours and alone, unused ranks, two members)."""
+    in fours and alone, unused ranks, two members, columns of a wider scales), on this thread
+    and on the helper."""
     g = torch.Generator().manual_seed(0)
     A = torch.randn(6, 37, generator=g)
     members = [("a", 0, 4, torch.randn(4, 19, generator=g)), ("b", 4, 6, torch.randn(2, 5, generator=g))]
     x = torch.randn(7, 37, generator=g)
     scale = torch.randn(7, 6, generator=g) * (torch.arange(42).view(7, 6) % 3 != 0)
-    ys = {"a": torch.zeros(7, 19), "b": torch.zeros(7, 5)}
-    if not NativeTable(kernel, A, members).apply(x, ys, scale):
-        return False
     h = (x.double() @ A.double().t()) * scale.double()
     want = {"a": h[:, :4] @ members[0][3].double(), "b": h[:, 4:] @ members[1][3].double()}
-    return all(torch.allclose(ys[k].double(), want[k], rtol=1e-5, atol=1e-5) for k in ys)
+    table = NativeTable(kernel, library().table_add, A, members)
+    scales = torch.cat([torch.randn(7, 3, generator=g), scale, torch.randn(7, 2, generator=g)], 1)
+    for beside in (None, helper.current()):
+        ys = {"a": torch.ones(7, 19), "b": torch.ones(7, 5)}
+        if not table.start(x, scales, 3, beside):
+            return False
+        table.finish(ys)
+        if not all(torch.allclose(ys[k].double(), want[k] + 1, rtol=1e-5, atol=1e-5) for k in ys):
+            return False
+    return True
