@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .batch_layout import Layout
-from .methods.mixlora_ffn import expert_mixture
+from .methods.mixlora_ffn import begin_mixture, expert_mixture
 from .packed import packed_weights
 
 BATCHED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -187,20 +187,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def _mlp(mlp, layer: int, h: torch.Tensor, tables, scales, layout: Layout, sinks, linear) -> torch.Tensor:
     """h (N, d) -> (N, d). W_gate h, W_up h and W_down m run once for all rows; plain rows add
     their deltas, MixLoRA rows replace their m by their experts' mixture (W_down is linear)."""
+    groups = []  # per MixLoRA group: its rows' inputs and its experts' call, begun beside W_gate h, W_up h
+    for plan, rows, _ in layout.moe_groups:
+        routers, experts, top_k, act = plan.experts
+        mine = _take(h, rows)
+        groups.append((mine, begin_mixture(mine, routers[layer], experts.get(layer, {}), top_k, act or mlp.act_fn)))
     ys = _projections(linear, mlp, ("gate_proj", "up_proj"), h, tables, 2, scales)
     m = mlp.act_fn(ys["gate_proj"]) * ys["up_proj"]  # (N, f)
     extra = []
-    for (plan, rows, _), sink in zip(layout.moe_groups, sinks):
-        routers, experts, top_k, act = plan.experts
-        mixed, down, _, probs, chosen = expert_mixture(
-            _take(h, rows),
-            _take(ys["gate_proj"], rows),
-            _take(ys["up_proj"], rows),
-            routers[layer],
-            experts.get(layer, {}),
-            top_k,
-            act or mlp.act_fn,
-        )
+    for (plan, rows, _), sink, (mine, pending) in zip(layout.moe_groups, sinks, groups):
+        gate, up = _take(ys["gate_proj"], rows), _take(ys["up_proj"], rows)
+        done = None if pending is None else pending.finish(gate, up)
+        if done is None:
+            routers, experts, top_k, act = plan.experts
+            done = expert_mixture(mine, gate, up, routers[layer], experts.get(layer, {}), top_k, act or mlp.act_fn)
+        mixed, down, _, probs, chosen = done
         if isinstance(rows, slice):
             m[rows] = mixed
         else:

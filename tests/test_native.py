@@ -212,6 +212,31 @@ def test_experts_kernel_routes_and_mixes_like_the_torch_path(modules, tokens):
         torch.testing.assert_close(given[1], loop[1], rtol=0, atol=1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize("modules", [("gate_proj", "up_proj", "down_proj"), ("up_proj", "down_proj")])
+def test_experts_begun_beside_the_base_projections_equal_expert_mixture(modules):
+    """`begin_mixture` (routing and gate/up deltas on the helper thread, the rest in `finish`)
+    gives `expert_mixture`'s result bit for bit; a prompt's many tokens are not begun."""
+    from fusion.methods.mixlora_ffn import begin_mixture
+
+    g = torch.Generator().manual_seed(11)
+    experts = random_experts(g, modules=modules)
+    router = torch.randn(8, 48, generator=g)
+    x, gate, up = (torch.randn(5, n, generator=g) for n in (48, 80, 80))
+    want = expert_mixture(x, gate, up, router, experts, 2, F.silu)
+    assert native.helper.current() is not None
+    for _ in range(3):  # the helper serves call after call
+        pending = begin_mixture(x, router, experts, 2, F.silu)
+        assert pending is not None and pending.helper is native.helper.current()
+        got = pending.finish(gate, up)
+        for a, b in zip(got, want):
+            assert (a is None and b is None) or torch.equal(a, b)
+    assert begin_mixture(torch.randn(native.MAX_ROWS + 1, 48), router, experts, 2, F.silu) is None
+    assert begin_mixture(x, router, experts, 2, torch.nn.GELU()) is None  # not SiLU: the torch path
+    pending = begin_mixture(x, router, experts, 2, F.silu)
+    assert pending.finish(gate[:, :70], up[:, :70]) is None  # other f: the caller takes the torch path
+
+
 def test_experts_kernel_serves_only_silu_and_inference():
     g = torch.Generator().manual_seed(5)
     experts = random_experts(g)

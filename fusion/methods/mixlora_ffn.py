@@ -107,6 +107,19 @@ def expert_mixture(
     return mixed, down_delta, logits, probs, chosen
 
 
+def begin_mixture(flat: torch.Tensor, router: torch.Tensor, experts: dict, top_k: int, act):
+    """Begin `expert_mixture` for tokens flat (N, d) before W_gate h and W_up h exist: the
+    routing and the experts' gate and up deltas run on the C kernel's helper thread
+    (`native.helper`) while the caller computes those. Returns a pending call whose
+    `finish(gate, up)` gives what `expert_mixture` does, bit for bit, or None where the kernel
+    cannot serve (then call `expert_mixture`). For a decoding step's few tokens only: a prompt's
+    tokens run both phases token after token (`expert_mixture`), keeping one token's deltas."""
+    if flat.device.type != "cpu" or not experts or flat.shape[0] > native.MAX_ROWS:
+        return None
+    kernel = _native(_stacked(experts), experts, act)
+    return None if kernel is None else kernel.begin(flat, router, top_k, native.helper.current())
+
+
 FEW_PAIRS = 64  # token-expert pairs up to which the dense path below is taken
 PICKED_SHARE = 0.5  # on CPU, up to this many pairs per expert each pick reads its own expert
 
@@ -153,7 +166,9 @@ def _stacked(experts: dict) -> dict:
 
 def _native(stacked: dict, experts: dict, act):
     """The C kernel's view of these experts (`native.NativeExperts`), made once and kept with
-    their stacked forms, or None where it cannot serve them."""
+    their stacked forms, or None where it cannot serve them (another activation than SiLU)."""
+    if not native.experts.is_silu(act):
+        return None
     if "native" not in stacked:
         stacked["native"] = native.experts_kernel(stacked, experts, act)
     return stacked["native"]

@@ -31,7 +31,13 @@ class _Picked(ctypes.Structure):
         ("up_stride", ctypes.c_long),
         *((name, _P) for name in ("router", "logits", "probs", "chosen", "weights")),
         *((name, _P) for name in ("A_in", "B_gate", "B_up", "A_down", "B_down", "mixed", "down", "scratch")),
+        ("deltas", _P),
+        ("deltas_stride", ctypes.c_long),
+        ("phase", ctypes.c_int),
     ]
+
+
+PICK_IN, PICK_OUT = 1, 2  # the kernel's phases (kernels.c)
 
 
 class NativeExperts:
@@ -40,6 +46,7 @@ class NativeExperts:
 
     def __init__(self, kernel, stacked: dict, experts: dict):
         self.kernel = kernel
+        self.function = ctypes.cast(kernel, _P)
         inputs = stacked.get("inputs", [])
         A_in = stacked.get("A_in")
         self.tensors = [A_in] + [stacked[name] for name in experts] + [experts[name][0] for name in experts]
@@ -65,22 +72,34 @@ class NativeExperts:
     def routed(self, x, gate, up, router: torch.Tensor, top_k: int):
         """What `mixlora_ffn.expert_mixture` returns, (mixed, down, logits, probs, chosen), with
         the routing done here too; None if these tensors do not suit the kernel."""
-        n = x.shape[0]
+        pending = self.begin(x, router, top_k, None, now=False)
+        return None if pending is None else pending.finish(gate, up)
+
+    def begin(self, x, router: torch.Tensor, top_k: int, helper, now: bool = True) -> Pending | None:
+        """Route x (n, d) and compute its picks' gate and up deltas, on `helper` (a
+        `helper.Helper`) if given, else now; `Pending.finish` with W_gate x and W_up x gives
+        what `routed` does, bit for bit. now=False: both phases run in `finish`, token after
+        token, with one token's deltas in memory at a time (a prompt's tokens). None if these
+        tensors do not suit the kernel."""
         if not (
             router.dtype == torch.float32 and router.is_contiguous() and router.shape == (self.num_experts, x.shape[1])
         ):
             return None
-        if not 0 < top_k <= self.num_experts or not self._suits(x, gate, up):
+        if not 0 < top_k <= self.num_experts or not self._suits_input(x):
             return None
-        logits, probs = x.new_empty(n, self.num_experts), x.new_empty(n, self.num_experts)
-        chosen, weights = torch.empty(n, top_k, dtype=torch.int64), x.new_empty(n, top_k)
-        mixed, down = self._run(x, gate, up, chosen, weights, router=router, logits=logits, probs=probs)
-        return mixed, down, logits, probs, chosen
+        n = x.shape[0]
+        out = Pending(self, x, n, top_k, one_token=not now)
+        out.router, out.logits, out.probs = router, x.new_empty(n, self.num_experts), x.new_empty(n, self.num_experts)
+        call = out.call
+        call.router, call.logits, call.probs = router.data_ptr(), out.logits.data_ptr(), out.probs.data_ptr()
+        if now:
+            out.start(helper)
+        return out
 
     def picked(self, x, gate, up, chosen: torch.Tensor, weights: torch.Tensor):
         """What `mixlora_ffn._picked_mixture` returns, (mixed, down), for the picks given; None
         if these tensors do not suit the kernel."""
-        if chosen.dtype != torch.int64 or weights.dtype != torch.float32 or not self._suits(x, gate, up, weights):
+        if chosen.dtype != torch.int64 or weights.dtype != torch.float32 or not self._suits_input(x, weights):
             return None
         if (
             chosen.shape != weights.shape
@@ -88,51 +107,91 @@ class NativeExperts:
             or not 0 <= int(chosen.min()) <= int(chosen.max()) < self.num_experts
         ):
             return None
-        return self._run(x, gate, up, chosen.contiguous(), weights.contiguous())
+        out = Pending(self, x, x.shape[0], chosen.shape[1], chosen.contiguous(), weights.contiguous(), one_token=True)
+        done = out.finish(gate, up)
+        return None if done is None else done[:2]
 
-    def _suits(self, x, gate, up, *others) -> bool:
+    def _suits_input(self, x, *others) -> bool:
         return (
-            x.dtype == gate.dtype == up.dtype == torch.float32
+            x.dtype == torch.float32
             and x.device.type == "cpu"
-            and all(t.stride(1) == 1 for t in (x, gate, up))
+            and x.dim() == 2
+            and x.stride(1) == 1
             and x.shape[1] == self.din
-            and gate.shape == up.shape == (x.shape[0], self.f)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, up, *others)))
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)))
         )
 
-    def _run(self, x, gate, up, chosen, weights, router=None, logits=None, probs=None):
-        n, din = x.shape
-        mixed = x.new_empty(n, self.f)
-        down = x.new_empty(n, din) if self.has["down_proj"] else None
-        scratch = x.new_empty(2 * self.f + 2 * self.rank)
-        call = _Picked(
+
+class Pending:
+    """One call of the kernel in its two phases: routing and the gate and up deltas (`start`),
+    then the mixture from W_gate x and W_up x (`finish`), or (one_token) both in `finish`, token
+    after token. It holds every tensor the call reads or writes until it ends."""
+
+    def __init__(self, experts: NativeExperts, x, n: int, picks: int, chosen=None, weights=None, one_token=False):
+        self.experts, self.x, self.n = experts, x, n
+        self.router = self.logits = self.probs = None
+        self.chosen = torch.empty(n, picks, dtype=torch.int64) if chosen is None else chosen
+        self.weights = x.new_empty(n, picks) if weights is None else weights
+        f = experts.f
+        self.deltas = x.new_empty(1 if one_token else n, picks, 2, f)
+        self.phase = PICK_IN | PICK_OUT if one_token else PICK_OUT
+        self.scratch = x.new_empty(2 * experts.rank)
+        self.call = _Picked(
             tokens=n,
-            picks=chosen.shape[1],
-            din=din,
+            picks=picks,
+            din=x.shape[1],
             x=x.data_ptr(),
             x_stride=x.stride(0),
-            gate=gate.data_ptr(),
-            up=up.data_ptr(),
-            gate_stride=gate.stride(0),
-            up_stride=up.stride(0),
-            router=0 if router is None else router.data_ptr(),
-            logits=0 if logits is None else logits.data_ptr(),
-            probs=0 if probs is None else probs.data_ptr(),
-            chosen=chosen.data_ptr(),
-            weights=weights.data_ptr(),
-            mixed=mixed.data_ptr(),
-            down=0 if down is None else down.data_ptr(),
-            scratch=scratch.data_ptr(),
-            **self.fixed,
+            chosen=self.chosen.data_ptr(),
+            weights=self.weights.data_ptr(),
+            scratch=self.scratch.data_ptr(),
+            deltas=self.deltas.data_ptr(),
+            deltas_stride=0 if one_token else picks * 2 * f,
+            **experts.fixed,
         )
-        self.kernel(ctypes.byref(call))
-        return mixed, down
+        self.helper = None
+
+    def start(self, helper) -> None:
+        self.call.phase = PICK_IN
+        ref = ctypes.byref(self.call)
+        self.helper = helper if helper is not None and helper.post(self.experts.function, ref) else None
+        if self.helper is None:
+            self.experts.kernel(ref)
+
+    def finish(self, gate, up):
+        """(mixed, down, logits, probs, chosen) for W_gate x and W_up x (n, f) each; None (after
+        the first phase has ended) if they do not suit the kernel."""
+        if self.helper is not None:
+            self.helper.wait()
+            self.helper = None
+        f = self.experts.f
+        if not (
+            gate.dtype == up.dtype == torch.float32
+            and gate.shape == up.shape == (self.n, f)
+            and gate.stride(1) == up.stride(1) == 1
+            and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))
+        ):
+            return None
+        x = self.x
+        mixed = x.new_empty(self.n, f)
+        down = x.new_empty(self.n, x.shape[1]) if self.experts.has["down_proj"] else None
+        call = self.call
+        call.gate, call.up, call.gate_stride, call.up_stride = (
+            gate.data_ptr(),
+            up.data_ptr(),
+            gate.stride(0),
+            up.stride(0),
+        )
+        call.mixed, call.down = mixed.data_ptr(), 0 if down is None else down.data_ptr()
+        call.phase = self.phase
+        self.experts.kernel(ctypes.byref(call))
+        return mixed, down, self.logits, self.probs, self.chosen
 
 
 def experts_kernel(stacked: dict, experts: dict, act) -> NativeExperts | None:
     """The kernel for one layer's experts (module -> (A (E, r, d_in), B (E, d_out, r))) and their
     stacked forms, or None where the torch path must serve them."""
-    if not experts or not _is_silu(act):
+    if not experts or not is_silu(act):
         return None
     tensors = [stacked[name] for name in experts] + [experts[name][0] for name in experts]
     if "A_in" in stacked:
@@ -145,7 +204,8 @@ def experts_kernel(stacked: dict, experts: dict, act) -> NativeExperts | None:
     return None if kernel is None else NativeExperts(kernel, stacked, experts)
 
 
-def _is_silu(act) -> bool:
+def is_silu(act) -> bool:
+    """Whether act is SiLU, the only activation the kernel computes."""
     try:
         from transformers.activations import SiLUActivation
     except ImportError:  # older transformers

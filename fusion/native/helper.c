@@ -1,6 +1,6 @@
-/* A helper thread that runs one kernel call at a time beside its caller (`fusion/native/helper.py`
- * says why): the caller posts a call, goes on with its own work (the base projections, in torch,
- * on the other core) and then waits for the call to end.
+/* A helper thread that runs kernel calls beside its caller (`fusion/native/helper.py` says why):
+ * the caller posts calls (up to SLOTS at once, run in order), goes on with its own work (the base
+ * projections, in torch, on the other core) and then waits for all of them to end.
  *
  * After each call the helper waits for the next one awake for SPIN_US, yielding its core to any
  * other runnable thread after the first PAUSE_US, before it sleeps on a condition variable: the
@@ -18,20 +18,20 @@
 
 #define SPIN_US 5000
 #define PAUSE_US 50
+#define SLOTS 8
 
 typedef int (*job_fn)(const void *);
-
-enum { IDLE, POSTED, DONE, QUIT };
 
 struct helper {
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    atomic_int state;
+    atomic_uint posted; /* calls posted so far (written by the caller) */
+    atomic_uint done; /* calls ended so far (written by the helper) */
+    atomic_int quit;
     int sleeping; /* under mu */
-    job_fn fn;
-    const void *arg;
-    int result;
+    job_fn fn[SLOTS];
+    const void *arg[SLOTS];
 };
 
 static long long now_us(void) {
@@ -46,12 +46,17 @@ static inline void relax(void) {
 #endif
 }
 
+static int idle(struct helper *w, unsigned done) {
+    return atomic_load_explicit(&w->posted, memory_order_acquire) == done &&
+           !atomic_load_explicit(&w->quit, memory_order_acquire);
+}
+
 static void *loop(void *p) {
     struct helper *w = p;
+    unsigned done = 0;
     for (;;) {
-        int s;
         const long long begun = now_us();
-        while ((s = atomic_load_explicit(&w->state, memory_order_acquire)) != POSTED && s != QUIT) {
+        while (idle(w, done)) {
             const long long waited = now_us() - begun;
             if (waited < PAUSE_US) {
                 relax();
@@ -62,22 +67,24 @@ static void *loop(void *p) {
                 continue;
             }
             pthread_mutex_lock(&w->mu);
-            while ((s = atomic_load_explicit(&w->state, memory_order_acquire)) != POSTED && s != QUIT) {
+            while (idle(w, done)) {
                 w->sleeping = 1;
                 pthread_cond_wait(&w->cv, &w->mu);
             }
             w->sleeping = 0;
             pthread_mutex_unlock(&w->mu);
         }
-        if (s == QUIT) return NULL;
-        w->result = w->fn(w->arg);
-        atomic_store_explicit(&w->state, DONE, memory_order_release);
+        if (atomic_load_explicit(&w->quit, memory_order_acquire)) return NULL;
+        const unsigned posted = atomic_load_explicit(&w->posted, memory_order_acquire);
+        for (; done != posted; done++) {
+            w->fn[done % SLOTS](w->arg[done % SLOTS]);
+            atomic_store_explicit(&w->done, done + 1, memory_order_release);
+        }
     }
 }
 
-static void wake(struct helper *w, int state) {
+static void wake(struct helper *w) {
     pthread_mutex_lock(&w->mu);
-    atomic_store_explicit(&w->state, state, memory_order_release);
     if (w->sleeping) pthread_cond_signal(&w->cv);
     pthread_mutex_unlock(&w->mu);
 }
@@ -88,7 +95,9 @@ struct helper *helper_new(void) {
     if (!w) return NULL;
     pthread_mutex_init(&w->mu, NULL);
     pthread_cond_init(&w->cv, NULL);
-    atomic_init(&w->state, IDLE);
+    atomic_init(&w->posted, 0);
+    atomic_init(&w->done, 0);
+    atomic_init(&w->quit, 0);
     if (pthread_create(&w->thread, NULL, loop, w) != 0) {
         pthread_cond_destroy(&w->cv);
         pthread_mutex_destroy(&w->mu);
@@ -98,35 +107,36 @@ struct helper *helper_new(void) {
     return w;
 }
 
-/* Start fn(arg) on the helper. Returns 0, or -1 if a call is still running (nothing posted). */
+/* Queue fn(arg) on the helper, after the calls posted before it. Returns 0, or -1 if SLOTS calls
+ * are still running or waiting (nothing posted). Only one thread may post to a helper. */
 int helper_post(struct helper *w, job_fn fn, const void *arg) {
-    if (atomic_load_explicit(&w->state, memory_order_acquire) == POSTED) return -1;
-    w->fn = fn;
-    w->arg = arg;
-    wake(w, POSTED);
+    const unsigned posted = atomic_load_explicit(&w->posted, memory_order_relaxed);
+    if (posted - atomic_load_explicit(&w->done, memory_order_acquire) >= SLOTS) return -1;
+    w->fn[posted % SLOTS] = fn;
+    w->arg[posted % SLOTS] = arg;
+    atomic_store_explicit(&w->posted, posted + 1, memory_order_release);
+    wake(w);
     return 0;
 }
 
-/* Wait for the posted call to end and return its result (0 if nothing was posted). */
-int helper_wait(struct helper *w) {
-    int s;
+/* Wait for every posted call to end. */
+void helper_wait(struct helper *w) {
+    const unsigned posted = atomic_load_explicit(&w->posted, memory_order_relaxed);
     unsigned spins = 0;
-    while ((s = atomic_load_explicit(&w->state, memory_order_acquire)) == POSTED) {
+    while (atomic_load_explicit(&w->done, memory_order_acquire) != posted) {
         if (++spins < 1u << 16)
             relax();
         else
             sched_yield(); /* the helper was descheduled: let it run */
     }
-    int result = s == DONE ? w->result : 0;
-    atomic_store_explicit(&w->state, IDLE, memory_order_release);
-    return result;
 }
 
-/* Wait for any posted call, stop the thread and free it. */
+/* Wait for the posted calls, stop the thread and free it. */
 void helper_free(struct helper *w) {
     if (!w) return;
     helper_wait(w);
-    wake(w, QUIT);
+    atomic_store_explicit(&w->quit, 1, memory_order_release);
+    wake(w);
     pthread_join(w->thread, NULL);
     pthread_cond_destroy(&w->cv);
     pthread_mutex_destroy(&w->mu);

@@ -4,7 +4,8 @@ The scheduler's forwards run with one intra-op thread (`fusion.threads` says why
 host the other cores wait while a step runs. A mixed batch's deltas do not depend on the base
 projections they are added to: a table's low-rank products of the layer input can run on a
 helper thread while the calling thread computes the base projections of the same input, and
-are added once both are done (`batch_layout.Table.start` and `finish`). The helper is a C
+are added once both are done (`batch_layout.Table.start` and `finish`); so can a MixLoRA row's
+routing and its experts' gate and up deltas (`mixlora_ffn.begin_mixture`). The helper is a C
 thread (it never takes the GIL), one per calling thread, started on first use.
 
 It serves where the C kernels do, on a host with at least two cores this process may run on,
@@ -26,24 +27,20 @@ _local = threading.local()
 
 
 class Helper:
-    """The calling thread's helper: `post` a kernel call, then `wait` for its result."""
+    """The calling thread's helper: `post` kernel calls (they run in order), then `wait` for
+    all of them."""
 
     def __init__(self, lib, handle: int):
         self._lib, self._handle = lib, ctypes.c_void_p(handle)
-        self._posted = False
 
     def post(self, function: ctypes.c_void_p, call_ref) -> bool:
-        """Start function(call) (a kernel's address) on the helper; False (nothing started) if a
-        call is running."""
-        if self._posted or self._lib.helper_post(self._handle, function, call_ref):
-            return False
-        self._posted = True
-        return True
+        """Queue function(call) (a kernel's address) on the helper; False (nothing queued) if
+        its queue is full."""
+        return self._lib.helper_post(self._handle, function, call_ref) == 0
 
-    def wait(self) -> int:
-        """The posted call's result, once it has ended."""
-        self._posted = False
-        return self._lib.helper_wait(self._handle)
+    def wait(self) -> None:
+        """Return once every call posted so far has ended."""
+        self._lib.helper_wait(self._handle)
 
     def __del__(self):
         lib, self._lib = self._lib, None
@@ -59,6 +56,7 @@ def _lib():
     lib.helper_new.restype = ctypes.c_void_p
     lib.helper_post.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.helper_wait.argtypes = [ctypes.c_void_p]
+    lib.helper_wait.restype = None
     lib.helper_free.argtypes = [ctypes.c_void_p]
     return lib
 

@@ -5,7 +5,8 @@
  *   few rows; each row multiplies only the ranks it uses (its coefficient is not 0), where the
  *   torch path computes every rank for every row and multiplies the unused ones by 0.
  * - picked_mixture: MixLoRA's routing and routed FFN (`mixlora_ffn.expert_mixture`), each pick
- *   reading only its own expert, with SiLU as the activation.
+ *   reading only its own expert, with SiLU as the activation; in two phases where the first
+ *   runs beside the base projections it does not need.
  * - flow_scales: LoRA-Flow's gates of one layer and every row's per-rank scales. */
 #include <stdint.h>
 #include <string.h>
@@ -162,8 +163,14 @@ struct picked_call {
     const float *B_down; /* (E, rank, din) */
     float *mixed; /* (tokens, f), written: sum over picks of w * m */
     float *down; /* (tokens, din), written: sum over picks of w * B_down (A_down m), if has_down */
-    float *scratch; /* 2 f + 2 rank floats */
+    float *scratch; /* 2 rank floats */
+    float *deltas; /* per token (picks, 2, f): each pick's gate and up deltas, then its m */
+    long deltas_stride; /* between tokens' deltas; 0: one token's, reused */
+    int phase; /* PICK_IN, PICK_OUT or both */
 };
+
+#define PICK_IN 1 /* routing (if a router is given) and the picks' gate and up deltas */
+#define PICK_OUT 2 /* from those deltas: each pick's m, the mixture and the down deltas */
 
 /* MixLoRA's router for one token: logits = router x, probs = softmax(logits), the top `picks`
  * experts by probability (the lower index first among equals) and their probabilities
@@ -194,46 +201,68 @@ INLINE void route(const struct picked_call *c, int n, const float *x) {
     for (int p = 0; p < k; p++) weights[p] /= picked;
 }
 
-/* Per token n (routed first if a router is given) and pick p (expert e, weight w):
- * g = gate[n] + B_gate_e A_gate_e x[n], u likewise, m = silu(g) * u;
- * mixed[n] = sum_p w m; down[n] = sum_p w B_down_e (A_down_e m). */
-CLONES void picked_mixture(const struct picked_call *c) {
+/* Token n's picks' deltas dg = B_gate_e A_gate_e x[n] and du likewise (0 where the experts
+ * carry no such module), into d (picks, 2, f); routed first if a router is given. */
+INLINE void pick_in(const struct picked_call *c, int n, float *d) {
     const int f = c->f, din = c->din, r = c->rank, P = c->has_gate + c->has_up;
-    float *g = c->scratch, *u = g + f, *t = u + f;
-    for (int n = 0; n < c->tokens; n++) {
-        const float *x = c->x + n * c->x_stride;
-        if (c->router) route(c, n, x);
-        float *mixed = c->mixed + (size_t)n * f;
-        float *down = c->has_down ? c->down + (size_t)n * din : NULL;
-        for (int i = 0; i < f; i++) mixed[i] = 0.0f;
-        if (down)
-            for (int i = 0; i < din; i++) down[i] = 0.0f;
-        for (int p = 0; p < c->picks; p++) {
-            const int64_t e = c->chosen[n * c->picks + p];
-            const float w = c->weights[n * c->picks + p];
-            memcpy(g, c->gate + n * c->gate_stride, f * sizeof(float));
-            memcpy(u, c->up + n * c->up_stride, f * sizeof(float));
-            const float *A = c->A_in + (size_t)e * P * r * din;
-            for (int j = 0; j < P * r; j++) t[j] = dot1(A + (size_t)j * din, x, din);
-            int q = 0;
-            if (c->has_gate) {
-                const float *B = c->B_gate + (size_t)e * r * f;
-                for (int j = 0; j < r; j++) axpy(g, t[j], B + (size_t)j * f, f);
-                q = r;
-            }
-            if (c->has_up) {
-                const float *B = c->B_up + (size_t)e * r * f;
-                for (int j = 0; j < r; j++) axpy(u, t[q + j], B + (size_t)j * f, f);
-            }
-#pragma omp simd
-            for (int i = 0; i < f; i++) g[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
-            axpy(mixed, w, g, f);
-            if (down) {
-                const float *A = c->A_down + (size_t)e * r * f, *B = c->B_down + (size_t)e * r * din;
-                for (int j = 0; j < r; j++) axpy(down, w * dot1(A + (size_t)j * f, g, f), B + (size_t)j * din, din);
-            }
+    const float *x = c->x + n * c->x_stride;
+    float *t = c->scratch;
+    if (c->router) route(c, n, x);
+    for (int p = 0; p < c->picks; p++) {
+        const int64_t e = c->chosen[n * c->picks + p];
+        float *dg = d + (size_t)p * 2 * f, *du = dg + f;
+        memset(dg, 0, 2 * f * sizeof(float));
+        const float *A = c->A_in + (size_t)e * P * r * din;
+        for (int j = 0; j < P * r; j++) t[j] = dot1(A + (size_t)j * din, x, din);
+        int q = 0;
+        if (c->has_gate) {
+            const float *B = c->B_gate + (size_t)e * r * f;
+            for (int j = 0; j < r; j++) axpy(dg, t[j], B + (size_t)j * f, f);
+            q = r;
+        }
+        if (c->has_up) {
+            const float *B = c->B_up + (size_t)e * r * f;
+            for (int j = 0; j < r; j++) axpy(du, t[q + j], B + (size_t)j * f, f);
         }
     }
+}
+
+/* Token n from its picks' deltas d: m = silu(gate[n] + dg) * (up[n] + du) per pick (kept in dg),
+ * mixed[n] = sum_p w m, down[n] = sum_p w B_down_e (A_down_e m). */
+INLINE void pick_out(const struct picked_call *c, int n, float *d) {
+    const int f = c->f, din = c->din, r = c->rank;
+    const float *gate = c->gate + n * c->gate_stride, *up = c->up + n * c->up_stride;
+    float *mixed = c->mixed + (size_t)n * f;
+    float *down = c->has_down ? c->down + (size_t)n * din : NULL;
+    memset(mixed, 0, f * sizeof(float));
+    if (down) memset(down, 0, din * sizeof(float));
+    for (int p = 0; p < c->picks; p++) {
+        const int64_t e = c->chosen[n * c->picks + p];
+        const float w = c->weights[n * c->picks + p];
+        float *m = d + (size_t)p * 2 * f;
+        const float *du = m + f;
+#pragma omp simd
+        for (int i = 0; i < f; i++) {
+            float g = gate[i] + m[i];
+            m[i] = g / (1.0f + exp_approx(-g)) * (up[i] + du[i]);
+        }
+        axpy(mixed, w, m, f);
+        if (down) {
+            const float *A = c->A_down + (size_t)e * r * f, *B = c->B_down + (size_t)e * r * din;
+            for (int j = 0; j < r; j++) axpy(down, w * dot1(A + (size_t)j * f, m, f), B + (size_t)j * din, din);
+        }
+    }
+}
+
+/* The phases asked for, token after token. PICK_IN alone can run beside the computation of
+ * W_gate x and W_up x (`helper.c`), which PICK_OUT reads. Returns 0. */
+CLONES int picked_mixture(const struct picked_call *c) {
+    for (int n = 0; n < c->tokens; n++) {
+        float *d = c->deltas + n * c->deltas_stride;
+        if (c->phase & PICK_IN) pick_in(c, n, d);
+        if (c->phase & PICK_OUT) pick_out(c, n, d);
+    }
+    return 0;
 }
 
 struct flow_call {

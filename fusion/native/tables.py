@@ -115,10 +115,11 @@ class NativeTable:
         """Wait for the products `start` began and add them to ys (module -> (rows, d_out));
         ys None: drop them (the base projections failed)."""
         try:
-            result = self.helper.wait() if self.helper is not None else self.result
+            if self.helper is not None:
+                self.helper.wait()
             if ys is None:
                 return
-            if result != 0:
+            if self.helper is None and self.result != 0:
                 raise RuntimeError("table_apply refused a call it was checked for")
             rows, dst = self.call.rows, self.dst
             outs = [ys[name] for name in self.names]
