@@ -317,16 +317,21 @@ class Layout:
             return None, None if tables is None else tables.coef
         if self.folded is None:
             if self.flow_token_rows is None:  # one token per row: the C kernel, where it serves
-                done = native.flow_scales(
-                    x,
-                    self.flow_rows,
-                    self.gate_W[layer],
-                    self.gate_b[layer],
-                    self.gate_mask,
-                    self.gate_temps,
-                    None if tables is None else tables.coef,
-                    None if tables is None else tables.slots,
-                )
+                calls = self.__dict__.setdefault("flow_calls", {})  # per layer, made on first use
+                call = calls.get(layer, False)
+                if call is False:
+                    call = calls[layer] = native.flow_call(
+                        self.n,
+                        x.shape[1],
+                        self.flow_rows,
+                        self.gate_W[layer],
+                        self.gate_b[layer],
+                        self.gate_mask,
+                        self.gate_temps,
+                        None if tables is None else tables.coef,
+                        None if tables is None else tables.slots,
+                    )
+                done = None if call is None else call.run(x)
                 if done is not None:
                     return done
             weights, gates = self.gate(layer, x)

@@ -79,6 +79,40 @@ def test_the_helper_thread_gives_the_calling_threads_result_bit_for_bit():
     assert all(torch.equal(ys[name], got[True][name]) for name in ys)
 
 
+@needs_kernels
+def test_a_forked_child_gets_a_helper_of_its_own():
+    """The helper thread does not survive fork: the child starts its own on first use, and
+    computes a table's products beside as the parent does."""
+    import os
+
+    g = torch.Generator().manual_seed(6)
+    table = random_table(g, 32, {"o_proj": (8, 32)})
+    x, scales = torch.randn(2, 32, generator=g), torch.randn(2, 8, generator=g)
+    parent = native.helper.current()
+    assert parent is not None
+    ys = {"o_proj": torch.zeros(2, 32)}
+    assert table.start(x, scales, 0)
+    table.finish(True, x, ys, scales, 0)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest
+        ok = 0
+        try:
+            mine = native.helper.current()
+            got = {"o_proj": torch.zeros(2, 32)}
+            if mine is not None and mine is not parent and table.start(x, scales, 0):
+                table.finish(True, x, got, scales, 0)
+                ok = int(torch.equal(got["o_proj"], ys["o_proj"]))
+        finally:
+            os.write(write, bytes([ok]))
+            os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.waitpid(pid, 0)
+    assert answer == bytes([1])
+    assert native.helper.current() is parent
+
+
 def test_the_helper_thread_can_be_switched_off(monkeypatch):
     """LORA_STUDIO_DELTA_THREAD=0: no helper (deltas are computed on the calling thread); a
     thread's helper is made once, on its first use."""

@@ -28,6 +28,11 @@ The results agree with the torch path to float32 rounding (the sums run in anoth
 SiLU's exponential is a polynomial within 2 ulp). On x86-64 Linux one build carries AVX-512,
 AVX2 and baseline versions of each kernel, and the loader picks the one this CPU runs.
 
+On a host with two cores or more, a decoding step runs the tables' products and a MixLoRA
+row's routing and gate/up deltas on a helper thread (`helper`) while the calling thread
+computes the base projections they are added to; one core, or LORA_STUDIO_DELTA_THREAD=0,
+runs the same calls on the calling thread, with the same result bit for bit.
+
 The library is built once per source, flags and compiler into the cache folder
 (`limits.cache_dir()` / native), written under a temporary name and renamed, so a process
 never loads a half-written file.
@@ -37,7 +42,7 @@ from __future__ import annotations
 
 from . import build, experts, gates, helper, tables
 from .experts import NativeExperts, experts_kernel
-from .gates import flow_scales
+from .gates import flow_call, flow_scales
 from .tables import MAX_ROWS, NativeTable, table_kernel
 
 __all__ = [
@@ -46,6 +51,7 @@ __all__ = [
     "NativeTable",
     "available",
     "experts_kernel",
+    "flow_call",
     "flow_scales",
     "forget_loaded",
     "table_kernel",

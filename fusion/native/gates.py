@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 
 import torch
 
@@ -38,18 +39,21 @@ def flow_scales(x, flow_rows, W, b, mask, temps, coef, slots):
     does). x (N, d); flow_rows (n_flow,) int64; W (n_flow, S, d), b (n_flow, S), mask (n_flow, S)
     or None, temps (n_flow, 1) or None; coef (N, W) or None; slots (N, W) int64 or None. The
     indices (flow_rows, slots) are the layout's own, not checked here."""
+    call = flow_call(x.shape[0], x.shape[1], flow_rows, W, b, mask, temps, coef, slots)
+    return None if call is None else call.run(x)
+
+
+def flow_call(rows: int, din: int, flow_rows, W, b, mask, temps, coef, slots) -> FlowCall | None:
+    """`flow_scales` for one layer of a layout, its fixed tensors checked once (a layout keeps
+    one per layer: `FlowCall.run` per step checks x only); None where the kernel cannot serve."""
     kernel = _kernel()
-    rows, din = x.shape
     flow, S = b.shape
     gate = [W, b] + [t for t in (mask, temps) if t is not None]
     if not (
         kernel is not None
         and rows <= MAX_ROWS
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.stride(1) == 1
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *gate)))
-        and all(t.dtype == torch.float32 and t.is_contiguous() for t in gate)
+        and not any(t.requires_grad for t in gate)
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in gate)
         and W.shape == (flow, S, din)
         and flow_rows.shape == (flow,)
         and flow_rows.dtype == torch.int64
@@ -62,37 +66,60 @@ def flow_scales(x, flow_rows, W, b, mask, temps, coef, slots):
         and (slots is None or (slots.shape == coef.shape and slots.dtype == torch.int64 and slots.stride(1) == 1))
     ):
         return None
-    return _run(kernel, x, flow_rows.contiguous(), W, b, mask, temps, coef, slots)
+    return FlowCall(kernel, rows, din, flow_rows.contiguous(), W, b, mask, temps, coef, slots)
 
 
-def _run(kernel, x, flow_rows, W, b, mask, temps, coef, slots):
-    rows, din = x.shape
-    flow, S = b.shape
-    width = 0 if coef is None else coef.shape[1]
-    weights = x.new_empty(flow, S)
-    scales = None if slots is None else x.new_empty(rows, width)
-    call = _Flow(
-        rows=rows,
-        flow=flow,
-        slots=S,
-        din=din,
-        width=width,
-        x=x.data_ptr(),
-        x_stride=x.stride(0),
-        flow_rows=flow_rows.data_ptr(),
-        W=W.data_ptr(),
-        b=b.data_ptr(),
-        mask=0 if mask is None else mask.data_ptr(),
-        temps=0 if temps is None else temps.data_ptr(),
-        coef=0 if coef is None else coef.data_ptr(),
-        coef_stride=0 if coef is None else coef.stride(0),
-        slot=0 if slots is None else slots.data_ptr(),
-        slot_stride=0 if slots is None else slots.stride(0),
-        weights=weights.data_ptr(),
-        scales=0 if scales is None else scales.data_ptr(),
-    )
-    kernel(ctypes.byref(call))
-    return weights, (coef if scales is None else scales)
+class FlowCall:
+    """The kernel's call for one layer: the addresses of the gates, coefficients and slots set
+    once (it holds those tensors); `run` gives each step's gates and scales for its x. One call
+    at a time (a lock guards the call record)."""
+
+    def __init__(self, kernel, rows, din, flow_rows, W, b, mask, temps, coef, slots):
+        self.kernel, self.rows, self.din = kernel, rows, din
+        self.flow, self.S = b.shape
+        self.width = 0 if coef is None else coef.shape[1]
+        self.coef, self.with_scales = coef, slots is not None
+        self.tensors = [flow_rows, W, b, mask, temps, coef, slots]
+        self.call = _Flow(
+            rows=rows,
+            flow=self.flow,
+            slots=self.S,
+            din=din,
+            width=self.width,
+            flow_rows=flow_rows.data_ptr(),
+            W=W.data_ptr(),
+            b=b.data_ptr(),
+            mask=0 if mask is None else mask.data_ptr(),
+            temps=0 if temps is None else temps.data_ptr(),
+            coef=0 if coef is None else coef.data_ptr(),
+            coef_stride=0 if coef is None else coef.stride(0),
+            slot=0 if slots is None else slots.data_ptr(),
+            slot_stride=0 if slots is None else slots.stride(0),
+        )
+        self.ref = ctypes.byref(self.call)
+        self.lock = threading.Lock()
+
+    def run(self, x):
+        """(weights (n_flow, S), scales (N, W) or the coefficients, or None) for x (N, d), the
+        residual stream entering the layer; None if x does not suit the kernel."""
+        if not (
+            x.dtype is torch.float32
+            and x.is_cpu
+            and x.dim() == 2
+            and x.shape[0] == self.rows
+            and x.shape[1] == self.din
+            and x.stride(1) == 1
+            and not x.requires_grad
+        ):
+            return None
+        weights = x.new_empty(self.flow, self.S)
+        scales = x.new_empty(self.rows, self.width) if self.with_scales else None
+        with self.lock:
+            call = self.call
+            call.x, call.x_stride = x.data_ptr(), x.stride(0)
+            call.weights, call.scales = weights.data_ptr(), 0 if scales is None else scales.data_ptr()
+            self.kernel(self.ref)
+        return weights, (self.coef if scales is None else scales)
 
 
 @functools.cache
@@ -112,7 +139,7 @@ def _check(kernel) -> bool:
     temps = torch.tensor([[1.0], [0.5]])
     coef = torch.randn(rows, width, generator=g)
     slots = torch.tensor([[0, 1, 2, 3, 1], [0, 0, 0, 0, 0], [2, 0, 1, 1, 0]])
-    got = _run(kernel, x, flow_rows, W, b, mask, temps, coef, slots)
+    got = FlowCall(kernel, rows, d, flow_rows, W, b, mask, temps, coef, slots).run(x)
     logits = torch.einsum("jsd,jd->js", W.double(), x[flow_rows].double()) / temps.double() + mask.double()
     weights = torch.softmax(logits, -1) + b.double()
     table = torch.ones(rows, S + 1, dtype=torch.float64)
