@@ -192,7 +192,13 @@ def _mlp(mlp, layer: int, h: torch.Tensor, tables, scales, layout: Layout, sinks
         routers, experts, top_k, act = plan.experts
         mine = _take(h, rows)
         groups.append((mine, begin_mixture(mine, routers[layer], experts.get(layer, {}), top_k, act or mlp.act_fn)))
-    ys = _projections(linear, mlp, ("gate_proj", "up_proj"), h, tables, 2, scales)
+    try:
+        ys = _projections(linear, mlp, ("gate_proj", "up_proj"), h, tables, 2, scales)
+    except BaseException:
+        for _, pending in groups:  # the helper may still be writing into their tensors
+            if pending is not None:
+                pending.wait()
+        raise
     m = mlp.act_fn(ys["gate_proj"]) * ys["up_proj"]  # (N, f)
     extra = []
     for (plan, rows, _), sink, (mine, pending) in zip(layout.moe_groups, sinks, groups):

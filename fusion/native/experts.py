@@ -158,12 +158,16 @@ class Pending:
         if self.helper is None:
             self.experts.kernel(ref)
 
-    def finish(self, gate, up):
-        """(mixed, down, logits, probs, chosen) for W_gate x and W_up x (n, f) each; None (after
-        the first phase has ended) if they do not suit the kernel."""
+    def wait(self) -> None:
+        """Return once the first phase has ended (the helper no longer touches these tensors)."""
         if self.helper is not None:
             self.helper.wait()
             self.helper = None
+
+    def finish(self, gate, up):
+        """(mixed, down, logits, probs, chosen) for W_gate x and W_up x (n, f) each; None (after
+        the first phase has ended) if they do not suit the kernel."""
+        self.wait()
         f = self.experts.f
         if not (
             gate.dtype == up.dtype == torch.float32
