@@ -555,3 +555,46 @@ def test_close_cancels_rows_and_stops_the_loop(studio, requests):
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(RuntimeError, match="closed"):
         scheduler.submit(engine.plan(requests["base"]), ids, Sampling(max_new_tokens=2))
+
+
+def test_the_helper_thread_changes_no_bit_of_mixed_steps(studio, requests, monkeypatch):
+    """Decoding steps whose deltas run on the C helper thread beside the base projections
+    (`native.helper`) give the logits of the same steps computed on the calling thread, bit for
+    bit: a prompt step and three decoding steps of nine fusions, MixLoRA and LoRA-Flow included.
+    The helper does serve them: the tables and the MixLoRA row post to it."""
+    from fusion import native
+
+    if native.helper.current() is None:
+        pytest.skip("no helper thread here: one core, or no C compiler")
+    engine = studio.engine
+    plans = [engine.plan(r) for r in requests.values()]
+    prompts = [prompt(studio, 4 + i, seed=i) for i in range(len(plans))]
+    native.tables._kernels()  # the kernels' self-checks (which post too) done before counting
+    posts = []
+    real_post = native.helper.Helper.post
+
+    def counting_post(self, function, ref):
+        posts.append(function.value)
+        return real_post(self, function, ref)
+
+    monkeypatch.setattr(native.helper.Helper, "post", counting_post)
+    got = {}
+    for beside in (True, False):
+        if not beside:
+            monkeypatch.setattr(native.helper, "current", lambda: None)
+        layout = Layout(engine.model, plans)
+        caches = [RowCache.empty(engine.model.config, 40, "cpu", torch.float32) for _ in plans]
+        tokens = torch.tensor([t for p in prompts for t in p])
+        steps = [decode_step(engine.model, layout, tokens, caches, [None] * len(plans), [len(p) for p in prompts])]
+        for _ in range(3):
+            steps.append(decode_step(engine.model, layout, steps[-1].argmax(-1), caches, [None] * len(plans)))
+        got[beside] = steps
+        if beside:
+            kinds = set(posts)
+    assert len(kinds) == 2  # table_apply and picked_mixture
+    counts = sorted(posts.count(kind) for kind in kinds)
+    # per layer: the 4 tables in each of the 3 decoding steps (a prompt step's many rows take MKL),
+    # the MixLoRA row in all 4 steps (its 10-token prompt is within the helper's few tokens)
+    assert counts == sorted([3 * LAYERS * 4, 4 * LAYERS])
+    for with_helper, without in zip(got[True], got[False]):
+        assert torch.equal(with_helper, without)
