@@ -84,12 +84,26 @@ def test_a_forked_child_gets_a_helper_of_its_own():
     """The helper thread does not survive fork: the child starts its own on first use, and
     computes a table's products beside as the parent does."""
     import os
+    import select
+    import signal
 
     g = torch.Generator().manual_seed(6)
     table = random_table(g, 32, {"o_proj": (8, 32)})
     x, scales = torch.randn(2, 32, generator=g), torch.randn(2, 8, generator=g)
     parent = native.helper.current()
     assert parent is not None
+    import threading
+
+    other_ready, other_done = threading.Event(), threading.Event()
+
+    def other_thread():  # a second thread with its own helper, alive at the fork: the child
+        native.helper.current()  # drops its copy on start, which must not wait for that thread
+        other_ready.set()
+        other_done.wait()
+
+    other = threading.Thread(target=other_thread)
+    other.start()
+    other_ready.wait()
     ys = {"o_proj": torch.zeros(2, 32)}
     assert table.start(x, scales, 0)
     table.finish(True, x, ys, scales, 0)
@@ -107,9 +121,16 @@ def test_a_forked_child_gets_a_helper_of_its_own():
             os.write(write, bytes([ok]))
             os._exit(0)
     os.close(write)
+    if not select.select([read], [], [], 120)[0]:  # a child stuck at the fork: fail, do not hang
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        other_done.set()
+        pytest.fail("the forked child did not answer within 120 s")
     answer = os.read(read, 1)
-    os.waitpid(pid, 0)
-    assert answer == bytes([1])
+    _, status = os.waitpid(pid, 0)
+    other_done.set()
+    other.join()
+    assert answer == bytes([1]) and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     assert native.helper.current() is parent
 
 

@@ -1,6 +1,7 @@
 /* A helper thread that runs kernel calls beside its caller (`fusion/native/helper.py` says why):
- * the caller posts calls (up to SLOTS at once, run in order), goes on with its own work (the base
- * projections, in torch, on the other core) and then waits for all of them to end.
+ * the caller posts calls (up to SLOTS at once, independent of each other), goes on with its own
+ * work (the base projections, in torch, on the other core) and then waits for all of them to
+ * end, running any the helper has not taken yet itself.
  *
  * After each call the helper waits for the next one awake for SPIN_US, yielding its core to any
  * other runnable thread after the first PAUSE_US, before it sleeps on a condition variable: the
@@ -26,8 +27,10 @@ struct helper {
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    atomic_uint posted; /* calls posted so far (written by the caller) */
-    atomic_uint done; /* calls ended so far (written by the helper) */
+    atomic_uint posted; /* calls posted so far (only the caller posts) */
+    atomic_uint claimed; /* calls taken so far, by the helper or by the waiting caller */
+    atomic_uint finished; /* calls ended so far */
+    atomic_int busy[SLOTS]; /* a slot's call is posted and has not ended */
     atomic_int quit;
     int sleeping; /* under mu */
     job_fn fn[SLOTS];
@@ -46,17 +49,33 @@ static inline void relax(void) {
 #endif
 }
 
-static int idle(struct helper *w, unsigned done) {
-    return atomic_load_explicit(&w->posted, memory_order_acquire) == done &&
+/* Take the next posted call nobody has taken and run it. Returns 0 if there was none. */
+static int run_one(struct helper *w) {
+    unsigned c = atomic_load_explicit(&w->claimed, memory_order_acquire);
+    while (c != atomic_load_explicit(&w->posted, memory_order_acquire)) {
+        if (atomic_compare_exchange_weak_explicit(&w->claimed, &c, c + 1, memory_order_acq_rel,
+                                                  memory_order_acquire)) {
+            const unsigned s = c % SLOTS;
+            w->fn[s](w->arg[s]);
+            atomic_store_explicit(&w->busy[s], 0, memory_order_release);
+            atomic_fetch_add_explicit(&w->finished, 1, memory_order_release);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static int idle(struct helper *w) {
+    return atomic_load_explicit(&w->claimed, memory_order_acquire) ==
+               atomic_load_explicit(&w->posted, memory_order_acquire) &&
            !atomic_load_explicit(&w->quit, memory_order_acquire);
 }
 
 static void *loop(void *p) {
     struct helper *w = p;
-    unsigned done = 0;
     for (;;) {
         const long long begun = now_us();
-        while (idle(w, done)) {
+        while (idle(w)) {
             const long long waited = now_us() - begun;
             if (waited < PAUSE_US) {
                 relax();
@@ -67,7 +86,7 @@ static void *loop(void *p) {
                 continue;
             }
             pthread_mutex_lock(&w->mu);
-            while (idle(w, done)) {
+            while (idle(w)) {
                 w->sleeping = 1;
                 pthread_cond_wait(&w->cv, &w->mu);
             }
@@ -75,10 +94,7 @@ static void *loop(void *p) {
             pthread_mutex_unlock(&w->mu);
         }
         if (atomic_load_explicit(&w->quit, memory_order_acquire)) return NULL;
-        const unsigned posted = atomic_load_explicit(&w->posted, memory_order_acquire);
-        for (; done != posted; done++) {
-            w->fn[done % SLOTS](w->arg[done % SLOTS]);
-            atomic_store_explicit(&w->done, done + 1, memory_order_release);
+        while (run_one(w)) {
         }
     }
 }
@@ -96,8 +112,10 @@ struct helper *helper_new(void) {
     pthread_mutex_init(&w->mu, NULL);
     pthread_cond_init(&w->cv, NULL);
     atomic_init(&w->posted, 0);
-    atomic_init(&w->done, 0);
+    atomic_init(&w->claimed, 0);
+    atomic_init(&w->finished, 0);
     atomic_init(&w->quit, 0);
+    for (int s = 0; s < SLOTS; s++) atomic_init(&w->busy[s], 0);
     if (pthread_create(&w->thread, NULL, loop, w) != 0) {
         pthread_cond_destroy(&w->cv);
         pthread_mutex_destroy(&w->mu);
@@ -107,27 +125,32 @@ struct helper *helper_new(void) {
     return w;
 }
 
-/* Queue fn(arg) on the helper, after the calls posted before it. Returns 0, or -1 if SLOTS calls
- * are still running or waiting (nothing posted). Only one thread may post to a helper. */
+/* Post fn(arg) to the helper. Returns 0, or -1 if its slot still holds a call that has not
+ * ended (nothing posted: run it yourself). Only one thread may post to a helper. Calls posted
+ * together must not depend on each other: they may run in any order, on either thread. */
 int helper_post(struct helper *w, job_fn fn, const void *arg) {
     const unsigned posted = atomic_load_explicit(&w->posted, memory_order_relaxed);
-    if (posted - atomic_load_explicit(&w->done, memory_order_acquire) >= SLOTS) return -1;
-    w->fn[posted % SLOTS] = fn;
-    w->arg[posted % SLOTS] = arg;
+    const unsigned s = posted % SLOTS;
+    if (atomic_load_explicit(&w->busy[s], memory_order_acquire)) return -1;
+    w->fn[s] = fn;
+    w->arg[s] = arg;
+    atomic_store_explicit(&w->busy[s], 1, memory_order_relaxed);
     atomic_store_explicit(&w->posted, posted + 1, memory_order_release);
     wake(w);
     return 0;
 }
 
-/* Wait for every posted call to end. */
+/* Return once every posted call has ended. The caller runs the calls the helper has not taken
+ * yet itself, so a helper kept off its core (a busy host) costs at most the call it is in. */
 void helper_wait(struct helper *w) {
     const unsigned posted = atomic_load_explicit(&w->posted, memory_order_relaxed);
     unsigned spins = 0;
-    while (atomic_load_explicit(&w->done, memory_order_acquire) != posted) {
-        if (++spins < 1u << 16)
+    while (atomic_load_explicit(&w->finished, memory_order_acquire) != posted) {
+        if (run_one(w)) continue;
+        if (++spins < 1u << 12)
             relax();
         else
-            sched_yield(); /* the helper was descheduled: let it run */
+            sched_yield(); /* the helper is in a call but off its core: let it run */
     }
 }
 

@@ -27,15 +27,18 @@ _local = threading.local()
 
 
 class Helper:
-    """The calling thread's helper: `post` kernel calls (they run in order), then `wait` for
-    all of them."""
+    """The calling thread's helper: `post` kernel calls (independent of each other: they may run
+    in any order, on either thread), then `wait` for all of them; waiting runs those the helper
+    has not taken yet on the calling thread, so a helper kept off its core by a busy host
+    costs at most the call it is in."""
 
     def __init__(self, lib, handle: int):
         self._lib, self._handle = lib, ctypes.c_void_p(handle)
+        self._pid = os.getpid()  # a forked child holds a copy of this object but not the thread
 
     def post(self, function: ctypes.c_void_p, call_ref) -> bool:
-        """Queue function(call) (a kernel's address) on the helper; False (nothing queued) if
-        its queue is full."""
+        """Post function(call) (a kernel's address) to the helper; False (nothing posted) if
+        8 calls are already waiting or running."""
         return self._lib.helper_post(self._handle, function, call_ref) == 0
 
     def wait(self) -> None:
@@ -44,7 +47,7 @@ class Helper:
 
     def __del__(self):
         lib, self._lib = self._lib, None
-        if lib is not None:
+        if lib is not None and self._pid == os.getpid():  # in a forked child: never free (leaked)
             lib.helper_free(self._handle)
 
 
@@ -72,10 +75,8 @@ def enabled() -> bool:
 
 
 def _after_fork_in_child() -> None:
-    """The helper thread does not exist in a forked child: never use or free it there."""
-    stale = getattr(_local, "helper", None)
-    if stale is not None:
-        stale._lib = None
+    """The helper threads do not exist in a forked child: the forking thread starts a new one
+    on its next use (no helper is freed there: `Helper.__del__` checks the process)."""
     _local.helper = False
 
 
