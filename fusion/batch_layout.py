@@ -220,6 +220,7 @@ class Layout:
         self.flow = [i for i, p in enumerate(plans) if p.layer_gate is not None]
         self.flow_token_rows = None  # in a layout of tokens: each LoRA-Flow token's row in the gate stacks
         self.folded = None  # one LoRA-Flow row alone: per layer, its scales as one addmm (`_fold_gate`)
+        self.flow_calls: dict = {}  # per layer: the C kernel's gate call (`native.flow_call`), made on first use
         if self.flow:
             self._stack_gates(device, dtype)
             if self.n == 1:
@@ -251,6 +252,7 @@ class Layout:
         kept_flow = [flow_at[old] for old in keep if old in flow_at]  # per kept flow row or token
         out.flow = [new for new, old in enumerate(keep) if old in flow_at]
         out.flow_token_rows = None
+        out.flow_calls = {}
         out.folded = self.folded if rows == {0} else None
         if out.flow:
             unique = list(dict.fromkeys(kept_flow))  # the gate stacks stay one per row
@@ -317,10 +319,9 @@ class Layout:
             return None, None if tables is None else tables.coef
         if self.folded is None:
             if self.flow_token_rows is None:  # one token per row: the C kernel, where it serves
-                calls = self.__dict__.setdefault("flow_calls", {})  # per layer, made on first use
-                call = calls.get(layer, False)
+                call = self.flow_calls.get(layer, False)
                 if call is False:
-                    call = calls[layer] = native.flow_call(
+                    call = self.flow_calls[layer] = native.flow_call(
                         self.n,
                         x.shape[1],
                         self.flow_rows,
