@@ -62,7 +62,10 @@ class Table:
         than a (144 x 576) product saves)."""
         if self.start(x, scale, 0, beside=False):
             self.kernel.finish(ys)
-            return
+        else:
+            self._products(x, ys, scale)
+
+    def _products(self, x: torch.Tensor, ys: dict, scale: torch.Tensor) -> None:
         h = F.linear(x, self.A).mul_(scale)  # (N, R)
         for name, start, end, Bt in self.members:
             ys[name].addmm_(h[:, start:end], Bt)  # ys holds each projection's own fresh output
@@ -86,8 +89,8 @@ class Table:
         began, or else computed now. ys None: the base projections failed; drop what began."""
         if started:
             self.kernel.finish(ys)
-        elif ys is not None:
-            self.apply(x, ys, scales[:, column : column + self.width])
+        elif ys is not None:  # `start` declined: the torch path
+            self._products(x, ys, scales[:, column : column + self.width])
 
 
 @dataclass

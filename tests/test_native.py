@@ -362,7 +362,6 @@ def test_the_kernels_can_be_switched_off(fresh_build, monkeypatch):
 def test_flow_kernel_gives_the_gates_and_scales_of_the_torch_path(with_table):
     """Five rows, three of them LoRA-Flow ones with k = 3, 2 (padding slot masked) and 3 gate
     slots, one at temperature 0.7, against the gates and scales computed in float64."""
-    from fusion.native import flow_scales
 
     g = torch.Generator().manual_seed(9)
     rows, S, d, width = 5, 3, 24, 11
@@ -376,7 +375,7 @@ def test_flow_kernel_gives_the_gates_and_scales_of_the_torch_path(with_table):
     if with_table:
         slots[[1, 2]] = 0  # static rows scale by their coefficients only
         slots[3][slots[3] == 3] = 1  # the k=2 row uses its two slots
-    weights, scales = flow_scales(x, flow_rows, W, b, mask, temps, coef, slots)
+    weights, scales = native.flow_call(rows, d, flow_rows, W, b, mask, temps, coef, slots).run(x)
     logits = torch.einsum("jsd,jd->js", W.double(), x[flow_rows].double()) / temps.double() + mask.double()
     want = torch.softmax(logits, -1) + b.double()
     torch.testing.assert_close(weights.double(), want, rtol=0, atol=1e-6)

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from . import build, experts, gates, helper, tables
 from .experts import NativeExperts, experts_kernel
-from .gates import flow_call, flow_scales
+from .gates import flow_call
 from .tables import MAX_ROWS, NativeTable, table_kernel
 
 __all__ = [
@@ -52,7 +52,6 @@ __all__ = [
     "available",
     "experts_kernel",
     "flow_call",
-    "flow_scales",
     "forget_loaded",
     "table_kernel",
 ]

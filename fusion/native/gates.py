@@ -31,21 +31,14 @@ class _Flow(ctypes.Structure):
     ]
 
 
-def flow_scales(x, flow_rows, W, b, mask, temps, coef, slots):
-    """A decoding step's LoRA-Flow gates at one layer and every row's per-rank scales, what
-    `batch_layout.Layout.gate` and `LayerTables.scales` give for one token per row: (weights
-    (n_flow, S), scales (N, W), or the coefficients themselves when no rank has a slot, or None
-    when the layer has no table), or None where the kernel cannot serve (the torch path then
-    does). x (N, d); flow_rows (n_flow,) int64; W (n_flow, S, d), b (n_flow, S), mask (n_flow, S)
-    or None, temps (n_flow, 1) or None; coef (N, W) or None; slots (N, W) int64 or None. The
-    indices (flow_rows, slots) are the layout's own, not checked here."""
-    call = flow_call(x.shape[0], x.shape[1], flow_rows, W, b, mask, temps, coef, slots)
-    return None if call is None else call.run(x)
-
-
 def flow_call(rows: int, din: int, flow_rows, W, b, mask, temps, coef, slots) -> FlowCall | None:
-    """`flow_scales` for one layer of a layout, its fixed tensors checked once (a layout keeps
-    one per layer: `FlowCall.run` per step checks x only); None where the kernel cannot serve."""
+    """The kernel's call for one layer of a layout: a decoding step's LoRA-Flow gates and every
+    row's per-rank scales, what `batch_layout.Layout.gate` and `LayerTables.scales` give for one
+    token per row. Its fixed tensors are checked once (a layout keeps one call per layer;
+    `FlowCall.run` checks each step's x only); None where the kernel cannot serve (the torch
+    path then does). flow_rows (n_flow,) int64; W (n_flow, S, d), b (n_flow, S), mask
+    (n_flow, S) or None, temps (n_flow, 1) or None; coef (rows, W) or None; slots (rows, W) int64
+    or None. The indices (flow_rows, slots) are the layout's own, not checked here."""
     kernel = _kernel()
     flow, S = b.shape
     gate = [W, b] + [t for t in (mask, temps) if t is not None]
